@@ -1,0 +1,53 @@
+"""Teacher-forced greedy acceptance: how long a drafted window would survive verification, without
+running the target again.
+
+On sequences the target generated greedily, the target's argmax at every position is the next token
+of the sequence (the data pipeline checks this), so a window drafted at anchor row r is accepted for
+exactly as long as it matches x_{r+2}, x_{r+3}, ... This is what the warm-start evaluation, PPOW's
+greedy reward and the data-scaling benchmark all measure.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from ppow_trl.drafting import draft_windows, window_targets
+
+
+def accepted_prefix_length(
+    draft_tokens: torch.Tensor, reference_tokens: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """k = length of the common prefix of draft and reference windows (..., K); invalid positions
+    (past the end of the sequence) count as rejections."""
+    match = draft_tokens == reference_tokens
+    if valid is not None:
+        match &= valid
+    return match.long().cumprod(-1).sum(-1)
+
+
+def evaluation_anchors(loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: anchor rows whose first drafted token (position r+2) is an assistant token."""
+    anchors = torch.zeros_like(loss_mask, dtype=torch.bool)
+    anchors[:, :-2] = loss_mask[:, 2:].bool()
+    return anchors
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(
+    drafter: PreTrainedModel,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    window_size: int,
+) -> torch.Tensor:
+    """Greedy-draft a window at every assistant anchor of a batch; returns k (N,) per window."""
+    anchor_flags = evaluation_anchors(loss_mask) & attention_mask.bool()
+    b, t = input_ids.shape
+    anchors = torch.arange(t, device=input_ids.device).expand(b, t)
+    windows = draft_windows(drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask)
+    reference, in_range = window_targets(input_ids, anchors, window_size)
+    in_range &= window_targets(attention_mask, anchors, window_size)[0].bool()
+    k = accepted_prefix_length(windows.tokens[:, :, 0], reference, in_range)
+    return k[anchor_flags]
