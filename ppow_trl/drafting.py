@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from ppow_trl.modeling.common import unwrap_drafter
 from ppow_trl.modeling.eagle3 import Eagle3Drafter
@@ -25,7 +26,7 @@ from ppow_trl.modeling.medusa import MedusaDrafter
 
 
 @dataclass
-class DraftWindows:
+class DraftWindows(ModelOutput):
     """Windows drafted at anchors; shapes (B, A, G, K[, V_d]).
 
     tokens: drafted (or scored, when forced) token ids in the *target* vocabulary.
@@ -35,9 +36,9 @@ class DraftWindows:
     logits: raw draft-vocabulary logits per position, when requested.
     """
 
-    tokens: torch.Tensor
-    draft_ids: torch.Tensor
-    logprobs: torch.Tensor
+    tokens: torch.Tensor | None = None
+    draft_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 
@@ -115,6 +116,21 @@ def draft_windows(
     if num_windows < 1:
         raise ValueError(f"num_windows (G) must be >= 1, got {num_windows}")
     model = unwrap_drafter(drafter)
+    if model is not drafter:
+        # DDP / FSDP / DeepSpeed / peft wrappers must see the call (gradient sync, adapters): go through
+        # their forward, which lands in the drafter's forward and back here with the bare model.
+        return drafter(
+            features=features,
+            input_ids=input_ids,
+            anchors=anchors,
+            window_size=window_size,
+            num_windows=num_windows,
+            temperature=temperature,
+            attention_mask=attention_mask,
+            tokens=tokens,
+            return_logits=return_logits,
+            generator=generator,
+        )
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if isinstance(model, MedusaDrafter):
         step_logits = _medusa_logits(model, features, anchors, window_size, num_windows)

@@ -151,10 +151,6 @@ def test_forced_tokens_are_training_time_test(tiny_target):
         # step 0 (pure context) and the full-window greedy tokens when the draft matches the truth.
         step0 = drafter.draft_logits(chain.last_hidden)
     torch.testing.assert_close(ttt.logits[0, r, 0, 0], step0[0], atol=1e-5, rtol=1e-4)
-    # Teacher-forced step-0 logits also equal the model's own forward() (one row per position).
-    with torch.no_grad():
-        forward_logits = drafter(ids, feats)
-    torch.testing.assert_close(ttt.logits[0, :, 0, 0], forward_logits[0], atol=1e-5, rtol=1e-4)
 
 
 def test_chain_cache_commits_incrementally_and_ragged(tiny_target):

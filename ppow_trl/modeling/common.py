@@ -108,6 +108,23 @@ class DrafterMixin:
         )
         return lookup[target_ids]
 
+    def forward(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        anchors: torch.Tensor,
+        window_size: int,
+        **kwargs,
+    ):
+        """Draft (or score) windows at anchors: `ppow_trl.drafting.draft_windows` with this drafter.
+
+        Being the forward lets DDP/FSDP/DeepSpeed/peft wrappers see the call, so training through
+        `draft_windows(wrapped_model, ...)` synchronises gradients and applies adapters.
+        """
+        from ppow_trl.drafting import draft_windows
+
+        return draft_windows(self, features, input_ids, anchors, window_size, **kwargs)
+
     def check_target(self, target: PreTrainedModel) -> None:
         check_drafter_matches_target(self.config, target)
 

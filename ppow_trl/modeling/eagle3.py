@@ -258,30 +258,5 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
         """Logits over the draft vocabulary from pre-norm layer outputs."""
         return self.lm_head(self.norm(hidden))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        aux_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Teacher-forced single step over a sequence: row p = (F_p, x_{p+1}) predicts x_{p+2}.
-
-        Returns draft-vocabulary logits (B, T, V_d); the last row has no next token (padded with id 0).
-        """
-        from ppow_trl.drafting import causal_context_mask, shift_left
-
-        valid = (
-            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        )
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        out, _, _ = self.step(
-            shift_left(input_ids),
-            self.project_features(aux_hidden_states),
-            positions,
-            None,
-            causal_context_mask(valid),
-        )
-        return self.draft_logits(out)
-
     def output_heads(self) -> list[nn.Linear]:
         return [self.lm_head]

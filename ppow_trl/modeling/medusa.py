@@ -134,7 +134,3 @@ class MedusaDrafter(DrafterMixin, PreTrainedModel):
         hidden = hidden.to(self.lm_heads[0].weight.dtype)
         heads = [self.lm_heads[0 if self.config.share_target_lm_head else j] for j in range(k)]
         return torch.stack([head(block(hidden)) for head, block in zip(heads, self.blocks)], dim=-2)
-
-    def forward(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) -> (B, T, K, V_d): head j at row r predicts x_{r+2+j}."""
-        return self.head_logits(last_hidden_state)
