@@ -51,3 +51,51 @@ def teacher_forced_acceptance(
     in_range &= window_targets(attention_mask, anchors, window_size)[0].bool()
     k = accepted_prefix_length(windows.tokens[:, :, 0], reference, in_range)
     return k[anchor_flags]
+
+
+@torch.no_grad()
+def acceptance_metrics(
+    drafter: PreTrainedModel,
+    feature_provider,
+    dataset,
+    window_size: int,
+    pad_token_id: int,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Held-out teacher-forced greedy acceptance of a drafter on a dataset of target-generated sequences.
+
+    Returns `tau` (mean k+1 over all assistant anchors, chain drafting, temperature 0, counting the
+    target's extra token), `mean_accepted` and `alpha_1..alpha_K` (per-position acceptance).
+    `feature_provider` is a `ppow_trl.data.TargetFeatureProvider` (or any callable batch -> TargetFeatures).
+    """
+    from ppow_trl.data import collate_sequences
+    from ppow_trl.verify import acceptance_length, per_position_acceptance
+
+    was_training = drafter.training
+    drafter.eval()
+    accepted = []
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = collate_sequences(rows, pad_token_id)
+        if device is not None:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        features = getattr(feature_provider(batch), drafter.feature_name)
+        accepted.append(
+            teacher_forced_acceptance(
+                drafter,
+                features,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["loss_mask"],
+                window_size,
+            ).cpu()
+        )
+    drafter.train(was_training)
+    k = torch.cat(accepted)
+    if k.numel() == 0:
+        raise ValueError("no assistant positions to evaluate acceptance on (empty eval dataset?)")
+    alpha = per_position_acceptance(k, window_size)
+    metrics = {"tau": acceptance_length(k), "mean_accepted": float(k.float().mean())}
+    metrics.update({f"alpha_{j + 1}": float(a) for j, a in enumerate(alpha)})
+    return metrics

@@ -228,3 +228,55 @@ def capture_features(
         logits=logits,
         cache=outputs.cache if use_cache else None,
     )
+
+
+@torch.no_grad()
+def window_logits(
+    target: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    anchors: torch.Tensor,
+    window_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """The target's logits along drafted windows, for all windows of a batch in one forward.
+
+    The windows (B, A, K) are appended to their sequences (B, T) and a 4D attention mask lets the
+    tokens of the window at anchor row r see the sequence up to position r+1 and the earlier tokens
+    of their own window only, at RoPE positions r+2 .. r+K+1. Returns (B, A, K+1, V) fp32 logits:
+    entry j scores the window's j-th token given the drafted prefix (j = 0 comes from the sequence
+    at position r+1), entry K is the bonus position after a fully accepted window.
+    """
+    b, t = input_ids.shape
+    a, k = window_tokens.shape[1:]
+    valid = attention_mask.bool()
+    seq_pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    anchor_pos = seq_pos.gather(1, anchors)  # (B, A)
+    steps = torch.arange(k, device=input_ids.device)
+    win_pos = (anchor_pos[..., None] + 2 + steps).view(b, a * k)
+
+    seq_idx = torch.arange(t, device=input_ids.device)
+    seq_mask = (seq_idx[None, :] <= seq_idx[:, None])[None] & valid[:, None, :]  # (B, T, T)
+    win_to_seq = (seq_idx <= anchors[..., None, None] + 1) & valid[:, None, None, :]  # (B, A, 1, T)
+    win_to_seq = win_to_seq.expand(b, a, k, t).reshape(b, a * k, t)
+    same_window = torch.eye(a, dtype=torch.bool, device=input_ids.device)[:, None, :, None]
+    causal_steps = (steps[None, :] <= steps[:, None])[None, :, None, :]
+    win_to_win = (same_window & causal_steps).reshape(a * k, a * k).expand(b, -1, -1)
+    mask = torch.cat(
+        [
+            torch.cat([seq_mask, torch.zeros(b, t, a * k, dtype=torch.bool, device=input_ids.device)], 2),
+            torch.cat([win_to_seq, win_to_win], 2),
+        ],
+        dim=1,
+    )
+    dtype = next(target.parameters()).dtype
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min
+    )
+    logits = target(
+        input_ids=torch.cat([input_ids, window_tokens.reshape(b, a * k)], 1),
+        attention_mask=additive[:, None],
+        position_ids=torch.cat([seq_pos, win_pos], 1),
+    ).logits.float()
+    first = logits.gather(1, (anchors + 1)[..., None].expand(-1, -1, logits.shape[-1]))  # (B, A, V)
+    rest = logits[:, t:].view(b, a, k, -1)
+    return torch.cat([first[:, :, None], rest], dim=2)

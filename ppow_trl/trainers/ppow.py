@@ -1,0 +1,462 @@
+"""PPOWTrainer: window-level policy optimisation of a drafter, as a TRL GRPOTrainer subclass.
+
+One rollout (`_generate_and_score_completions`) on a batch of target-generated sequences:
+  1. the frozen target gives the drafter's features and its logits (teacher-forced, no grad);
+  2. anchors are picked per sequence: uniformly during `adaw_warmup_steps`, then by ADAW scores;
+     every copy of a sequence in a GRPO group (TRL's sampler repeats each row `num_generations`
+     times, possibly across processes) picks the same anchors, so a group is G windows at one anchor;
+  3. the drafter samples one window of K tokens at every anchor (batched drafting);
+  4. verification: greedy = common prefix with the target's own greedy continuation (exact and free
+     on greedy data); sampling = lossless speculative sampling against the target's distribution
+     along the drafted window (one packed target forward for all windows);
+  5. rewards through TRL-style reward functions (cost-aware speedup, proximity, user functions),
+     gathered across processes and normalised within each group.
+`_compute_loss` re-scores the windows with grad: PPO-clipped surrogate on the drafted tokens plus
+beta * KL(target || drafter) on the window positions, both on the tokens up to and including the
+first rejection (later tokens cannot change k; see `loss_positions`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModel, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from trl import GRPOConfig, GRPOTrainer
+
+from ppow_trl.acceptance import acceptance_metrics, accepted_prefix_length
+from ppow_trl.cost import measure_gamma
+from ppow_trl.data import TargetFeatureProvider, collate_sequences
+from ppow_trl.drafting import draft_windows, window_targets
+from ppow_trl.kernels import verify_windows
+from ppow_trl.modeling.common import unwrap_drafter
+from ppow_trl.rewards import get_reward_funcs
+from ppow_trl.target import window_logits
+from ppow_trl.verify import per_position_acceptance, scatter_draft_probs
+from ppow_trl.windowing import position_scores, sample_anchors, valid_anchors, window_scores
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOWConfig(GRPOConfig):
+    """Configuration of `PPOWTrainer`. GRPO fields keep their meaning: `num_generations` is G (windows
+    per anchor), `temperature` is the drafter's sampling temperature, `epsilon`/`epsilon_high` the clip
+    range, `reward_weights` weights `reward_funcs` (then any user reward functions, in order)."""
+
+    window_size: int = field(
+        default=10, metadata={"help": "K, tokens drafted per window (the paper uses 10)."}
+    )
+    anchors_per_sequence: int = field(
+        default=8, metadata={"help": "Anchors (windows positions) drafted per sequence and rollout."}
+    )
+    gamma: str = field(
+        default="auto",
+        metadata={
+            "help": "Drafter step cost relative to one target verification in R_speed = k / (k*gamma + 1): a "
+            "number (the paper: 0.12), or 'auto' to measure it on this hardware at start-up."
+        },
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["cost_aware_speedup", "proximity"],
+        metadata={"help": "Registered reward functions (ppow_trl.rewards); drop 'proximity' to disable it."},
+    )
+    proximity_eta: float = field(
+        default=0.3,
+        metadata={
+            "help": "Proximity reward value (kept below R_speed(1) so one accepted token beats a near miss)."
+        },
+    )
+    proximity_eps: float = field(
+        default=2.0,
+        metadata={
+            "help": "Proximity threshold in nats on Delta = logP(target greedy window) - logP(drafted window)."
+        },
+    )
+    use_adaw: bool = field(
+        default=True, metadata={"help": "Pick anchors by ADAW divergence scores after warm-up."}
+    )
+    adaw_warmup_steps: int = field(
+        default=5, metadata={"help": "Optimizer steps of uniform anchor sampling before ADAW takes over."}
+    )
+    adaw_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature over ADAW window scores (lower = greedier)."}
+    )
+    target_kl_coef: float = field(
+        default=0.1, metadata={"help": "beta of the KL(target || drafter) penalty on window positions."}
+    )
+    acceptance_mode: str = field(
+        default="greedy",
+        metadata={
+            "help": "'greedy': accept while the draft equals the target's argmax (temperature-0 serving); "
+            "'sampling': lossless speculative sampling at `verify_temperature`."
+        },
+    )
+    verify_temperature: float = field(
+        default=1.0, metadata={"help": "Target temperature for acceptance_mode='sampling'."}
+    )
+    loss_positions: str = field(
+        default="through_first_rejection",
+        metadata={
+            "help": "Window tokens that carry the policy loss: 'through_first_rejection' (tokens 1..k+1; later "
+            "tokens cannot change k) or 'all' (all K)."
+        },
+    )
+    eval_window_size: int | None = field(
+        default=None,
+        metadata={"help": "K for held-out teacher-forced tau in evaluation (default: window_size)."},
+    )
+    # Drafter-friendly defaults over GRPO's.
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "AdamW learning rate (GRPO's 1e-6 barely moves heads)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Drafter sampling temperature for rollouts."})
+    num_generations: int | None = field(default=8, metadata={"help": "G, windows sampled per anchor (>= 2)."})
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "GRPO's KL to a reference policy: unused (PPOW anchors the KL to the target instead)."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Off: the drafter is one layer and the target is frozen (no grad)."}
+    )
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (use on GPUs)."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    report_to: str | list[str] = field(
+        default="none", metadata={"help": "Trackers (tensorboard, wandb, ...)."}
+    )
+    save_only_model: bool = field(
+        default=False, metadata={"help": "Checkpoints keep optimizer state for resume."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_generations is not None and self.num_generations < 2:
+            raise ValueError(
+                f"num_generations (G, windows per anchor) must be >= 2 for group-relative advantages, got "
+                f"{self.num_generations}"
+            )
+        if self.window_size < 1:
+            raise ValueError(f"window_size (K) must be >= 1, got {self.window_size}")
+        if self.acceptance_mode not in ("greedy", "sampling"):
+            raise ValueError(f"acceptance_mode must be 'greedy' or 'sampling', got {self.acceptance_mode!r}")
+        if self.loss_positions not in ("through_first_rejection", "all"):
+            raise ValueError(
+                f"loss_positions must be 'through_first_rejection' or 'all', got {self.loss_positions!r}"
+            )
+        if self.gamma != "auto":
+            try:
+                float(self.gamma)
+            except ValueError:
+                raise ValueError(f"gamma must be a number or 'auto', got {self.gamma!r}") from None
+        get_reward_funcs(self.reward_funcs)  # unknown names fail here, before any model loads
+        super().__post_init__()
+
+
+class PPOWTrainer(GRPOTrainer):
+    """Fine-tune a warm-started drafter with PPOW's window-level rewards (see module docstring).
+
+    Args:
+        model: a drafter (`Eagle3Drafter` / `MedusaDrafter`) or the path of a saved one.
+        target: the frozen target model the drafter was built for.
+        args: `PPOWConfig`.
+        train_dataset / eval_dataset: target-generated sequences with `input_ids`, `loss_mask` and `index`
+            columns (`ppow_trl.data.build_training_data`).
+        processing_class: the target's tokenizer.
+        reward_funcs: extra reward functions in TRL's form, added after `args.reward_funcs`.
+        peft_config: LoRA on the drafter (`type(drafter).LORA_TARGET_MODULES`).
+        feature_provider: where target features come from (default: online from `target`).
+    """
+
+    _tag_names = ["trl", "ppow", "speculative-decoding"]
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        target: PreTrainedModel,
+        args: PPOWConfig,
+        train_dataset,
+        processing_class: PreTrainedTokenizerBase,
+        eval_dataset=None,
+        reward_funcs: list | None = None,
+        peft_config=None,
+        feature_provider: TargetFeatureProvider | None = None,
+        callbacks=None,
+    ):
+        drafter = AutoModel.from_pretrained(model) if isinstance(model, str) else model
+        drafter.check_target(target)
+        if not getattr(drafter.config, "warm_started", False):
+            logger.warning(
+                "\n%s\nPPOW is starting from a drafter that was never warm-started (supervised). The paper's "
+                "ablation shows window-level RL from scratch ends below the supervised starting point: run "
+                "recipes/sft_drafter.py first.\n%s",
+                "!" * 80,
+                "!" * 80,
+            )
+        if len(train_dataset) == 0:
+            raise ValueError(
+                "train_dataset is empty: regenerate data first (ppow_trl.data.build_training_data)"
+            )
+        if getattr(drafter, "generation_config", None) is None:  # GRPOTrainer writes the pad token into it
+            drafter.generation_config = GenerationConfig()
+        self.target = target
+        names = list(args.reward_funcs)
+        funcs = get_reward_funcs(names) + list(reward_funcs or [])
+        super().__init__(
+            model=drafter,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        self.target.to(self.accelerator.device)
+        base = unwrap_drafter(self.model)
+        self.feature_provider = feature_provider or TargetFeatureProvider.online(
+            target, base.config.aux_layer_ids
+        )
+        self._needs_target_path = args.acceptance_mode == "sampling" or "proximity" in names
+        self.gamma = (
+            measure_gamma(target, base, args.window_size) if args.gamma == "auto" else float(args.gamma)
+        )
+        logger.info("PPOW gamma = %.4f (%s)", self.gamma, "measured" if args.gamma == "auto" else "given")
+
+    # ------------------------------------------------------------------------------------ rollout
+    def _anchor_generators(self, indices: torch.Tensor) -> list[torch.Generator]:
+        """Seeded per (run seed, rollout step, sequence), identical on every process."""
+        gens = []
+        for index in indices.tolist():
+            digest = hashlib.sha256(f"{self.args.seed}:{self.state.global_step}:{index}".encode()).digest()
+            gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+        return gens
+
+    @torch.no_grad()
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        args, device = self.args, self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        k_len, g = args.window_size, self.num_generations
+        batch = {k: v.to(device) for k, v in collate_sequences(inputs, self._tokenizer.pad_token_id).items()}
+        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        drafter = unwrap_drafter(self.model)
+        target_features = self.feature_provider(batch)
+        features = getattr(target_features, drafter.feature_name)
+        vocab_rows = drafter.target_ids_of_draft_vocab()
+
+        valid = valid_anchors(lmask, attn, k_len)
+        scores = None
+        if args.use_adaw and self.state.global_step >= args.adaw_warmup_steps:
+            rows = torch.arange(ids.shape[1], device=device).expand_as(ids)
+            step0 = draft_windows(
+                drafter, features, ids, rows, 1, attention_mask=attn, return_logits=True,
+                tokens=window_targets(ids, rows, 1)[0][:, :, None],
+            ).logits[:, :, 0, 0]  # fmt: skip
+            per_row = position_scores(
+                target_features.logits, torch.log_softmax(step0.float(), -1), vocab_rows
+            )
+            scores = window_scores(per_row, k_len)
+            self._record_stats(mode, "adaw/window_score", scores[valid])
+        indices = batch.get("index", torch.arange(ids.shape[0]))
+        anchors, has_anchor = sample_anchors(
+            valid, args.anchors_per_sequence, self._anchor_generators(indices), scores, args.adaw_temperature
+        )
+        if not has_anchor.any():
+            raise ValueError(
+                f"No sequence in this batch has room for a window of K={k_len} assistant tokens: lower window_size "
+                "or regenerate longer responses (max_new_tokens)."
+            )
+
+        windows = draft_windows(
+            drafter, features, ids, anchors, k_len, temperature=self.temperature, attention_mask=attn,
+            return_logits=args.acceptance_mode == "sampling",
+        )  # fmt: skip
+        tokens, old_logprobs = windows.tokens[:, :, 0], windows.logprobs[:, :, 0]
+        reference = window_targets(ids, anchors, k_len)[0]
+        target_log = torch.log_softmax(target_features.logits.float(), -1)
+        ref_positions = (anchors[..., None] + 1 + torch.arange(k_len, device=device)).clamp(
+            max=ids.shape[1] - 1
+        )
+        target_on_reference = target_log.gather(
+            1, ref_positions.flatten(1)[..., None].expand(-1, -1, target_log.shape[-1])
+        )
+        target_on_reference = target_on_reference.view(*ref_positions.shape, -1)  # (B, A, K, V)
+
+        path_logits = (
+            window_logits(self.target, ids, attn, anchors, tokens) if self._needs_target_path else None
+        )
+        if args.acceptance_mode == "greedy":
+            accepted = accepted_prefix_length(tokens, reference)
+        else:
+            draft_probs = torch.softmax(windows.logits[:, :, 0].float() / self.temperature, -1)
+            q = scatter_draft_probs(draft_probs, drafter.d2t, drafter.config.vocab_size)
+            result = verify_windows(
+                path_logits.flatten(0, 1),
+                tokens.flatten(0, 1),
+                q.flatten(0, 1),
+                temperature=args.verify_temperature,
+            )
+            accepted = result.accepted.view_as(anchors)
+        delta = None
+        if path_logits is not None:
+            path_log = torch.log_softmax(path_logits[:, :, :k_len], -1)
+            drafted_lp = path_log.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+            greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
+            delta = greedy_lp - drafted_lp
+
+        rewards = self._window_rewards(indices, anchors, tokens, accepted, delta, has_anchor)
+        advantages, group_std = self._group_advantages(rewards, has_anchor)
+
+        positions = torch.arange(k_len, device=device)
+        loss_mask = has_anchor[:, None, None].expand(-1, anchors.shape[1], k_len)
+        if args.loss_positions == "through_first_rejection":
+            loss_mask = loss_mask & (positions <= accepted[..., None])
+        target_logprobs = torch.log_softmax(target_on_reference[..., vocab_rows], -1)
+
+        k_valid = accepted[has_anchor]
+        self._record(mode, "accepted_length/mean", k_valid.float().mean())
+        self._record(mode, "tau", (k_valid + 1).float().mean())
+        for j, a in enumerate(per_position_acceptance(k_valid, k_len).tolist()):
+            self._record(mode, f"alpha/{j + 1}", torch.tensor(a))
+        self._record(mode, "frac_reward_zero_std", (group_std < 1e-6).float().mean())
+        self._record(
+            mode, "windows_per_second", torch.tensor(k_valid.numel() / (time.perf_counter() - start))
+        )
+        return {
+            "input_ids": ids,
+            "attention_mask": attn,
+            "features": features,
+            "anchors": anchors,
+            "window_tokens": tokens,
+            "old_logprobs": old_logprobs,
+            "advantages": advantages,
+            "loss_mask": loss_mask,
+            "target_logprobs": target_logprobs,
+        }
+
+    def _window_rewards(self, indices, anchors, tokens, accepted, delta, has_anchor) -> torch.Tensor:
+        """(B, A, n_funcs) rewards from every reward function, called once on all windows of the batch."""
+        mode = "train" if self.model.training else "eval"
+        b, a = anchors.shape
+        window_ids = [f"{i}:{r}" for i, row in zip(indices.tolist(), anchors.tolist()) for r in row]
+        flat_tokens = tokens.flatten(0, 1)
+        kwargs = dict(
+            accepted_lengths=accepted.flatten().tolist(),
+            window_size=self.args.window_size,
+            gamma=self.gamma,
+            proximity_delta=None if delta is None else delta.flatten().tolist(),
+            proximity_eta=self.args.proximity_eta,
+            proximity_eps=self.args.proximity_eps,
+        )
+        completions = self._tokenizer.batch_decode(flat_tokens)
+        columns = []
+        for name, func in zip(self.reward_func_names, self.reward_funcs):
+            values = func(
+                prompts=window_ids, completions=completions, completion_ids=flat_tokens.tolist(), **kwargs
+            )
+            if len(values) != b * a:
+                raise ValueError(
+                    f"reward function {name!r} returned {len(values)} values for {b * a} windows at step "
+                    f"{self.state.global_step}"
+                )
+            column = torch.tensor([math.nan if v is None else float(v) for v in values], device=tokens.device)
+            if torch.isnan(column).any() or torch.isinf(column).any():
+                raise ValueError(
+                    f"reward function {name!r} returned NaN/inf at step {self.state.global_step}: check its inputs"
+                )
+            columns.append(column.view(b, a))
+            self._record_stats(mode, f"rewards/{name}", column.view(b, a)[has_anchor])
+        return torch.stack(columns, -1)
+
+    def _group_advantages(self, rewards: torch.Tensor, has_anchor: torch.Tensor):
+        """Weighted reward per window, gathered from all processes, normalised over the G copies of each
+        (sequence, anchor); returns this process's (B, A) advantages and the (groups, A) reward std."""
+        b = rewards.shape[0]
+        total = (rewards * self.reward_weights.to(rewards.device)).sum(-1)
+        all_total = self.accelerator.gather(total)  # (B_global, A)
+        grouped = all_total.view(-1, self.num_generations, total.shape[1])
+        mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+        if self.scale_rewards == "none":
+            advantages = grouped - mean
+        else:
+            advantages = (grouped - mean) / (std + 1e-4)
+        start = self.accelerator.process_index * b
+        local = advantages.view_as(all_total)[start : start + b]
+        mode = "train" if self.model.training else "eval"
+        self._record(mode, "reward", all_total.mean())
+        self._record(mode, "reward_std", std.mean())
+        return local * has_anchor[:, None], std.squeeze(1)
+
+    # ------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        tokens = inputs["window_tokens"]
+        windows = draft_windows(
+            model, inputs["features"], inputs["input_ids"], inputs["anchors"], args.window_size,
+            temperature=self.temperature, attention_mask=inputs["attention_mask"], tokens=tokens[:, :, None],
+            return_logits=args.target_kl_coef > 0,
+        )  # fmt: skip
+        logprobs = windows.logprobs[:, :, 0]
+        mask = inputs["loss_mask"].float()
+        ratio = torch.exp(logprobs - inputs["old_logprobs"])
+        adv = inputs["advantages"][..., None]
+        clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        if args.target_kl_coef > 0:
+            p_log = inputs["target_logprobs"]
+            q_log = torch.log_softmax(windows.logits[:, :, 0].float(), -1)
+            kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+            per_token = per_token + args.target_kl_coef * kl
+            self._record(mode, "kl_to_target", (kl * mask).sum() / mask.sum().clamp(min=1))
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"PPOW loss is {loss.item()} at step {self.state.global_step}")
+        self._record(
+            mode, "clip_ratio", (((ratio - clipped).abs() > 0).float() * mask).sum() / mask.sum().clamp(min=1)
+        )
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        normalizer = steps if mode == "train" else 1.0
+        return loss / normalizer
+
+    # ------------------------------------------------------------------------------------ metrics
+    def _record(self, mode: str, name: str, value: torch.Tensor) -> None:
+        self._metrics[mode][name].append(
+            self.accelerator.gather(value.detach().float().reshape(1)).mean().item()
+        )
+
+    def _record_stats(self, mode: str, name: str, values: torch.Tensor) -> None:
+        values = self.accelerator.gather_for_metrics(values.detach().float().reshape(-1))
+        if values.numel():
+            self._metrics[mode][f"{name}/mean"].append(values.mean().item())
+            self._metrics[mode][f"{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Held-out teacher-forced greedy acceptance (tau, alpha_j) at `eval_window_size`."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        was_training = self.model.training
+        self.model.eval()  # GRPOTrainer.log files metrics under "eval" by this flag
+        try:
+            metrics = acceptance_metrics(
+                unwrap_drafter(self.model),
+                self.feature_provider,
+                dataset,
+                self.args.eval_window_size or self.args.window_size,
+                self._tokenizer.pad_token_id,
+                batch_size=self.args.per_device_eval_batch_size,
+                device=self.accelerator.device,
+            )
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+            self.log(dict(metrics))
+        finally:
+            self.model.train(was_training)
+        return metrics

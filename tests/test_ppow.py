@@ -1,0 +1,155 @@
+"""PPOWTrainer on a tiny target: rollout, loss, zero-gradient groups, checkpoints, bad input, 2 ranks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from ppow_trl.trainers.ppow import PPOWConfig, PPOWTrainer
+from tests.conftest import build_tiny_target
+from tests.ppow_fixtures import tiny_greedy_dataset, tiny_ppow_config
+from tests.test_drafting import make_drafter
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_target):
+    return tiny_greedy_dataset(tiny_target)
+
+
+def make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, drafter=None, **overrides):
+    drafter = drafter or make_drafter("eagle3", tiny_target)
+    trainer = PPOWTrainer(
+        drafter, tiny_target, tiny_ppow_config(tmp_path, **overrides), dataset, tiny_tokenizer
+    )
+    trainer.model.train()  # rollouts log under "train" as inside Trainer.train()
+    return trainer
+
+
+def test_rollout_produces_consistent_windows_rewards_and_advantages(
+    tiny_target, tiny_tokenizer, dataset, tmp_path
+):
+    trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path)
+    rows = [dataset[i] for i in [0, 0, 0, 0, 1, 1, 1, 1]]  # two GRPO groups of G=4
+    out = trainer._generate_and_score_completions(rows)
+    assert out["window_tokens"].shape == (8, 4, 4) and out["advantages"].shape == (8, 4)
+    # All copies of a sequence draft at the same anchors (the group is G windows at one anchor).
+    assert torch.equal(out["anchors"][0], out["anchors"][3]) and torch.equal(
+        out["anchors"][4], out["anchors"][7]
+    )
+    # Advantages are normalised within each group: zero mean over the G copies.
+    grouped = out["advantages"].view(2, 4, 4)
+    assert torch.allclose(grouped.sum(1), torch.zeros(2, 4), atol=1e-4)
+    # The loss covers tokens through the first rejection only.
+    assert bool((out["loss_mask"].sum(-1) >= 1).all())
+    metrics = trainer._metrics["train"]
+    assert {
+        "tau",
+        "frac_reward_zero_std",
+        "rewards/cost_aware_speedup_reward/mean",
+        "windows_per_second",
+    } <= set(metrics)
+
+
+def test_group_with_equal_rewards_gives_zero_policy_gradient(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, target_kl_coef=0.0)
+    inputs = trainer._generate_and_score_completions([dataset[0]] * 8)
+    inputs["advantages"] = torch.zeros_like(inputs["advantages"])  # what equal rewards in a group give
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads)
+    # Equal rewards do produce zero advantages.
+    adv, std = trainer._group_advantages(torch.full((8, 4, 2), 0.7), torch.ones(8, dtype=torch.bool))
+    assert float(adv.abs().max()) == 0.0 and float(std.max()) == 0.0
+
+
+def test_policy_gradient_favours_the_rewarded_window(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    """One positive-advantage window: a step raises its log-probability."""
+    trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, target_kl_coef=0.0)
+    inputs = trainer._generate_and_score_completions([dataset[0]] * 8)
+    inputs["advantages"] = torch.zeros_like(inputs["advantages"])
+    inputs["advantages"][0, 0] = 1.0
+    inputs["loss_mask"] = torch.ones_like(inputs["loss_mask"])
+    before = inputs["old_logprobs"][0, 0].sum()
+    opt = torch.optim.SGD([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-3)
+    trainer._compute_loss(trainer.model, inputs).backward()
+    opt.step()
+    from ppow_trl.drafting import draft_windows
+
+    after = draft_windows(
+        trainer.model, inputs["features"], inputs["input_ids"], inputs["anchors"], 4,
+        temperature=1.0, attention_mask=inputs["attention_mask"], tokens=inputs["window_tokens"][:, :, None],
+    ).logprobs[0, 0, 0].sum()  # fmt: skip
+    assert float(after) > float(before)
+
+
+def test_train_logs_checkpoints_and_resumes(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    trainer = make_trainer(
+        tiny_target, tiny_tokenizer, dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2,
+    )  # fmt: skip
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "tau" in h]
+    assert len(logged) == 4 and all("kl_to_target" in h and "reward" in h for h in logged)
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+    reloaded = AutoModel.from_pretrained(checkpoint)
+    assert type(reloaded).__name__ == "Eagle3Drafter"
+    resumed = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    metrics = resumed.evaluate(dataset.select(range(4)))
+    assert {"eval_tau", "eval_alpha_1"} <= set(metrics) and metrics["eval_tau"] >= 1.0
+
+
+def test_bad_input_is_refused_with_clear_errors(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    with pytest.raises(ValueError, match="num_generations"):
+        PPOWConfig(output_dir=str(tmp_path), num_generations=1, use_cpu=True)
+    with pytest.raises(ValueError, match="unknown reward"):
+        tiny_ppow_config(tmp_path, reward_funcs=["nope"])
+    other = build_tiny_target(tiny_target.config.vocab_size, num_layers=6)
+    from ppow_trl.modeling import DrafterTargetMismatchError
+
+    with pytest.raises(DrafterTargetMismatchError, match="target_num_hidden_layers"):
+        make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, drafter=make_drafter("eagle3", other))
+    with pytest.raises(ValueError, match="empty"):
+        make_trainer(tiny_target, tiny_tokenizer, dataset.select([]), tmp_path)
+    trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, window_size=40)
+    with pytest.raises(ValueError, match="room for a window of K=40"):
+        trainer._generate_and_score_completions([dataset[0]] * 8)
+
+    def short_reward(prompts, completions, completion_ids, **kwargs):
+        return [1.0]
+
+    def nan_reward(prompts, completions, completion_ids, **kwargs):
+        return [float("nan")] * len(prompts)
+
+    for func, message in ((short_reward, "returned 1 values"), (nan_reward, "NaN")):
+        trainer = PPOWTrainer(
+            make_drafter("eagle3", tiny_target), tiny_target,
+            tiny_ppow_config(tmp_path, reward_weights=[1.0, 1.0, 1.0]), dataset, tiny_tokenizer, reward_funcs=[func],
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            trainer._generate_and_score_completions([dataset[0]] * 8)
+
+
+def test_two_processes_keep_identical_weights_and_normalise_over_the_whole_group(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "tests/scripts/ppow_two_ranks.py", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    for name, tensor in r0["state"].items():
+        assert torch.equal(tensor, r1["state"][name]), name
+    assert len(r0["records"]) == len(r1["records"]) == 3
+    for a, b in zip(r0["records"], r1["records"]):
+        # One group of G=4 copies per rollout: 2 on each rank. The advantages each rank used must be the
+        # normalisation over all 4 rewards, not over its own 2.
+        total = torch.cat([a["total"], b["total"]])  # (4, A)
+        expected = (total - total.mean(0)) / (total.std(0) + 1e-4)
+        torch.testing.assert_close(
+            torch.cat([a["advantages"], b["advantages"]]), expected, atol=1e-5, rtol=1e-4
+        )
