@@ -241,7 +241,7 @@ class PPOWTrainer(GRPOTrainer):
         start = time.perf_counter()
         args, device = self.args, self.accelerator.device
         mode = "train" if self.model.training else "eval"
-        k_len, g = args.window_size, self.num_generations
+        k_len = args.window_size
         batch = {k: v.to(device) for k, v in collate_sequences(inputs, self._tokenizer.pad_token_id).items()}
         ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         drafter = unwrap_drafter(self.model)
