@@ -63,10 +63,10 @@ def build_tiny_target(vocab_size: int, num_layers: int = 4, seed: int = 0) -> Ll
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    # Sharper-than-random logits so greedy continuations are not all ties.
+    # Untied and sharper-than-random logits: greedy continuations vary (a tied head echoes the last token).
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,35 @@
+"""Data pipeline: prompt sources, split, chat templating, target regeneration (cached), training features.
+
+Typical use::
+
+    config = DataConfig(dataset_name="mt_bench", max_new_tokens=256)
+    data = build_training_data(config, target, tokenizer)   # train/eval Datasets, draft vocab, report
+    provider = make_feature_provider(config, data, target)  # online or offline target features
+    batch = collate_sequences([data.train[i] for i in range(8)], tokenizer.pad_token_id)
+    features = provider(batch)
+"""
+
+from .build import RegeneratedData, build_training_data, make_feature_provider, sanity_check
+from .config import DataConfig
+from .features import TargetFeatureProvider, collate_sequences
+from .regeneration import Regeneration, batched_generate, regenerate, strip_generation
+from .sources import PROMPT_SOURCES, PromptExample, load_prompts, split_prompts, write_split
+
+__all__ = [
+    "PROMPT_SOURCES",
+    "DataConfig",
+    "PromptExample",
+    "RegeneratedData",
+    "Regeneration",
+    "TargetFeatureProvider",
+    "batched_generate",
+    "build_training_data",
+    "collate_sequences",
+    "load_prompts",
+    "make_feature_provider",
+    "regenerate",
+    "sanity_check",
+    "split_prompts",
+    "strip_generation",
+    "write_split",
+]

@@ -1,0 +1,203 @@
+"""One call from a `DataConfig` to train/eval datasets, a draft vocabulary and a sanity report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
+from .config import DataConfig
+from .features import TargetFeatureProvider, collate_sequences
+from .regeneration import Regeneration, regenerate
+from .sources import load_prompts, split_prompts, write_split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RegeneratedData:
+    """Train/eval sequences (columns input_ids, loss_mask, prompt_id, num_turns, index, split), the draft
+    vocabulary built from the train split, the sanity report, and where all of it is stored."""
+
+    train: Dataset
+    eval: Dataset
+    draft_vocab: DraftVocab
+    report: dict[str, Any]
+    directory: Path
+    regeneration: Regeneration
+
+
+@torch.no_grad()
+def sanity_check(
+    target: PreTrainedModel, dataset: Dataset, batch_size: int = 8, progress: bool = True
+) -> dict[str, Any]:
+    """Teacher-forced target pass: how often argmax at position t-1 equals the assistant token at t.
+
+    Only the hidden states at supervised positions go through the LM head (no (B, T, V) logits).
+    Greedy regenerated data should match at >= 99% of positions (ties and kernel noise aside).
+    """
+    device = next(target.parameters()).device
+    lm_head = target.get_output_embeddings()
+    matches = checked = 0
+    for start in tqdm(range(0, len(dataset), batch_size), desc="sanity check", disable=not progress):
+        batch = collate_sequences(_rows(dataset, start, batch_size), 0)
+        hidden = target.base_model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).last_hidden_state
+        positions = batch["loss_mask"][:, 1:].bool().to(device)
+        predicted = lm_head(hidden[:, :-1][positions]).argmax(-1)
+        matches += int((predicted == batch["input_ids"][:, 1:].to(device)[positions]).sum())
+        checked += int(positions.sum())
+    return {
+        "argmax_match_fraction": matches / checked if checked else None,
+        "checked_positions": checked,
+    }
+
+
+def _rows(dataset: Dataset, start: int, size: int) -> list[dict[str, Any]]:
+    return [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+
+
+def _vocab_size(target: PreTrainedModel) -> int:
+    head = target.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(target.config.vocab_size)
+
+
+def build_training_data(
+    config: DataConfig, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, progress: bool = True
+) -> RegeneratedData:
+    """Prompts -> split -> regenerated sequences (cached) -> draft vocabulary + sanity report.
+
+    Writes `split.json`, `report.json` and `draft_vocab-<N>.safetensors` in a folder per split setting
+    (`split-<eval_fraction>-seed<split_seed>`) inside the regenerated data's cache folder.
+    """
+    examples = load_prompts(
+        config.dataset_name, config.dataset_config, config.dataset_split, config.max_prompts, config.max_turns
+    )
+    train_examples, eval_examples = split_prompts(examples, config.eval_fraction, config.split_seed)
+    regen = regenerate(target, tokenizer, examples, config, progress=progress)
+    eval_ids = {e.id for e in eval_examples}
+    dataset = regen.dataset.add_column(
+        "split", ["eval" if pid in eval_ids else "train" for pid in regen.dataset["prompt_id"]]
+    )
+    train = dataset.select([i for i, s in enumerate(dataset["split"]) if s == "train"])
+    eval_ = dataset.select([i for i, s in enumerate(dataset["split"]) if s == "eval"])
+    if len(train) == 0:
+        raise ValueError("no training sequences left (every train prompt was dropped by the length policy)")
+
+    vocab_size = _vocab_size(target)
+    size = config.draft_vocab_size or vocab_size
+    build_dir = regen.directory / f"split-{config.eval_fraction}-seed{config.split_seed}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    write_split(
+        build_dir / "split.json",
+        train_examples,
+        eval_examples,
+        {
+            "source": config.dataset_name,
+            "dataset_config": config.dataset_config,
+            "dataset_split": config.dataset_split,
+            "max_turns": config.max_turns,
+            "eval_fraction": config.eval_fraction,
+            "split_seed": config.split_seed,
+            "max_prompts": config.max_prompts,
+            "data_fingerprint": regen.fingerprint,
+        },
+        dropped_ids=regen.stats["dropped_ids"],
+    )
+
+    vocab_path = build_dir / f"draft_vocab-{size}.safetensors"
+    if vocab_path.is_file():
+        draft_vocab = DraftVocab.load(vocab_path)
+    else:
+        counts = count_assistant_tokens(train["input_ids"], train["loss_mask"], vocab_size)
+        draft_vocab = build_draft_vocab(counts, size, vocab_size)
+        draft_vocab.save(vocab_path)
+    eval_counts = count_assistant_tokens(eval_["input_ids"], eval_["loss_mask"], vocab_size)
+    eval_total = int(eval_counts.sum())
+    eval_coverage = float(eval_counts[draft_vocab.t2d].sum()) / eval_total if eval_total else None
+
+    sanity_path = regen.directory / "sanity.json"
+    if not config.sanity_check:
+        sanity = {"argmax_match_fraction": None, "checked_positions": 0}
+    elif sanity_path.is_file():
+        sanity = json.loads(sanity_path.read_text())
+    else:
+        sanity = sanity_check(target, regen.dataset, config.feature_batch_size, progress)
+        sanity_path.write_text(json.dumps(sanity))
+
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    report = {
+        "data_fingerprint": regen.fingerprint,
+        "data_dir": str(regen.directory),
+        "split_file": str(build_dir / "split.json"),
+        "source": config.dataset_name,
+        "num_prompts": len(examples),
+        "num_sequences": len(dataset),
+        "num_train": len(train),
+        "num_eval": len(eval_),
+        "tokens": sum(lengths),
+        "assistant_tokens": sum(sum(m) for m in dataset["loss_mask"]),
+        "dropped_prompts": regen.stats["dropped_prompts"],
+        "dropped_turns": regen.stats["dropped_turns"],
+        "truncated_prompts": regen.stats["truncated_prompts"],
+        "argmax_match_fraction": sanity["argmax_match_fraction"],
+        "checked_positions": sanity["checked_positions"],
+        "draft_vocab_size": draft_vocab.draft_vocab_size,
+        "draft_vocab_coverage": draft_vocab.coverage,
+        "eval_draft_vocab_coverage": eval_coverage,
+        "config": asdict(config),
+    }
+    (build_dir / "report.json").write_text(json.dumps(report, indent=1))
+    logger.info(
+        "Data: %d sequences (%d train / %d eval), %d tokens, %d assistant tokens; argmax==next on %s of %d "
+        "assistant positions; draft vocab %d covers %.4f; dropped %d prompts (+%d turns), truncated %d",
+        report["num_sequences"],
+        report["num_train"],
+        report["num_eval"],
+        report["tokens"],
+        report["assistant_tokens"],
+        report["argmax_match_fraction"],
+        report["checked_positions"],
+        report["draft_vocab_size"],
+        report["draft_vocab_coverage"],
+        report["dropped_prompts"],
+        report["dropped_turns"],
+        report["truncated_prompts"],
+    )
+    return RegeneratedData(train, eval_, draft_vocab, report, build_dir, regen)
+
+
+def make_feature_provider(
+    config: DataConfig,
+    data: RegeneratedData,
+    target: PreTrainedModel | None,
+    aux_layer_ids: list[int] | None = None,
+    with_logits: bool = True,
+    logit_rows: torch.Tensor | None = None,
+    progress: bool = True,
+) -> TargetFeatureProvider:
+    """The feature provider `config.feature_mode` asks for (offline: computes the cache if needed)."""
+    if config.feature_mode == "online":
+        if target is None:
+            raise ValueError("online features need the target")
+        return TargetFeatureProvider.online(target, aux_layer_ids, with_logits, logit_rows)
+    return TargetFeatureProvider.offline(
+        data.regeneration.dataset,
+        data.regeneration.directory,
+        target,
+        aux_layer_ids,
+        batch_size=config.feature_batch_size,
+        shard_size=config.shard_size,
+        with_logits=with_logits,
+        logit_rows=logit_rows,
+        progress=progress,
+    )

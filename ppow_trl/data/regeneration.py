@@ -1,0 +1,475 @@
+"""Target regeneration: chat-templated multi-turn prompts -> batched `generate` -> cached token shards.
+
+Every conversation becomes one token sequence: the chat-templated user turns (loss mask 0) and the
+target's own answers (loss mask 1, including the end-of-turn token it generated). The target answers
+turn 1, its answer goes into the conversation, then it answers turn 2, and so on.
+
+Results are written in shards of `shard_size` conversations under
+`<cache_dir>/regen/<fingerprint>/`; the fingerprint covers the target (name, config, a checksum of a
+few weight tensors), the tokenizer and chat template, the prompts, the generation settings and the
+length policy. An interrupted run regenerates only the missing shards; a finished one loads in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..target import target_name
+from .config import DataConfig
+from .sources import PromptExample
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_PROBE_USER, _PROBE_ANSWER = "PPOW-PROBE-USER", "PPOW-PROBE-ANSWER"
+_VOLATILE_CONFIG_KEYS = (
+    "_name_or_path",
+    "name_or_path",
+    "transformers_version",
+    "ppow_target_name",
+    "_commit_hash",
+)
+
+
+@dataclass
+class Regeneration:
+    """All regenerated conversations (input order, dropped prompts left out) and where they live."""
+
+    dataset: Dataset
+    directory: Path
+    fingerprint: str
+    stats: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------- fingerprint
+def _sha(value: Any) -> str:
+    payload = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def target_identity(target: PreTrainedModel) -> dict[str, str]:
+    """Name, config hash and a checksum of a few weight tensors (first, middle, last) of the target."""
+    config = {k: v for k, v in target.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    params = list(target.named_parameters())
+    digest = hashlib.sha256()
+    for name, param in [params[0], params[len(params) // 2], params[-1]] if params else []:
+        flat = param.detach().reshape(-1)
+        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+        if flat.device.type != "meta":
+            sample = torch.cat([flat[:4096], flat[-4096:]]).float().cpu()
+            digest.update(sample.numpy().tobytes())
+    return {
+        "name": target_name(target),
+        "config_sha": _sha(config),
+        "weights_sha": digest.hexdigest(),
+        "dtype": str(next(target.parameters()).dtype) if params else "none",
+    }
+
+
+def eos_token_ids(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end a generated turn: the generation config's eos ids plus the tokenizer's eos."""
+    configured = getattr(target.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [*ids, tokenizer.eos_token_id]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def context_limit(target: PreTrainedModel, config: DataConfig) -> int:
+    """Longest allowed prompt: min(max_prompt_length, max_position_embeddings - max_new_tokens)."""
+    limits = [config.max_prompt_length] if config.max_prompt_length else []
+    context = getattr(target.config, "max_position_embeddings", None)
+    if context:
+        room = context - config.max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the target's "
+                f"context of {context} tokens"
+            )
+        limits.append(room)
+    return min(limits) if limits else math.inf
+
+
+def regeneration_inputs(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[PromptExample],
+    config: DataConfig,
+) -> dict[str, Any]:
+    """Everything that determines the regenerated data (hashed into the cache fingerprint)."""
+    sampling = config.do_sample
+    limit = context_limit(target, config)
+    return {
+        "version": CACHE_VERSION,
+        "target": target_identity(target),
+        "tokenizer": {
+            "vocab_sha": _sha(sorted(tokenizer.get_vocab().items())),
+            "chat_template_sha": _sha(tokenizer.chat_template or ""),
+            "eos_token_ids": eos_token_ids(target, tokenizer),
+            "pad_token_id": _pad_id(tokenizer),
+        },
+        "prompts": {"count": len(examples), "sha": _sha([[e.id, e.turns, e.source] for e in examples])},
+        "generation": {
+            "max_new_tokens": config.max_new_tokens,
+            "do_sample": sampling,
+            "temperature": config.temperature if sampling else None,
+            "top_p": config.top_p if sampling else None,
+            "seed": config.seed if sampling else None,
+        },
+        "lengths": {
+            "prompt_limit": None if limit == math.inf else int(limit),
+            "prompt_truncation": config.prompt_truncation,
+        },
+        "shard_size": config.shard_size,
+    }
+
+
+def fingerprint_of(inputs: dict[str, Any]) -> str:
+    return _sha(inputs)[:20]
+
+
+# ------------------------------------------------------------------------------------------ templating
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return int(pad)
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool
+) -> str:
+    if not tokenizer.chat_template:
+        raise ValueError("the target's tokenizer has no chat template; set tokenizer.chat_template first")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def turn_closing_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text the chat template puts after an assistant message (e.g. '<|im_end|>\\n')."""
+    messages = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}]
+    text = _render(tokenizer, messages, generation_prompt=False)
+    if _PROBE_ANSWER not in text:
+        raise ValueError("the chat template does not render assistant messages; use max_turns=1")
+    return text.rsplit(_PROBE_ANSWER, 1)[1]
+
+
+@dataclass
+class _Conversation:
+    example: PromptExample
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    messages: list[dict[str, str]] = field(default_factory=list)
+    rendered: str = ""  # template text of `messages` after the last completed turn
+    pending: str = ""  # closing text of the last answer, still to be tokenized
+    turns_done: int = 0
+    active: bool = True
+
+
+@dataclass
+class _Settings:
+    generation: GenerationConfig
+    eos_ids: list[int]
+    pad_id: int
+    limit: float
+    policy: str
+    closing: str | None
+
+
+def _next_prompt(conv: _Conversation, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], str]:
+    """Token ids to append for the next user turn, and the template text after appending it."""
+    messages = [*conv.messages, {"role": "user", "content": conv.example.turns[conv.turns_done]}]
+    text = _render(tokenizer, messages, generation_prompt=True)
+    if not text.startswith(conv.rendered):
+        raise ValueError(
+            "the chat template rewrites earlier turns, so multi-turn regeneration cannot extend the "
+            f"conversation token by token (prompt {conv.example.id!r}); set max_turns=1"
+        )
+    delta = conv.pending + text[len(conv.rendered) :]
+    return tokenizer(delta, add_special_tokens=False)["input_ids"], text
+
+
+def _admit_turn(conv: _Conversation, tokenizer: PreTrainedTokenizerBase, s: _Settings, stats: dict) -> bool:
+    """Append the next user turn under the length policy; False when the conversation stops here."""
+    new_ids, text = _next_prompt(conv, tokenizer)
+    ids, mask = conv.ids + new_ids, conv.mask + [0] * len(new_ids)
+    if len(ids) > s.limit:
+        where = f"prompt {conv.example.id!r} turn {conv.turns_done + 1}"
+        if s.policy == "error":
+            raise ValueError(
+                f"{where} has {len(ids)} tokens, more than the limit of {int(s.limit)} (min of "
+                "max_prompt_length and the target's context minus max_new_tokens); set "
+                "prompt_truncation='drop' or 'left', or raise max_prompt_length"
+            )
+        if s.policy == "drop":
+            stats["dropped_prompts" if conv.turns_done == 0 else "dropped_turns"] += 1
+            if conv.turns_done == 0:
+                stats["dropped_ids"].append(conv.example.id)
+            conv.active = False
+            return False
+        ids, mask = ids[-int(s.limit) :], mask[-int(s.limit) :]
+        stats["truncated_prompts"] += 1
+    conv.ids, conv.mask, conv.rendered, conv.pending = ids, mask, text, ""
+    conv.messages.append({"role": "user", "content": conv.example.turns[conv.turns_done]})
+    return True
+
+
+def _record_answer(
+    conv: _Conversation, generated: list[int], tokenizer: PreTrainedTokenizerBase, s: _Settings
+) -> None:
+    ended = bool(generated) and generated[-1] in s.eos_ids
+    answer_ids = generated[:-1] if ended else generated
+    answer = tokenizer.decode(answer_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    conv.ids = conv.ids + generated
+    conv.mask = conv.mask + [1] * len(generated)
+    conv.messages.append({"role": "assistant", "content": answer})
+    conv.turns_done += 1
+    if conv.turns_done >= len(conv.example.turns):
+        conv.active = False
+        return
+    conv.rendered = _render(tokenizer, conv.messages, generation_prompt=False)
+    closing = s.closing or ""
+    eos_text = tokenizer.decode(generated[-1:], skip_special_tokens=False) if ended else ""
+    conv.pending = closing[len(eos_text) :] if ended and closing.startswith(eos_text) else closing
+
+
+# ------------------------------------------------------------------------------------------ generation
+def strip_generation(row: list[int], eos_ids: list[int]) -> list[int]:
+    """Cut one generated row after its first end-of-turn token (the rest is batch padding)."""
+    eos = set(eos_ids)
+    for position, token in enumerate(row):
+        if token in eos:
+            return row[: position + 1]
+    return row
+
+
+@torch.no_grad()
+def batched_generate(
+    target: PreTrainedModel,
+    prompts: list[list[int]],
+    generation_config: GenerationConfig,
+    pad_token_id: int,
+    eos_ids: list[int],
+) -> list[list[int]]:
+    """Generate for prompts of different lengths in one left-padded batch; returns each row's new tokens."""
+    device = next(target.parameters()).device
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    output = target.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        generation_config=generation_config,
+    )
+    return [strip_generation(row, eos_ids) for row in output[:, width:].tolist()]
+
+
+def make_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    """The explicit generation settings (greedy unless `do_sample`), independent of the model's defaults."""
+    sampling = (
+        {"temperature": config.temperature, "top_p": config.top_p, "top_k": None} if config.do_sample else {}
+    )
+    return GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        **sampling,
+    )
+
+
+def _generate_shard(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[PromptExample],
+    s: _Settings,
+    batch_size: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[list[_Conversation], dict[str, Any]]:
+    """Regenerate one shard turn by turn; batches are formed from prompts of similar length."""
+    stats = {"dropped_prompts": 0, "dropped_turns": 0, "truncated_prompts": 0, "generated_tokens": 0}
+    stats["dropped_ids"] = []
+    conversations = [_Conversation(example) for example in examples]
+    while True:
+        active = [c for c in conversations if c.active and _admit_turn(c, tokenizer, s, stats)]
+        if not active:
+            break
+        active.sort(key=lambda c: len(c.ids))
+        for start in range(0, len(active), batch_size):
+            batch = active[start : start + batch_size]
+            outputs = batched_generate(target, [c.ids for c in batch], s.generation, s.pad_id, s.eos_ids)
+            for conv, generated in zip(batch, outputs):
+                _record_answer(conv, generated, tokenizer, s)
+            new_tokens = sum(len(generated) for generated in outputs)
+            stats["generated_tokens"] += new_tokens
+            if on_batch is not None:
+                on_batch(len(batch), new_tokens)
+    return [c for c in conversations if c.turns_done > 0], stats
+
+
+# ------------------------------------------------------------------------------------------ shard files
+def shard_path(directory: Path, index: int, count: int) -> Path:
+    return directory / f"shard-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _write_shard(path: Path, conversations: list[_Conversation], stats: dict[str, Any]) -> None:
+    """Write one shard atomically (temporary name, then rename)."""
+    lengths = [len(c.ids) for c in conversations]
+    offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.long)
+    tensors = {
+        "input_ids": torch.tensor([t for c in conversations for t in c.ids], dtype=torch.int64),
+        "loss_mask": torch.tensor([m for c in conversations for m in c.mask], dtype=torch.uint8),
+        "offsets": offsets,
+        "num_turns": torch.tensor([c.turns_done for c in conversations], dtype=torch.int64),
+    }
+    metadata = {"prompt_ids": json.dumps([c.example.id for c in conversations]), "stats": json.dumps(stats)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _read_shard(path: Path) -> tuple[dict[str, list], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    offsets = tensors["offsets"].tolist()
+    ids, mask = tensors["input_ids"].tolist(), tensors["loss_mask"].tolist()
+    columns = {
+        "input_ids": [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+        "loss_mask": [mask[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+        "prompt_id": json.loads(metadata["prompt_ids"]),
+        "num_turns": tensors["num_turns"].tolist(),
+    }
+    return columns, json.loads(metadata["stats"])
+
+
+def _check_manifest(directory: Path, fingerprint: str, inputs: dict[str, Any]) -> None:
+    manifest = directory / "manifest.json"
+    expected = {"fingerprint": fingerprint, "inputs": json.loads(json.dumps(inputs, default=str))}
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text())
+        if stored != expected:
+            raise RuntimeError(
+                f"The data cache {directory} holds a manifest that does not match these settings; it was not "
+                "written by this version or for this target/prompts/settings. Delete the directory to rebuild it."
+            )
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = manifest.with_name(f".manifest.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(expected, indent=1))
+    os.replace(tmp, manifest)
+
+
+@contextlib.contextmanager
+def _shard_rng(config: DataConfig, shard: int, target: PreTrainedModel) -> Iterator[None]:
+    """Sampling seeded per shard (so a resumed run samples the same), without touching the global RNG."""
+    if not config.do_sample:
+        yield
+        return
+    device = next(target.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed * 1_000_003 + shard)
+        yield
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def regenerate(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[PromptExample],
+    config: DataConfig,
+    progress: bool = True,
+) -> Regeneration:
+    """Regenerate the target's answers to `examples` (cached, resumable) and return them as a Dataset.
+
+    Columns: `input_ids` (full conversation), `loss_mask` (1 on target-generated tokens), `prompt_id`,
+    `num_turns` (answered turns) and `index` (row number, the key of offline feature caches).
+    """
+    if not examples:
+        raise ValueError("no prompts to regenerate")
+    if len({e.id for e in examples}) != len(examples):
+        raise ValueError("prompt ids must be unique")
+    inputs = regeneration_inputs(target, tokenizer, examples, config)
+    fingerprint = fingerprint_of(inputs)
+    directory = config.cache_path / "regen" / fingerprint
+    _check_manifest(directory, fingerprint, inputs)
+    chunks = [examples[i : i + config.shard_size] for i in range(0, len(examples), config.shard_size)]
+    paths = [shard_path(directory, i, len(chunks)) for i in range(len(chunks))]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    if missing:
+        eos_ids = eos_token_ids(target, tokenizer)
+        pad_id = _pad_id(tokenizer)
+        multi_turn = any(len(e.turns) > 1 for e in examples)
+        settings = _Settings(
+            generation=make_generation_config(config, eos_ids, pad_id),
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            limit=context_limit(target, config),
+            policy=config.prompt_truncation,
+            closing=turn_closing_text(tokenizer) if multi_turn else None,
+        )
+        logger.info(
+            "Regenerating %d of %d shards into %s (%s, max_new_tokens=%d)",
+            len(missing),
+            len(chunks),
+            directory,
+            "sampling" if config.do_sample else "greedy",
+            config.max_new_tokens,
+        )
+        total_turns = sum(len(e.turns) for i in missing for e in chunks[i])
+        with tqdm(total=total_turns, desc="regenerating", unit="turn", disable=not progress) as bar:
+            generated = [0]
+
+            def on_batch(turns: int, tokens: int) -> None:
+                generated[0] += tokens
+                bar.set_postfix(new_tokens=generated[0], refresh=False)
+                bar.update(turns)
+
+            for i in missing:
+                with _shard_rng(config, i, target):
+                    conversations, stats = _generate_shard(
+                        target, tokenizer, chunks[i], settings, config.regen_batch_size, on_batch
+                    )
+                _write_shard(paths[i], conversations, stats)
+    else:
+        logger.info("Loading regenerated data from the cache %s", directory)
+    return _load(directory, paths, fingerprint)
+
+
+def _load(directory: Path, paths: list[Path], fingerprint: str) -> Regeneration:
+    columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "prompt_id": [], "num_turns": []}
+    stats = {"dropped_prompts": 0, "dropped_turns": 0, "truncated_prompts": 0, "generated_tokens": 0}
+    stats["dropped_ids"] = []
+    for path in paths:
+        shard_columns, shard_stats = _read_shard(path)
+        for name, values in shard_columns.items():
+            columns[name].extend(values)
+        for name, value in shard_stats.items():
+            stats[name] = stats[name] + value
+    columns["index"] = list(range(len(columns["prompt_id"])))
+    stats["num_sequences"] = len(columns["prompt_id"])
+    if stats["dropped_prompts"] or stats["truncated_prompts"] or stats["dropped_turns"]:
+        logger.info(
+            "Length policy: %d prompts dropped, %d later turns dropped, %d prompts left-truncated",
+            stats["dropped_prompts"],
+            stats["dropped_turns"],
+            stats["truncated_prompts"],
+        )
+    return Regeneration(Dataset.from_dict(columns), directory, fingerprint, stats)
