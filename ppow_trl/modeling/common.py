@@ -147,3 +147,12 @@ class DrafterMixin:
     def target_ids_of_draft_vocab(self) -> torch.Tensor:
         """(V_d,) the target id of every draft id."""
         return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+
+def lora_for_drafter(peft_config, drafter: PreTrainedModel):
+    """The peft config with the drafter class's `LORA_TARGET_MODULES` when it names no target modules."""
+    if peft_config is None or peft_config.target_modules:
+        return peft_config
+    import dataclasses
+
+    return dataclasses.replace(peft_config, target_modules=type(drafter).LORA_TARGET_MODULES)

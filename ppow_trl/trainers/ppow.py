@@ -33,7 +33,7 @@ from ppow_trl.cost import measure_gamma
 from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.drafting import draft_windows, window_targets
 from ppow_trl.kernels import verify_windows
-from ppow_trl.modeling.common import unwrap_drafter
+from ppow_trl.modeling.common import lora_for_drafter, unwrap_drafter
 from ppow_trl.rewards import get_reward_funcs
 from ppow_trl.target import window_logits
 from ppow_trl.verify import per_position_acceptance, scatter_draft_probs
@@ -213,7 +213,7 @@ class PPOWTrainer(GRPOTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            peft_config=peft_config,
+            peft_config=lora_for_drafter(peft_config, drafter),
             callbacks=callbacks,
         )
         self.target.to(self.accelerator.device)
@@ -236,15 +236,36 @@ class PPOWTrainer(GRPOTrainer):
             gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
         return gens
 
+    def _unique_sequences(
+        self, inputs: list[dict]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Collate the distinct sequences of a rollout batch (GRPO repeats each G times) and return, per
+        batch row, which distinct sequence it is and which copy of it (0, 1, ...)."""
+        indices = [int(row["index"]) for row in inputs] if "index" in inputs[0] else list(range(len(inputs)))
+        first, rows, copy, seen = {}, [], [], {}
+        for i, index in enumerate(indices):
+            first.setdefault(index, i)
+            rows.append(list(first).index(index))
+            copy.append(seen.get(index, 0))
+            seen[index] = copy[-1] + 1
+        distinct = [dict(inputs[i], index=index) for index, i in first.items()]
+        device = self.accelerator.device
+        batch = {
+            k: v.to(device) for k, v in collate_sequences(distinct, self._tokenizer.pad_token_id).items()
+        }
+        return batch, torch.tensor(rows, device=device), torch.tensor(copy, device=device)
+
     @torch.no_grad()
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
         args, device = self.args, self.accelerator.device
         mode = "train" if self.model.training else "eval"
         k_len = args.window_size
-        batch = {k: v.to(device) for k, v in collate_sequences(inputs, self._tokenizer.pad_token_id).items()}
+        batch, rows, copy = self._unique_sequences(inputs)
         ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        copies = int(copy.max()) + 1
         drafter = unwrap_drafter(self.model)
+        # The target and pass 0 of the drafter run once per distinct sequence, not once per group copy.
         target_features = self.feature_provider(batch)
         features = getattr(target_features, drafter.feature_name)
         vocab_rows = drafter.target_ids_of_draft_vocab()
@@ -252,18 +273,18 @@ class PPOWTrainer(GRPOTrainer):
         valid = valid_anchors(lmask, attn, k_len)
         scores = None
         if args.use_adaw and self.state.global_step >= args.adaw_warmup_steps:
-            rows = torch.arange(ids.shape[1], device=device).expand_as(ids)
+            all_rows = torch.arange(ids.shape[1], device=device).expand_as(ids)
             step0 = draft_windows(
-                drafter, features, ids, rows, 1, attention_mask=attn, return_logits=True,
-                tokens=window_targets(ids, rows, 1)[0][:, :, None],
+                drafter, features, ids, all_rows, 1, attention_mask=attn, return_logits=True,
+                tokens=window_targets(ids, all_rows, 1)[0][:, :, None],
             ).logits[:, :, 0, 0]  # fmt: skip
             per_row = position_scores(
                 target_features.logits, torch.log_softmax(step0.float(), -1), vocab_rows
             )
             scores = window_scores(per_row, k_len)
             self._record_stats(mode, "adaw/window_score", scores[valid])
-        indices = batch.get("index", torch.arange(ids.shape[0]))
-        anchors, has_anchor = sample_anchors(
+        indices = batch["index"]
+        seq_anchors, has_anchor = sample_anchors(
             valid, args.anchors_per_sequence, self._anchor_generators(indices), scores, args.adaw_temperature
         )
         if not has_anchor.any():
@@ -273,27 +294,35 @@ class PPOWTrainer(GRPOTrainer):
             )
 
         windows = draft_windows(
-            drafter, features, ids, anchors, k_len, temperature=self.temperature, attention_mask=attn,
-            return_logits=args.acceptance_mode == "sampling",
+            drafter, features, ids, seq_anchors, k_len, num_windows=copies, temperature=self.temperature,
+            attention_mask=attn, return_logits=args.acceptance_mode == "sampling",
         )  # fmt: skip
-        tokens, old_logprobs = windows.tokens[:, :, 0], windows.logprobs[:, :, 0]
-        reference = window_targets(ids, anchors, k_len)[0]
-        target_log = torch.log_softmax(target_features.logits.float(), -1)
+        # Each batch row is copy `copy` of distinct sequence `rows`: it takes that copy's windows.
+        tokens, old_logprobs = windows.tokens[rows, :, copy], windows.logprobs[rows, :, copy]
+        reference = window_targets(ids, seq_anchors, k_len)[0][rows]
+        anchors, has_anchor = seq_anchors[rows], has_anchor[rows]
         ref_positions = (anchors[..., None] + 1 + torch.arange(k_len, device=device)).clamp(
             max=ids.shape[1] - 1
         )
-        target_on_reference = target_log.gather(
-            1, ref_positions.flatten(1)[..., None].expand(-1, -1, target_log.shape[-1])
+        target_logits = target_features.logits[rows]
+        on_reference = target_logits.gather(
+            1, ref_positions.flatten(1)[..., None].expand(-1, -1, target_logits.shape[-1])
         )
-        target_on_reference = target_on_reference.view(*ref_positions.shape, -1)  # (B, A, K, V)
+        target_on_reference = torch.log_softmax(
+            on_reference.view(*ref_positions.shape, -1).float(), -1
+        )  # (B, A, K, V)
 
-        path_logits = (
-            window_logits(self.target, ids, attn, anchors, tokens) if self._needs_target_path else None
-        )
+        path_logits = None
+        if self._needs_target_path:  # one packed target forward per distinct sequence, all copies' windows
+            per_sequence = window_logits(
+                self.target, ids, attn, seq_anchors.repeat_interleave(copies, dim=1),
+                windows.tokens.flatten(1, 2),
+            )  # fmt: skip
+            path_logits = per_sequence.view(*windows.tokens.shape[:3], k_len + 1, -1)[rows, :, copy]
         if args.acceptance_mode == "greedy":
             accepted = accepted_prefix_length(tokens, reference)
         else:
-            draft_probs = torch.softmax(windows.logits[:, :, 0].float() / self.temperature, -1)
+            draft_probs = torch.softmax(windows.logits[rows, :, copy].float() / self.temperature, -1)
             q = scatter_draft_probs(draft_probs, drafter.d2t, drafter.config.vocab_size)
             result = verify_windows(
                 path_logits.flatten(0, 1),
@@ -309,7 +338,7 @@ class PPOWTrainer(GRPOTrainer):
             greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
             delta = greedy_lp - drafted_lp
 
-        rewards = self._window_rewards(indices, anchors, tokens, accepted, delta, has_anchor)
+        rewards = self._window_rewards(indices[rows], anchors, tokens, accepted, delta, has_anchor)
         advantages, group_std = self._group_advantages(rewards, has_anchor)
 
         positions = torch.arange(k_len, device=device)
@@ -328,9 +357,9 @@ class PPOWTrainer(GRPOTrainer):
             mode, "windows_per_second", torch.tensor(k_valid.numel() / (time.perf_counter() - start))
         )
         return {
-            "input_ids": ids,
-            "attention_mask": attn,
-            "features": features,
+            "input_ids": ids[rows],
+            "attention_mask": attn[rows],
+            "features": features[rows],
             "anchors": anchors,
             "window_tokens": tokens,
             "old_logprobs": old_logprobs,

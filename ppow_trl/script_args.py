@@ -1,0 +1,64 @@
+"""Command-line/YAML arguments shared by the recipes (`TrlParser` dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ppow_trl.data import DataConfig
+
+
+@dataclass
+class DrafterModelArguments:
+    """The frozen target, and the drafter to train (new or saved) with optional LoRA."""
+
+    target_name_or_path: str = field(
+        default="embedded",
+        metadata={
+            "help": "Target: 'embedded' (SmolLM2-135M-Instruct), a model directory, a .gguf file or a Hub id."
+        },
+    )
+    target_dtype: str = field(
+        default="float32", metadata={"help": "Target parameter dtype (float32, bfloat16)."}
+    )
+    target_quantization: str | None = field(
+        default=None, metadata={"help": "Load the target in bitsandbytes '4bit' or '8bit'."}
+    )
+    drafter_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A saved drafter to start from; None builds a new one from the target (warm start only)."
+        },
+    )
+    aux_layer_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "EAGLE-3 feature layers (HF hidden_states indices); None = [2, L//2, L-3]."},
+    )
+    use_peft: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters instead of the full drafter."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+
+
+@dataclass
+class DataArguments(DataConfig):
+    """`DataConfig` on the command line: its `seed` is the training arguments' `seed` (both classes define it)."""
+
+    seed: int = field(default=0, init=False, metadata={"help": "Set from the training arguments' seed."})
+
+
+def lora_config(model_args: DrafterModelArguments):
+    """A peft `LoraConfig` when `use_peft` is set (target modules: the drafter class's LORA_TARGET_MODULES)."""
+    if not model_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout
+    )
+
+
+def resume_arg(value: str | None) -> str | bool | None:
+    """`--resume_from_checkpoint true` means the latest checkpoint in output_dir."""
+    return True if isinstance(value, str) and value.lower() in ("true", "last", "latest") else value

@@ -1,0 +1,63 @@
+"""PPOW fine-tuning of a warm-started drafter (EAGLE-3 or Medusa) against its frozen target.
+
+    python recipes/eagle_ppow.py --config recipes/configs/smollm2-135m/ppow_eagle3.yaml
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/eagle_ppow.py --config <yaml>
+
+Every field of `DrafterModelArguments`, `ppow_trl.data.DataConfig` and `ppow_trl.trainers.PPOWConfig`
+can be set in the YAML file or on the command line; unknown keys are an error. `drafter_name_or_path`
+is the warm-started drafter (recipes/sft_drafter.py); the data settings should match the warm start's
+so the cached regenerated data is reused. Interrupted runs resume with `--resume_from_checkpoint true`
+(latest checkpoint in output_dir) or a checkpoint path.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoModel
+from trl import TrlParser
+
+from ppow_trl.data import build_training_data, make_feature_provider
+from ppow_trl.script_args import DataArguments, DrafterModelArguments, lora_config, resume_arg
+from ppow_trl.target import load_target
+from ppow_trl.trainers import PPOWConfig, PPOWTrainer
+
+
+def main(argv: list[str] | None = None) -> PPOWTrainer:
+    model_args, data_config, args = TrlParser(
+        (DrafterModelArguments, DataArguments, PPOWConfig)
+    ).parse_args_and_config(argv)
+    data_config.seed = args.seed
+    if not model_args.drafter_name_or_path:
+        raise ValueError(
+            "PPOW starts from a warm-started drafter: pass --drafter_name_or_path (recipes/sft_drafter.py)"
+        )
+    target, tokenizer = load_target(
+        model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
+    )
+    data = build_training_data(data_config, target, tokenizer)
+    drafter = AutoModel.from_pretrained(model_args.drafter_name_or_path)
+    aux = drafter.config.aux_layer_ids or None
+    trainer = PPOWTrainer(
+        drafter,
+        target,
+        args,
+        train_dataset=data.train,
+        eval_dataset=data.eval if len(data.eval) else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args),
+        feature_provider=make_feature_provider(
+            data_config, data, target, aux_layer_ids=aux, with_logits=True
+        ),
+    )
+    if trainer.eval_dataset is not None:
+        trainer.evaluate(metric_key_prefix="warm_start")
+    trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
+    trainer.save_model()
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
