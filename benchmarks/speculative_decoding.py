@@ -1,0 +1,253 @@
+"""Speculative decoding vs plain `generate` at batch size 1, and where a speculative round spends its time.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speculative_decoding.py --drafter random \
+        --prompt-sets mt_bench humaneval --prompts-per-set 4 --max-new-tokens 64 --num-draft-tokens 5
+
+`--drafter` is a saved drafter directory (or Hub id), `random`: an untrained EAGLE-3 drafter for the target
+(8192-token draft vocabulary, LM head initialised from the target's rows), which is accepted almost never
+and so measures the pure overhead of drafting + verifying, or `oracle`: that random drafter with its draft
+logits replaced, wherever the drafted prefix is still correct, by a one-hot on plain greedy's next token (a
+lookup keyed on the logits it computes, so it still pays the full drafter compute): the ceiling any drafter
+of this size can reach, measuring the decoding machinery at high acceptance. Not a trained drafter. Same prompts (first user turn, chat-templated),
+greedy, fp32 by default, one warm-up of every method first; each prompt runs plain `generate`,
+transformers' assisted decoding with the drafter's candidate generator ("assisted") and ppow_trl's own loop
+("loop", profiled per phase). Prints markdown tables; `--output` also writes them as JSON.
+
+Both wall-clock and process CPU time are recorded. On a shared machine, wall-clock rates swing with other
+jobs' load; with `--threads 1` the CPU-time rate (tokens per CPU-second of this process) is the stable
+measure of the work each method does, and the per-phase breakdown uses the same clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch
+
+from ppow_trl.build_drafter import build_drafter
+from ppow_trl.data import load_prompts
+from ppow_trl.draft_vocab import build_draft_vocab
+from ppow_trl.drafting import draft_windows, window_targets
+from ppow_trl.evaluation import hardware_info, load_drafter, versions
+from ppow_trl.generation import DrafterCandidateGenerator, generate, speculative_generate
+from ppow_trl.modeling import Eagle3Drafter
+from ppow_trl.target import capture_features, load_target
+
+PHASES = ("drafter_draft", "drafter_commit", "target_forward", "verify", "bookkeeping")
+
+
+def random_drafter(target, prompts: list[list[int]], draft_vocab_size: int, seed: int):
+    """Untrained EAGLE-3 drafter; draft vocabulary = ids seen in the prompts, then the lowest ids."""
+    vocab = target.get_output_embeddings().weight.shape[0]
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for ids in prompts:
+        counts += torch.bincount(torch.tensor(ids), minlength=vocab)
+    counts = counts * vocab + torch.arange(vocab - 1, -1, -1)  # ties: lower ids first
+    torch.manual_seed(seed)
+    return build_drafter("eagle3", target, build_draft_vocab(counts, draft_vocab_size, vocab)).eval()
+
+
+class OracleEagle3(Eagle3Drafter):
+    """EAGLE-3 drafter whose logits are replaced by a one-hot on the reference token when they match the
+    teacher-forced logits of the reference continuation (keys compared after a random 64-d projection)."""
+
+    oracle: dict | None = None
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().draft_logits(hidden)
+        if self.oracle is None:
+            return logits
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        projected = flat @ self.oracle["projection"]
+        best = torch.cdist(projected, self.oracle["keys"]).min(dim=1)
+        token = self.oracle["tokens"][best.indices]
+        hit = (best.values < self.oracle["tolerance"][best.indices]) & (token >= 0)
+        onehot = torch.full_like(flat, -30.0).scatter(1, token.clamp(min=0)[:, None], 30.0)
+        return torch.where(hit[:, None], onehot, flat).to(logits.dtype).view_as(logits)
+
+    @torch.no_grad()
+    def set_reference(self, target, sequence: torch.Tensor, window: int) -> None:
+        """Teacher-forced keys for every (anchor row, draft step) of `sequence` (1, T)."""
+        self.oracle = None
+        feats = capture_features(target, sequence, with_logits=False).aux_hidden_states
+        anchors = torch.arange(sequence.shape[1])[None]
+        truth, in_range = window_targets(sequence, anchors, window)
+        logits = draft_windows(
+            self, feats, sequence, anchors, window, tokens=truth[:, :, None], return_logits=True
+        )
+        flat = logits.logits[0, :, 0].reshape(-1, logits.logits.shape[-1]).float()
+        g = torch.Generator().manual_seed(0)
+        projection = torch.randn(flat.shape[-1], 64, generator=g) / flat.shape[-1] ** 0.5
+        keys = flat @ projection
+        draft_ids = self.target_to_draft(truth[0]).masked_fill(~in_range[0], -1).reshape(-1)
+        self.oracle = {"projection": projection, "keys": keys, "tokens": draft_ids,
+                       "tolerance": 1e-3 * keys.norm(dim=-1).clamp(min=1.0)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--drafter", default="random", help="saved drafter dir / Hub id, 'random' or 'oracle'"
+    )
+    parser.add_argument(
+        "--target", default=None, help="default: the drafter's recorded target, else embedded"
+    )
+    parser.add_argument("--prompt-sets", nargs="+", default=["mt_bench", "humaneval"])
+    parser.add_argument("--prompts-per-set", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-draft-tokens", type=int, default=5)
+    parser.add_argument("--draft-vocab-size", type=int, default=8192, help="for --drafter random")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dtype = getattr(torch, args.dtype)
+    drafter = None if args.drafter in ("random", "oracle") else load_drafter(args.drafter, dtype)
+    target_name = args.target or (getattr(drafter.config, "target_name_or_path", None) if drafter else None)
+    target, tokenizer = load_target(target_name or "embedded", dtype=dtype)
+    examples = [
+        e for s in args.prompt_sets for e in load_prompts(s, max_prompts=args.prompts_per_set, max_turns=1)
+    ]
+    prompts = [
+        tokenizer(
+            tokenizer.apply_chat_template([{"role": "user", "content": e.turns[0]}], tokenize=False,
+                                          add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for e in examples
+    ]  # fmt: skip
+    eos = tokenizer.eos_token_id
+    k, new = args.num_draft_tokens, args.max_new_tokens
+    kwargs = {"max_new_tokens": new, "do_sample": False, "eos_token_id": eos, "pad_token_id": eos}
+
+    def plain(ids, n=new):
+        return target.generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": n})
+
+    references = []
+    if args.drafter == "oracle":  # plain greedy continuations (untimed); their tokens go into the draft vocab
+        references = [plain(torch.tensor([ids]))[0].tolist() for ids in prompts]
+    if drafter is None:
+        drafter = random_drafter(target, prompts + references, args.draft_vocab_size, args.seed)
+        if args.drafter == "oracle":
+            drafter.__class__ = OracleEagle3
+    drafter.to(dtype)
+
+    def assisted(ids, n=new):
+        return generate(
+            target, drafter, ids, num_draft_tokens=k, method="assisted", **{**kwargs, "max_new_tokens": n}
+        )
+
+    def loop(ids, n=new):
+        return speculative_generate(target, drafter, ids, max_new_tokens=n, num_draft_tokens=k, eos_token_id=eos,
+                                    profile=time.process_time)  # fmt: skip
+
+    DrafterCandidateGenerator.clock = staticmethod(time.process_time)  # its drafter time in CPU seconds
+    warm = torch.tensor([prompts[0]])
+    for fn in (plain, assisted, loop):
+        fn(warm, 8)
+
+    stats = {
+        m: {"tokens": 0, "seconds": 0.0, "cpu": 0.0, "forwards": 0, "matches": 0, "accepted": []}
+        for m in ("plain", "assisted", "loop")
+    }
+    phases = dict.fromkeys(("prefill", *PHASES), 0.0)
+    assisted_drafter_s = 0.0
+    for index, ids_list in enumerate(prompts):
+        ids = torch.tensor([ids_list])
+        if references:
+            drafter.set_reference(target, torch.tensor([references[index]]), k)
+        outputs = {}
+        for name, fn in (("plain", plain), ("assisted", assisted), ("loop", loop)):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = fn(ids)
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            tokens = sequences[0, ids.shape[1] :]
+            if name != "plain":
+                tokens = tokens[: int(out.new_tokens[0])]
+                stats[name]["forwards"] += out.num_verify_forwards
+                stats[name]["accepted"] += out.accepted_lengths().tolist()
+            outputs[name] = tokens.tolist()
+            stats[name]["tokens"] += len(tokens)
+            stats[name]["seconds"] += seconds
+            stats[name]["cpu"] += cpu
+            if name == "loop":
+                for phase, value in out.timings.items():
+                    phases[phase] += value
+            if name == "assisted":
+                assisted_drafter_s += out.timings["drafter"]
+        for name in ("assisted", "loop"):
+            stats[name]["matches"] += outputs[name] == outputs["plain"]
+
+    hw = hardware_info()
+    print(
+        f"target={target_name or 'embedded'} drafter={args.drafter} K={k} chain dtype={args.dtype} batch=1 greedy "
+        f"prompts={len(prompts)} ({'+'.join(args.prompt_sets)}) max_new_tokens={new} torch={versions()['torch']} "
+        f"threads={torch.get_num_threads()} cpu={hw['cpu']} cores={hw['cpu_cores']} gpu={hw['gpu']}"
+    )
+    plain_tps = stats["plain"]["tokens"] / stats["plain"]["seconds"]
+    plain_cps = stats["plain"]["tokens"] / stats["plain"]["cpu"]
+    print(
+        "\n| method | new tokens | verify forwards | tau | mean k | wall s | tokens/s | speedup (wall) "
+        "| CPU s | tokens/CPU-s | speedup (CPU) | greedy match |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = {}
+    for name, s in stats.items():
+        tps, cps = s["tokens"] / s["seconds"], s["tokens"] / s["cpu"]
+        forwards = s["forwards"] if name != "plain" else s["tokens"] - len(prompts)
+        tau = s["tokens"] / forwards if forwards else float("nan")
+        mean_k = sum(s["accepted"]) / len(s["accepted"]) if s["accepted"] else float("nan")
+        match = f"{s['matches']}/{len(prompts)}" if name != "plain" else "-"
+        rows[name] = {
+            "tokens": s["tokens"], "verify_forwards": forwards, "tau": tau, "mean_accepted": mean_k,
+            "seconds": s["seconds"], "tokens_per_s": tps, "speedup": tps / plain_tps, "cpu_seconds": s["cpu"],
+            "tokens_per_cpu_s": cps, "speedup_cpu": cps / plain_cps, "greedy_match": match,
+        }  # fmt: skip
+        print(
+            f"| {name} | {s['tokens']} | {forwards} | {tau:.2f} | {'-' if name == 'plain' else f'{mean_k:.2f}'} | "
+            f"{s['seconds']:.1f} | {tps:.1f} | {tps / plain_tps:.2f}x | {s['cpu']:.1f} | {cps:.1f} | "
+            f"{cps / plain_cps:.2f}x | {match} |"
+        )
+
+    plain_step_ms = 1000 * stats["plain"]["cpu"] / max(stats["plain"]["tokens"], 1)
+    rounds = stats["loop"]["forwards"]
+    round_total = sum(phases[p] for p in PHASES)
+    print(
+        f"\nLoop, per verification round ({rounds} rounds, K={k}; CPU time). One plain `generate` step "
+        f"(prefill amortised) costs {plain_step_ms:.1f} CPU-ms."
+    )
+    print("\n| phase | CPU-ms / round | share of round | in plain steps |")
+    print("|---|---|---|---|")
+    for phase in PHASES:
+        ms = 1000 * phases[phase] / max(rounds, 1)
+        print(f"| {phase} | {ms:.1f} | {phases[phase] / round_total:.0%} | {ms / plain_step_ms:.2f} |")
+    total_ms = 1000 * round_total / max(rounds, 1)
+    print(f"| total (excl. prefill) | {total_ms:.1f} | 100% | {total_ms / plain_step_ms:.2f} |")
+    print(f"| prefill (per prompt) | {1000 * phases['prefill'] / len(prompts):.1f} | - | - |")
+    a_rounds = stats["assisted"]["forwards"]
+    a_cpu = stats["assisted"]["cpu"]
+    print(
+        f"\nAssisted: {1000 * a_cpu / max(a_rounds, 1):.1f} CPU-ms per round (prefill included), of which the "
+        f"candidate generator (drafter commit + draft) {1000 * assisted_drafter_s / max(a_rounds, 1):.1f} CPU-ms "
+        f"({assisted_drafter_s / a_cpu:.0%}); the rest is the target forward and transformers' bookkeeping."
+    )
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"args": vars(args), "hardware": hw, "versions": versions(), "methods": rows,
+                       "loop_phases_s": phases, "loop_rounds": rounds, "assisted_drafter_s": assisted_drafter_s},
+                      handle, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Evaluate a trained drafter: tau, per-position acceptance, speedup over plain `generate`, lossless check.
+
+    python recipes/evaluate_drafter.py --drafter outputs/eagle3-smollm2 --prompt_sets mt_bench humaneval \
+        --max_prompts 8 --max_new_tokens 64 --num_draft_tokens 5 --temperatures 0 1 \
+        --baselines plain prompt_lookup --output_dir outputs/eval
+    python recipes/evaluate_drafter.py --config my_eval.yaml
+
+Every field of `ppow_trl.evaluation.EvaluationConfig` is a flag (or a YAML key with --config); the target
+defaults to the one recorded in the drafter's config. Use `--prompt_sets split:<run>/split.json` to evaluate
+on the held-out prompts of a training run. Writes results.json, results.md and PNG plots to --output_dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from trl import TrlParser
+
+from ppow_trl.evaluation import EvaluationConfig, evaluate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = TrlParser(EvaluationConfig)
+    (config,) = parser.parse_args_and_config(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = evaluate(config)
+    print((Path(config.output_dir) / "results.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
