@@ -83,8 +83,12 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log q(id) at the drafting temperature (1 for greedy), without materialising a log-softmax."""
+    scaled = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        scaled = scaled / temperature
+    return scaled.gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
 def draft_windows(
@@ -151,8 +155,7 @@ def draft_windows(
         )
     else:
         raise TypeError(f"unsupported drafter type {type(model).__name__}")
-    logprobs = _log_probs(logits, temperature).gather(-1, draft_ids.clamp(min=0)[..., None]).squeeze(-1)
-    logprobs = logprobs.masked_fill(draft_ids < 0, float("-inf"))
+    logprobs = _token_logprobs(logits, draft_ids, temperature).masked_fill(draft_ids < 0, float("-inf"))
     out_tokens = tokens if tokens is not None else model.draft_to_target(draft_ids)
     return DraftWindows(out_tokens, draft_ids, logprobs, logits if return_logits else None)
 

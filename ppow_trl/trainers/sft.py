@@ -1,0 +1,358 @@
+"""Supervised warm start of a drafter against a frozen target: `DrafterSFTConfig` + `DrafterSFTTrainer`.
+
+One training step (EAGLE3_NOTES.md §3):
+
+1. frozen target features for the batch (no grad; online from the target or from an offline cache);
+2. target labels from the target's last hidden state through its LM head, in vocabulary chunks: logits at
+   the draft vocabulary's ids, full-vocabulary logsumexp and argmax (`ppow_trl.losses.target_labels`);
+3. the K-step training-time-test unroll at every row at once: `draft_windows` with the sequence's own
+   tokens forced (Medusa: its K heads). Step j at row r predicts x_{r+2+j}; its label is the target
+   distribution at position r+1+j, renormalised over the draft vocabulary;
+4. loss = sum_j decay^j * l_j, with l_j = sum over rows of mask * loss_row / D. The mask is EAGLE-3's:
+   loss_mask[r+j] (unshifted, §3.6) * [full-vocab target argmax at r+1+j lies in the draft vocabulary]
+   * [position r+1+j is a real token]. D is the number of real (non-padding) positions of the
+   micro-batch, the same for every step: EAGLE-3 divides by B*T with micro-batch 1 and no padding,
+   which is this count.
+
+Evaluation adds teacher-forced greedy acceptance at `eval_window_size` on the eval set: `eval_alpha_j`
+(per-position acceptance) and `eval_tau` (simulated tau = 1 + sum_k prod_{i<=k} alpha_i = mean(k + 1)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+from ppow_trl.acceptance import evaluation_anchors, teacher_forced_acceptance
+from ppow_trl.data import TargetFeatureProvider, collate_sequences
+from ppow_trl.drafting import draft_windows, window_targets
+from ppow_trl.losses import (
+    LOSSES,
+    TargetLabels,
+    drafter_loss,
+    eagle3_position_mask,
+    step_weights,
+    target_labels,
+)
+from ppow_trl.modeling import DRAFTER_CLASSES, MedusaDrafter, unwrap_drafter
+from ppow_trl.modeling.common import lora_for_drafter
+from ppow_trl.verify import per_position_acceptance, simulated_tau
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DrafterSFTConfig(TrainingArguments):
+    """Training arguments of the supervised drafter warm start (defaults follow EAGLE-3 / SpecForge)."""
+
+    drafter_type: str = field(
+        default="eagle3", metadata={"help": "Drafter architecture: 'eagle3' or 'medusa'."}
+    )
+    ttt_steps: int = field(
+        default=7,
+        metadata={
+            "help": "K, the training-time-test unroll length of an EAGLE-3 drafter. A Medusa drafter always "
+            "trains all its heads (K = its number of heads)."
+        },
+    )
+    step_weight_decay: float = field(
+        default=0.8, metadata={"help": "Weight decay**j of TTT step (or Medusa head) j in the loss."}
+    )
+    loss: str = field(
+        default="soft_ce",
+        metadata={
+            "help": "Objective per row: 'soft_ce' (cross-entropy to the target distribution on the draft "
+            "vocabulary, EAGLE-3), 'forward_kl' (KL(p||q), same gradient) or 'acceptance' (maximise "
+            "sum min(p, q) with the target's true probabilities)."
+        },
+    )
+    eval_window_size: int = field(
+        default=5, metadata={"help": "Window size K of the teacher-forced acceptance (tau, alpha_j) at eval."}
+    )
+    medusa_num_heads: int = field(
+        default=4, metadata={"help": "Number of heads when a recipe builds a new Medusa drafter."}
+    )
+    label_chunk_size: int = field(
+        default=8192,
+        metadata={"help": "Vocabulary rows per chunk when the target's LM head computes the labels."},
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "Peak AdamW learning rate (SpecForge: 1e-4)."}
+    )
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (EAGLE-3: 0.95)."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping norm (EAGLE-3: 0.5)."})
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every N steps (a float < 1 is a fraction of the run)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: the collator needs the `loss_mask` (and `index`) columns."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.drafter_type not in DRAFTER_CLASSES:
+            raise ValueError(
+                f"drafter_type must be one of {sorted(DRAFTER_CLASSES)}, got {self.drafter_type!r}"
+            )
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("ttt_steps", "eval_window_size", "medusa_num_heads", "label_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.step_weight_decay <= 1:
+            raise ValueError(f"step_weight_decay must be in (0, 1], got {self.step_weight_decay}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns=True would drop the loss_mask column; set it to False")
+        super().__post_init__()
+        if self.activation_checkpointing:
+            raise ValueError("activation (gradient) checkpointing is not supported by the drafter unroll")
+
+
+def _check_dataset(dataset: Any, name: str) -> None:
+    datasets = dataset.values() if isinstance(dataset, dict) else [] if dataset is None else [dataset]
+    for data in datasets:
+        if not hasattr(data, "__len__"):  # an iterable dataset: checked batch by batch
+            continue
+        if len(data) == 0:
+            raise ValueError(f"{name} is empty: it needs regenerated sequences (input_ids + loss_mask)")
+        missing = {"input_ids", "loss_mask"} - set(getattr(data, "column_names", None) or data[0])
+        if missing:
+            raise ValueError(f"{name} lacks column(s) {sorted(missing)}; build it with ppow_trl.data")
+
+
+class DrafterSFTTrainer(Trainer):
+    """Trains a drafter to imitate a frozen target's next-token distribution (EAGLE-3 TTT / Medusa heads).
+
+    Args:
+        model: a drafter (`Eagle3Drafter` / `MedusaDrafter`, e.g. from `build_drafter`) or the path of a
+            saved one (continued SFT).
+        target: the frozen target. It is moved to `args.device` here, kept in eval mode without gradients,
+            and never prepared by accelerate nor seen by the optimizer.
+        train_dataset / eval_dataset: regenerated sequences with `input_ids` and `loss_mask` columns.
+        feature_provider: callable batch -> `TargetFeatures` (needs `last_hidden_state` and the drafter's
+            feature; its `logits` are not used, the labels come from `last_hidden_state` and the target's
+            LM head); default: online from the target at the drafter's aux layers.
+        data_collator: default `collate_sequences` padded with the tokenizer's pad id (or 0).
+        peft_config: a peft config to train LoRA adapters only; empty `target_modules` default to the
+            drafter's `LORA_TARGET_MODULES`.
+    """
+
+    _tag_names = ["trl", "ppow-trl", "drafter-sft"]
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str,
+        target: PreTrainedModel,
+        args: DrafterSFTConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        feature_provider: TargetFeatureProvider | None = None,
+        data_collator: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+    ):
+        args = args or DrafterSFTConfig(output_dir="drafter-sft")
+        if isinstance(model, str):
+            model = DRAFTER_CLASSES[args.drafter_type].from_pretrained(model)
+        drafter = unwrap_drafter(model)
+        if not isinstance(drafter, DRAFTER_CLASSES[args.drafter_type]):
+            raise ValueError(
+                f"args.drafter_type={args.drafter_type!r} but the model is a {type(drafter).__name__}"
+            )
+        drafter.check_target(target)
+        _check_dataset(train_dataset, "train_dataset")
+        _check_dataset(eval_dataset, "eval_dataset")
+        is_medusa = isinstance(drafter, MedusaDrafter)
+        self.num_steps = drafter.config.num_heads if is_medusa else args.ttt_steps
+        if is_medusa and args.eval_window_size > self.num_steps:
+            raise ValueError(
+                f"eval_window_size={args.eval_window_size} exceeds the Medusa drafter's "
+                f"{self.num_steps} heads"
+            )
+        # Every checkpoint this trainer writes is a supervised warm start (PPOW checks this flag).
+        drafter.config.warm_started = True
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_for_drafter(peft_config, drafter))
+
+        self.target = target.eval().requires_grad_(False)
+        if getattr(target, "hf_quantizer", None) is None:
+            self.target.to(args.device)
+        if feature_provider is None:
+            aux = drafter.config.aux_layer_ids or None
+            feature_provider = TargetFeatureProvider.online(self.target, aux, with_logits=False)
+        provider_aux = getattr(feature_provider, "aux_layer_ids", None)
+        if not is_medusa and provider_aux is not None and list(provider_aux) != drafter.config.aux_layer_ids:
+            raise ValueError(
+                f"feature_provider captures aux layers {list(provider_aux)}, the drafter reads "
+                f"{drafter.config.aux_layer_ids}"
+            )
+        self.feature_provider = feature_provider
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            data_collator = partial(collate_sequences, pad_token_id=pad if pad is not None else 0)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        # Per TTT step: [loss sum, supervised rows, correct top-1, rows with a target] since the last log.
+        self._stats = {mode: torch.zeros(4, self.num_steps, device=args.device) for mode in ("train", "eval")}
+        self._accepted: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------------------------------ loss
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """The drafter runs through its building blocks rather than `forward`, so accelerate's forward-level
+        autocast would not apply: enter accelerate's autocast around the whole loss instead."""
+        return self.accelerator.autocast()
+
+    @torch.no_grad()
+    def _target_batch(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, TargetLabels]:
+        """The drafter's input feature and the target labels of a batch (frozen target, no grad)."""
+        drafter = unwrap_drafter(self.model)
+        features = self.feature_provider(inputs)
+        labels = target_labels(
+            features.last_hidden_state,
+            self.target.get_output_embeddings(),
+            drafter.target_ids_of_draft_vocab(),
+            self.args.label_chunk_size,
+        )
+        device = self.args.device
+        labels = TargetLabels(*(t.to(device) for t in dataclasses.astuple(labels)))
+        return getattr(features, drafter.feature_name).to(device), labels
+
+    def _ttt_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], features: torch.Tensor, labels: TargetLabels
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step-weighted loss of the K-step unroll at every row, and (4, K) statistics for logging."""
+        drafter = unwrap_drafter(model)
+        input_ids = inputs["input_ids"]
+        valid, loss_mask = inputs["attention_mask"].bool(), inputs["loss_mask"].bool()
+        b, t = input_ids.shape
+        k = self.num_steps
+        anchors = torch.arange(t, device=input_ids.device).expand(b, t)
+        forced = window_targets(input_ids, anchors, k)[0][:, :, None]
+        logits = draft_windows(
+            model, features, input_ids, anchors, k, attention_mask=valid, tokens=forced, return_logits=True
+        ).logits[:, :, 0]  # (B, T, K, V_d): step j at row r predicts x_{r+2+j}
+        weights = step_weights(k, self.args.step_weight_decay, logits.device)
+        denominator = valid.sum().clamp(min=1)
+        loss = logits.new_zeros((), dtype=torch.float32)
+        stats = torch.zeros(4, k, device=logits.device)
+        for j in range(min(k, t - 1)):
+            n = t - 1 - j  # rows r whose label position r+1+j exists
+            step_logits = logits[:, :n, j]
+            supervised = loss_mask[:, j : j + n] & valid[:, 1 + j :]
+            mask = eagle3_position_mask(supervised, labels.argmax[:, 1 + j :], drafter.t2d)
+            rows = drafter_loss(
+                self.args.loss, step_logits, labels.logits[:, 1 + j :], labels.logsumexp[:, 1 + j :]
+            )
+            step_loss = torch.where(mask, rows, 0.0).sum()
+            loss = loss + weights[j] * step_loss / denominator
+            with torch.no_grad():
+                correct = drafter.draft_to_target(step_logits.argmax(-1)) == labels.argmax[:, 1 + j :]
+                counts = torch.stack([mask.sum(), (correct & supervised).sum(), supervised.sum()])
+                stats[:, j] = torch.cat([step_loss.detach()[None], counts.float()])
+        return loss, stats
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        loss, stats = self._ttt_loss(model, inputs, *self._target_batch(inputs))
+        self._stats["train"] += stats
+        return (loss, None) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        """Eval loss and per-step statistics, plus the accepted prefix k of a greedy window at every
+        assistant anchor (collected for `eval_tau` / `eval_alpha_j`). k is gathered per sequence so that
+        the samples a distributed sampler repeats to even out the last batch are dropped."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            features, labels = self._target_batch(inputs)
+            loss, stats = self._ttt_loss(model, inputs, features, labels)
+            accepted = teacher_forced_acceptance(
+                model,
+                features,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["loss_mask"],
+                self.args.eval_window_size,
+            )
+        self._stats["eval"] += stats
+        per_row = torch.full_like(inputs["input_ids"], -1)
+        per_row[evaluation_anchors(inputs["loss_mask"]) & inputs["attention_mask"].bool()] = accepted
+        per_row = self.accelerator.gather_for_metrics(
+            self.accelerator.pad_across_processes(per_row, dim=1, pad_index=-1)
+        )
+        self._accepted.append(per_row[per_row >= 0])
+        return loss.detach(), None, None
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._stats["eval"].zero_()
+        self._accepted = []
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        output.metrics.update(self._step_metrics("eval", f"{metric_key_prefix}_"))
+        output.metrics.update(self._acceptance_metrics(f"{metric_key_prefix}_"))
+        return output
+
+    def _acceptance_metrics(self, prefix: str) -> dict[str, float]:
+        accepted = torch.cat(self._accepted) if self._accepted else torch.zeros(0, dtype=torch.long)
+        self._accepted = []
+        if accepted.numel() == 0:
+            logger.warning("no assistant anchors in the eval set: tau and alpha are not computed")
+            return {}
+        alpha = per_position_acceptance(accepted, self.args.eval_window_size)
+        metrics = {f"{prefix}tau": simulated_tau(alpha), f"{prefix}windows": accepted.numel()}
+        metrics.update({f"{prefix}alpha_{j + 1}": float(a) for j, a in enumerate(alpha)})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _step_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
+        """Per-step mean loss (over supervised rows) and top-1 accuracy (target argmax, out-of-vocabulary
+        targets count as misses) since the last call, summed over processes; resets the counters."""
+        loss_sum, rows, correct, total = self.accelerator.reduce(self._stats[mode], "sum").tolist()
+        self._stats[mode].zero_()
+        metrics = {}
+        for j in range(self.num_steps):
+            if rows[j]:
+                metrics[f"{prefix}step{j}_loss"] = loss_sum[j] / rows[j]
+            if total[j]:
+                metrics[f"{prefix}step{j}_acc"] = correct[j] / total[j]
+        if total[0]:
+            metrics[f"{prefix}argmax_in_draft_vocab"] = rows[0] / total[0]
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # the periodic training log
+            logs = {**logs, **self._step_metrics("train")}
+        super().log(logs, start_time)

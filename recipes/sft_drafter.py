@@ -1,0 +1,70 @@
+"""Supervised warm start of a drafter (EAGLE-3 or Medusa) for a frozen target.
+
+    python recipes/sft_drafter.py --config recipes/configs/smollm2-135m/sft_eagle3.yaml
+    accelerate launch recipes/sft_drafter.py --config <yaml> --max_steps 500
+
+Every field of `DrafterModelArguments` (below), `ppow_trl.data.DataConfig` and
+`ppow_trl.trainers.DrafterSFTConfig` can be set in the YAML file or on the command line (the command line
+wins); unknown keys are an error. One `seed` serves training and (sampled) regeneration.
+Pass `--drafter_name_or_path <saved drafter>` to continue training a drafter (continued SFT).
+"""
+
+from __future__ import annotations
+
+from transformers import set_seed
+from trl import TrlParser
+
+from ppow_trl.build_drafter import build_drafter
+from ppow_trl.data import DataConfig, build_training_data, make_feature_provider
+from ppow_trl.modeling import DRAFTER_CLASSES
+from ppow_trl.script_args import DataArguments, DrafterModelArguments, lora_config, resume_arg
+from ppow_trl.target import load_target
+from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DrafterModelArguments, DataConfig, DrafterSFTConfig]:
+    """Parse the command line and an optional YAML `--config` file."""
+    parser = TrlParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
+    model_args, data_config, args = parser.parse_args_and_config(argv)
+    data_config.seed = args.seed
+    return model_args, data_config, args
+
+
+def main(
+    model_args: DrafterModelArguments, data_config: DataConfig, args: DrafterSFTConfig
+) -> DrafterSFTTrainer:
+    target, tokenizer = load_target(
+        model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
+    )
+    data = build_training_data(data_config, target, tokenizer)
+    set_seed(args.seed)
+    if model_args.drafter_name_or_path:
+        drafter = DRAFTER_CLASSES[args.drafter_type].from_pretrained(model_args.drafter_name_or_path)
+    elif args.drafter_type == "eagle3":
+        drafter = build_drafter("eagle3", target, data.draft_vocab, aux_layer_ids=model_args.aux_layer_ids)
+    else:
+        drafter = build_drafter("medusa", target, data.draft_vocab, num_heads=args.medusa_num_heads)
+    aux = drafter.config.aux_layer_ids if args.drafter_type == "eagle3" else None
+    provider = make_feature_provider(data_config, data, target, aux_layer_ids=aux, with_logits=False)
+    peft_config = lora_config(model_args)
+    trainer = DrafterSFTTrainer(
+        drafter,
+        target,
+        args,
+        train_dataset=data.train,
+        eval_dataset=data.eval if len(data.eval) else None,
+        feature_provider=provider,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
+    trainer.save_model()
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer
+
+
+if __name__ == "__main__":
+    main(*parse_args())
