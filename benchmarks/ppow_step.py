@@ -22,6 +22,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
 from sft_step import packed_sequences  # noqa: E402
 
 from ppow_trl.build_drafter import build_drafter  # noqa: E402
@@ -70,7 +71,7 @@ def main() -> None:
             per_device_train_batch_size=cli.sequences * cli.num_generations, anchors_per_sequence=cli.anchors,
             gamma="0.12", adaw_warmup_steps=0, use_cpu=True, disable_tqdm=True,
         ),
-        rows, tokenizer,
+        Dataset.from_list(rows), tokenizer,
     )  # fmt: skip
     batch = collate_sequences(rows, tokenizer.pad_token_id)
     group = [row for row in rows for _ in range(cli.num_generations)]

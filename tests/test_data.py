@@ -348,7 +348,7 @@ def test_build_training_data_report_split_and_vocab(varied_target, tiny_tokenize
 
 
 def test_sampled_regeneration_is_seeded(varied_target, tiny_tokenizer, tmp_path):
-    sampled = dict(do_sample=True, temperature=1.5, seed=7)
+    sampled = dict(do_sample=True, regen_temperature=1.5, seed=7)
     first = regenerate(varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "a", **sampled), False)
     again = regenerate(varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "b", **sampled), False)
     assert columns(first.dataset) == columns(again.dataset)

@@ -1,9 +1,11 @@
-"""Data pipeline: prompt sources, split, chat templating, target regeneration (cached), training features.
+"""Data pipeline: prompt sources, split, chat templating, target regeneration (cached), text corpora
+(cached token chunks trained on the target's soft labels), training features.
 
 Typical use::
 
     config = DataConfig(dataset_name="mt_bench", max_new_tokens=256)
     data = build_training_data(config, target, tokenizer)   # train/eval Datasets, draft vocab, report
+    # + corpus text in the train split: DataConfig(..., corpus_name="pydoc_topics", corpus_max_tokens=65536)
     provider = make_feature_provider(config, data, target)  # online or offline target features
     batch = collate_sequences([data.train[i] for i in range(8)], tokenizer.pad_token_id)
     features = provider(batch)
@@ -11,22 +13,28 @@ Typical use::
 
 from .build import RegeneratedData, build_training_data, make_feature_provider, sanity_check
 from .config import DataConfig
+from .corpus import Corpus, CorpusSource, build_corpus, check_corpus_allowed, open_corpus
 from .features import TargetFeatureProvider, collate_sequences
 from .regeneration import Regeneration, batched_generate, regenerate, strip_generation
 from .sources import PROMPT_SOURCES, PromptExample, load_prompts, split_prompts, write_split
 
 __all__ = [
     "PROMPT_SOURCES",
+    "Corpus",
+    "CorpusSource",
     "DataConfig",
     "PromptExample",
     "RegeneratedData",
     "Regeneration",
     "TargetFeatureProvider",
     "batched_generate",
+    "build_corpus",
     "build_training_data",
+    "check_corpus_allowed",
     "collate_sequences",
     "load_prompts",
     "make_feature_provider",
+    "open_corpus",
     "regenerate",
     "sanity_check",
     "split_prompts",

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
 from .config import DataConfig
+from .corpus import build_corpus, open_corpus
 from .features import TargetFeatureProvider, collate_sequences
 from .regeneration import Regeneration, regenerate
 from .sources import load_prompts, split_prompts, write_split
@@ -24,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RegeneratedData:
-    """Train/eval sequences (columns input_ids, loss_mask, prompt_id, num_turns, index, split), the draft
-    vocabulary built from the train split, the sanity report, and where all of it is stored."""
+    """Train/eval sequences (columns input_ids, loss_mask, prompt_id, num_turns, index, split; corpus rows
+    in train have prompt_id 'corpus/<n>' and num_turns 0), the draft vocabulary built from the train split,
+    the sanity report, and where all of it is stored."""
 
     train: Dataset
     eval: Dataset
@@ -74,15 +76,26 @@ def _vocab_size(target: PreTrainedModel) -> int:
 def build_training_data(
     config: DataConfig, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, progress: bool = True
 ) -> RegeneratedData:
-    """Prompts -> split -> regenerated sequences (cached) -> draft vocabulary + sanity report.
+    """Prompts -> split -> regenerated sequences (cached) [+ corpus sequences] -> draft vocabulary + report.
 
+    With `config.corpus_name` the train split also (or, with corpus_mix='corpus_only', only) holds corpus
+    sequences (`ppow_trl.data.corpus`); the eval split is regenerated sequences only. The draft vocabulary
+    counts the train split's supervised tokens, corpus tokens included: they are the drafter's training
+    distribution (the report's `eval_draft_vocab_coverage` shows how well it covers regenerated answers).
     Writes `split.json`, `report.json` and `draft_vocab-<N>.safetensors` in a folder per split setting
-    (`split-<eval_fraction>-seed<split_seed>`) inside the regenerated data's cache folder.
+    (`split-<eval_fraction>-seed<split_seed>[-corpus-<fingerprint>]`) inside the regenerated data's cache folder.
     """
+    corpus_source = (
+        open_corpus(config.corpus_name, config.corpus_config, config.corpus_split)
+        if config.corpus_name
+        else None
+    )
     examples = load_prompts(
         config.dataset_name, config.dataset_config, config.dataset_split, config.max_prompts, config.max_turns
     )
     train_examples, eval_examples = split_prompts(examples, config.eval_fraction, config.split_seed)
+    if config.corpus_mix == "corpus_only":  # the target answers only the eval prompts
+        examples, train_examples = eval_examples, []
     regen = regenerate(target, tokenizer, examples, config, progress=progress)
     eval_ids = {e.id for e in eval_examples}
     dataset = regen.dataset.add_column(
@@ -90,12 +103,17 @@ def build_training_data(
     )
     train = dataset.select([i for i, s in enumerate(dataset["split"]) if s == "train"])
     eval_ = dataset.select([i for i, s in enumerate(dataset["split"]) if s == "eval"])
+    build_dir = regen.directory / f"split-{config.eval_fraction}-seed{config.split_seed}"
+    corpus = None
+    if corpus_source is not None:
+        corpus = build_corpus(corpus_source, tokenizer, config, len(regen.dataset), progress)
+        train = concatenate_datasets([train, corpus.dataset.cast(train.features)])
+        build_dir = build_dir.with_name(f"{build_dir.name}-corpus-{corpus.fingerprint}")
     if len(train) == 0:
         raise ValueError("no training sequences left (every train prompt was dropped by the length policy)")
 
     vocab_size = _vocab_size(target)
     size = config.draft_vocab_size or vocab_size
-    build_dir = regen.directory / f"split-{config.eval_fraction}-seed{config.split_seed}"
     build_dir.mkdir(parents=True, exist_ok=True)
     write_split(
         build_dir / "split.json",
@@ -110,6 +128,7 @@ def build_training_data(
             "split_seed": config.split_seed,
             "max_prompts": config.max_prompts,
             "data_fingerprint": regen.fingerprint,
+            "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
         },
         dropped_ids=regen.stats["dropped_ids"],
     )
@@ -146,6 +165,8 @@ def build_training_data(
         "num_eval": len(eval_),
         "tokens": sum(lengths),
         "assistant_tokens": sum(sum(m) for m in dataset["loss_mask"]),
+        "train_positions": sum(sum(m) for m in train["loss_mask"]),
+        "corpus": None if corpus is None else {**corpus.stats, "dir": str(corpus.directory)},
         "dropped_prompts": regen.stats["dropped_prompts"],
         "dropped_turns": regen.stats["dropped_turns"],
         "truncated_prompts": regen.stats["truncated_prompts"],
@@ -158,13 +179,16 @@ def build_training_data(
     }
     (build_dir / "report.json").write_text(json.dumps(report, indent=1))
     logger.info(
-        "Data: %d sequences (%d train / %d eval), %d tokens, %d assistant tokens; argmax==next on %s of %d "
-        "assistant positions; draft vocab %d covers %.4f; dropped %d prompts (+%d turns), truncated %d",
+        "Data: %d regenerated sequences, %d tokens, %d assistant tokens; %d train sequences (%d positions, "
+        "corpus %s) / %d eval; argmax==next on %s of %d assistant positions; draft vocab %d covers %.4f; "
+        "dropped %d prompts (+%d turns), truncated %d",
         report["num_sequences"],
-        report["num_train"],
-        report["num_eval"],
         report["tokens"],
         report["assistant_tokens"],
+        report["num_train"],
+        report["train_positions"],
+        report["corpus"],
+        report["num_eval"],
         report["argmax_match_fraction"],
         report["checked_positions"],
         report["draft_vocab_size"],

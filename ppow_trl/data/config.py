@@ -1,4 +1,4 @@
-"""`DataConfig`: every setting of the data pipeline (prompt source, split, regeneration, caching)."""
+"""`DataConfig`: every setting of the data pipeline (prompt source, split, regeneration, corpus, caching)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ..target import cache_root
 
 PROMPT_TRUNCATIONS = ("drop", "left", "error")
 FEATURE_MODES = ("online", "offline")
+CORPUS_MIXES = ("append", "corpus_only")
 
 
 @dataclass
@@ -52,8 +53,12 @@ class DataConfig:
     )
     regen_batch_size: int = field(default=8, metadata={"help": "Prompts per batched `generate` call."})
     do_sample: bool = field(default=False, metadata={"help": "Sample the responses (default: greedy)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (only with do_sample)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (only with do_sample)."})
+    regen_temperature: float = field(
+        default=1.0, metadata={"help": "Regeneration sampling temperature (only with do_sample)."}
+    )
+    regen_top_p: float = field(
+        default=1.0, metadata={"help": "Regeneration nucleus sampling threshold (only with do_sample)."}
+    )
     seed: int = field(
         default=0, metadata={"help": "Seed for sampled regeneration (per shard, so resumable)."}
     )
@@ -61,9 +66,45 @@ class DataConfig:
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where regenerated data is cached (default: <PPOW_TRL_CACHE>/data)."}
     )
+    corpus_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text corpus for training without regeneration (None = off): 'pydoc_topics' (the "
+            "language reference in the standard library's pydoc_data), a local .jsonl file with a 'text' "
+            "column or a plain-text file, or a Hub dataset id with a 'text' column (streamed, needs "
+            "network). Cut into corpus_seq_len-token sequences supervised on every token with the target's "
+            "own distribution. HumanEval, MT-Bench, GSM8K and standard-library files are refused "
+            "(reserved evaluation text)."
+        },
+    )
+    corpus_config: str | None = field(
+        default=None, metadata={"help": "Hub configuration name of the corpus."}
+    )
+    corpus_split: str = field(default="train", metadata={"help": "Hub split of the corpus."})
+    corpus_max_tokens: int = field(
+        default=262144,
+        metadata={
+            "help": "Budget of corpus training positions: the corpus contributes exactly this many tokens "
+            "(fewer only when the source runs out)."
+        },
+    )
+    corpus_seq_len: int = field(
+        default=256, metadata={"help": "Tokens per corpus sequence (the last one may be shorter)."}
+    )
+    corpus_mix: str = field(
+        default="append",
+        metadata={
+            "help": "How corpus and regenerated sequences form the train split: 'append' = every regenerated "
+            "train sequence plus every corpus sequence; 'corpus_only' = the corpus sequences alone (only the "
+            "eval prompts are regenerated). The eval split is always regenerated sequences only."
+        },
+    )
     draft_vocab_size: int | None = field(
         default=8192,
-        metadata={"help": "Draft vocabulary size; 0 or None keeps the target's full vocabulary."},
+        metadata={
+            "help": "Draft vocabulary size; 0 or None keeps the target's full vocabulary. Built from the "
+            "train split's supervised tokens (regenerated answers and corpus text alike)."
+        },
     )
     feature_mode: str = field(
         default="online",
@@ -96,6 +137,19 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.corpus_mix not in CORPUS_MIXES:
+            raise ValueError(f"corpus_mix must be one of {CORPUS_MIXES}, got {self.corpus_mix!r}")
+        for name in ("corpus_max_tokens", "corpus_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.corpus_name is None and self.corpus_mix == "corpus_only":
+            raise ValueError("corpus_mix='corpus_only' needs a corpus_name")
+        if self.corpus_mix == "corpus_only" and self.eval_fraction == 0:
+            raise ValueError(
+                "corpus_mix='corpus_only' regenerates only eval prompts: eval_fraction must be > 0"
+            )
+        if self.corpus_name is not None and self.feature_mode == "offline":
+            raise ValueError("corpus data trains with online features only; set feature_mode='online'")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0 or None, got {self.draft_vocab_size}")
 

@@ -127,8 +127,8 @@ def regeneration_inputs(
         "generation": {
             "max_new_tokens": config.max_new_tokens,
             "do_sample": sampling,
-            "temperature": config.temperature if sampling else None,
-            "top_p": config.top_p if sampling else None,
+            "temperature": config.regen_temperature if sampling else None,
+            "top_p": config.regen_top_p if sampling else None,
             "seed": config.seed if sampling else None,
         },
         "lengths": {
@@ -284,7 +284,7 @@ def batched_generate(
 def make_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
     """The explicit generation settings (greedy unless `do_sample`), independent of the model's defaults."""
     sampling = (
-        {"temperature": config.temperature, "top_p": config.top_p, "top_k": None} if config.do_sample else {}
+        {"temperature": config.regen_temperature, "top_p": config.regen_top_p, "top_k": None} if config.do_sample else {}
     )
     return GenerationConfig(
         max_new_tokens=config.max_new_tokens,
@@ -329,17 +329,18 @@ def shard_path(directory: Path, index: int, count: int) -> Path:
     return directory / f"shard-{index:05d}-of-{count:05d}.safetensors"
 
 
-def _write_shard(path: Path, conversations: list[_Conversation], stats: dict[str, Any]) -> None:
-    """Write one shard atomically (temporary name, then rename)."""
-    lengths = [len(c.ids) for c in conversations]
+def _write_shard(path: Path, columns: dict[str, list], stats: dict[str, Any]) -> None:
+    """Write one shard atomically (temporary name, then rename); `columns` as `_read_shard` returns them
+    (input_ids, loss_mask, prompt_id, num_turns). Also the corpus cache's shard format."""
+    lengths = [len(ids) for ids in columns["input_ids"]]
     offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.long)
     tensors = {
-        "input_ids": torch.tensor([t for c in conversations for t in c.ids], dtype=torch.int64),
-        "loss_mask": torch.tensor([m for c in conversations for m in c.mask], dtype=torch.uint8),
+        "input_ids": torch.tensor([t for ids in columns["input_ids"] for t in ids], dtype=torch.int64),
+        "loss_mask": torch.tensor([m for mask in columns["loss_mask"] for m in mask], dtype=torch.uint8),
         "offsets": offsets,
-        "num_turns": torch.tensor([c.turns_done for c in conversations], dtype=torch.int64),
+        "num_turns": torch.tensor(columns["num_turns"], dtype=torch.int64),
     }
-    metadata = {"prompt_ids": json.dumps([c.example.id for c in conversations]), "stats": json.dumps(stats)}
+    metadata = {"prompt_ids": json.dumps(columns["prompt_id"]), "stats": json.dumps(stats)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -447,7 +448,13 @@ def regenerate(
                     conversations, stats = _generate_shard(
                         target, tokenizer, chunks[i], settings, config.regen_batch_size, on_batch
                     )
-                _write_shard(paths[i], conversations, stats)
+                columns = {
+                    "input_ids": [c.ids for c in conversations],
+                    "loss_mask": [c.mask for c in conversations],
+                    "prompt_id": [c.example.id for c in conversations],
+                    "num_turns": [c.turns_done for c in conversations],
+                }
+                _write_shard(paths[i], columns, stats)
     else:
         logger.info("Loading regenerated data from the cache %s", directory)
     return _load(directory, paths, fingerprint)
