@@ -195,21 +195,32 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
+    """Left: tau vs unique training positions at one epoch. Right: every point vs optimizer steps,
+    labelled with its unique positions."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in sorted({label(r) for r in rows}, key=lambda n: (RECIPES.index(n.split()[0]), n)):
-        points = sorted((r["positions"], r["tau"]) for r in rows if label(r) == name)
-        ax.plot(*zip(*points), marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training positions (supervised tokens)")
-    ax.set_ylabel("held-out teacher-forced tau, K=5")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for color, recipe in zip(("C0", "C3", "C2"), RECIPES):
+        mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["positions"])
+        one_epoch = [(r["positions"], r["tau"]) for r in mine if r["epochs"] == 1]
+        if one_epoch:
+            left.plot(*zip(*one_epoch), marker="o", color=color, label=recipe)
+        if mine:
+            right.scatter([r["steps"] for r in mine], [r["tau"] for r in mine], color=color, label=recipe)
+        for r in mine:
+            right.annotate(f"{r['positions'] / 1024:.1f}k", (r["steps"], r["tau"]), fontsize=7,
+                           xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    left.set_xscale("log", base=2)
+    left.set_xlabel("unique training positions, one epoch")
+    left.set_ylabel("held-out teacher-forced tau, K=5")
+    right.set_xlabel("optimizer steps (labels: unique positions)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

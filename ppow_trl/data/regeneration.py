@@ -284,7 +284,9 @@ def batched_generate(
 def make_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
     """The explicit generation settings (greedy unless `do_sample`), independent of the model's defaults."""
     sampling = (
-        {"temperature": config.regen_temperature, "top_p": config.regen_top_p, "top_k": None} if config.do_sample else {}
+        {"temperature": config.regen_temperature, "top_p": config.regen_top_p, "top_k": None}
+        if config.do_sample
+        else {}
     )
     return GenerationConfig(
         max_new_tokens=config.max_new_tokens,
