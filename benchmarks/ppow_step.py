@@ -23,12 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from sft_step import packed_sequences  # noqa: E402
+from sft_step import embedded_setup  # noqa: E402
 
-from ppow_trl.build_drafter import build_drafter  # noqa: E402
 from ppow_trl.data import collate_sequences  # noqa: E402
-from ppow_trl.draft_vocab import build_draft_vocab  # noqa: E402
-from ppow_trl.target import load_target  # noqa: E402
 from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer, PPOWConfig, PPOWTrainer  # noqa: E402
 
 
@@ -49,16 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     cli = parser.parse_args()
 
-    target, tokenizer = load_target("embedded")
-    rows = packed_sequences(tokenizer, cli.sequences, cli.seq_len)
-    vocab = build_draft_vocab(
-        draft_vocab_size=cli.draft_vocab_size,
-        vocab_size=target.config.vocab_size,
-        sequences=[r["input_ids"] for r in rows],
-        loss_masks=[r["loss_mask"] for r in rows],
-    )
-    torch.manual_seed(0)
-    drafter = build_drafter("eagle3", target, vocab)
+    target, tokenizer, rows, drafter = embedded_setup(cli.sequences, cli.seq_len, cli.draft_vocab_size)
     out = "/tmp/ppow_step_bench"
     sft = DrafterSFTTrainer(
         drafter, target, DrafterSFTConfig(output_dir=out, disable_tqdm=True), train_dataset=rows,

@@ -43,6 +43,21 @@ def packed_sequences(tokenizer, count: int, length: int) -> list[dict]:
     ]
 
 
+def embedded_setup(count: int, length: int, draft_vocab_size: int):
+    """The embedded target, `count` packed sequences and a fresh seeded EAGLE-3 drafter whose draft
+    vocabulary is built from them (shared by the step benchmarks)."""
+    target, tokenizer = load_target("embedded")
+    rows = packed_sequences(tokenizer, count, length)
+    vocab = build_draft_vocab(
+        draft_vocab_size=draft_vocab_size,
+        vocab_size=target.config.vocab_size,
+        sequences=[r["input_ids"] for r in rows],
+        loss_masks=[r["loss_mask"] for r in rows],
+    )
+    torch.manual_seed(0)
+    return target, tokenizer, rows, build_drafter("eagle3", target, vocab)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=4)
@@ -53,16 +68,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     cli = parser.parse_args()
 
-    target, tokenizer = load_target("embedded")
-    rows = packed_sequences(tokenizer, cli.batch_size, cli.seq_len)
-    vocab = build_draft_vocab(
-        draft_vocab_size=cli.draft_vocab_size,
-        vocab_size=target.config.vocab_size,
-        sequences=[r["input_ids"] for r in rows],
-        loss_masks=[r["loss_mask"] for r in rows],
-    )
-    torch.manual_seed(0)
-    drafter = build_drafter("eagle3", target, vocab)
+    target, tokenizer, rows, drafter = embedded_setup(cli.batch_size, cli.seq_len, cli.draft_vocab_size)
     args = DrafterSFTConfig(output_dir="/tmp/sft_step_bench", ttt_steps=cli.ttt_steps, disable_tqdm=True)
     trainer = DrafterSFTTrainer(drafter, target, args, train_dataset=rows, processing_class=tokenizer)
     model = trainer.model.train()
@@ -98,7 +104,7 @@ def main() -> None:
     tokens = cli.batch_size * cli.seq_len
     print(
         f"embedded target (SmolLM2-135M, fp32), EAGLE-3 drafter, K={cli.ttt_steps}, "
-        f"draft vocab {vocab.draft_vocab_size}, batch {cli.batch_size} x {cli.seq_len} tokens, "
+        f"draft vocab {drafter.config.draft_vocab_size}, batch {cli.batch_size} x {cli.seq_len} tokens, "
         f"torch threads {torch.get_num_threads()}, median of {cli.steps} steps after {cli.warmup} warm-up"
     )
     print(f"  {'phase':<16} {'wall ms':>8} {'share':>6}  {'cpu ms':>8} {'share':>6}")
