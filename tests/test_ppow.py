@@ -86,6 +86,51 @@ def test_policy_gradient_favours_the_rewarded_window(tiny_target, tiny_tokenizer
     assert float(after) > float(before)
 
 
+def test_greedy_acceptance_is_exact_on_data_off_the_target_greedy_path(tiny_target, tiny_tokenizer, tmp_path):
+    """On random text the next token is not the target's argmax, so k must come from the target along
+    the drafted path. A uniform drafter over a 2-token draft vocabulary (the target's most frequent
+    argmaxes) makes accepted windows common; every k is checked against a target forward per window."""
+    from datasets import Dataset
+
+    ids = torch.randint(3, tiny_target.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    data = Dataset.from_list(
+        [{"input_ids": r.tolist(), "loss_mask": [0] * 6 + [1] * 24, "index": i} for i, r in enumerate(ids)]
+    )
+    with torch.no_grad():
+        argmax = tiny_target(ids).logits.argmax(-1)
+    vocab = torch.sort(torch.bincount(argmax.flatten()).topk(2).indices).values
+    drafter = make_drafter("eagle3", tiny_target, draft_vocab_size=2)
+    t2d = torch.zeros(tiny_target.config.vocab_size, dtype=torch.bool)
+    t2d[vocab] = True
+    drafter.set_draft_vocab(vocab - torch.arange(2), t2d)
+    with torch.no_grad():
+        for head in drafter.output_heads():
+            head.weight.zero_()
+    trainer = make_trainer(
+        tiny_target,
+        tiny_tokenizer,
+        data,
+        tmp_path,
+        drafter=drafter,
+        reward_funcs=["cost_aware_speedup"],
+        anchors_per_sequence=8,
+    )
+    out = trainer._generate_and_score_completions([data[0]] * 4 + [data[1]] * 4)
+    tokens, anchors = out["window_tokens"], out["anchors"]
+    expected = torch.zeros(anchors.shape, dtype=torch.long)
+    with torch.no_grad():
+        for b, a in torch.cartesian_prod(
+            torch.arange(anchors.shape[0]), torch.arange(anchors.shape[1])
+        ).tolist():
+            path = torch.cat([out["input_ids"][b, : anchors[b, a] + 2], tokens[b, a]])
+            predicted = tiny_target(path[None]).logits[0, anchors[b, a] + 1 : -1].argmax(-1)
+            expected[b, a] = (predicted == tokens[b, a]).long().cumprod(0).sum()
+    assert float(trainer._metrics["train"]["accepted_length/mean"][-1]) == pytest.approx(
+        expected.float().mean().item()
+    )
+    assert int(expected.sum()) > 0  # accepted tokens occurred, so the check has teeth
+
+
 def test_train_logs_checkpoints_and_resumes(tiny_target, tiny_tokenizer, dataset, tmp_path):
     trainer = make_trainer(
         tiny_target, tiny_tokenizer, dataset, tmp_path, max_steps=4, save_strategy="steps", save_steps=2,

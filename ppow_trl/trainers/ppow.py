@@ -312,15 +312,22 @@ class PPOWTrainer(GRPOTrainer):
             on_reference.view(*ref_positions.shape, -1).float(), -1
         )  # (B, A, K, V)
 
+        # Greedy acceptance is free when the sequence is the target's greedy path over the window (regenerated
+        # greedy data); otherwise (corpus text, sampled answers) it needs the target along the drafted path.
+        free_greedy = args.acceptance_mode == "greedy" and bool(
+            (target_on_reference.argmax(-1) == reference)[has_anchor].all()
+        )
         path_logits = None
-        if self._needs_target_path:  # one packed target forward per distinct sequence, all copies' windows
+        if self._needs_target_path or not free_greedy:  # one packed forward per distinct sequence, all windows
             per_sequence = window_logits(
                 self.target, ids, attn, seq_anchors.repeat_interleave(copies, dim=1),
                 windows.tokens.flatten(1, 2),
             )  # fmt: skip
             path_logits = per_sequence.view(*windows.tokens.shape[:3], k_len + 1, -1)[rows, :, copy]
-        if args.acceptance_mode == "greedy":
+        if free_greedy:
             accepted = accepted_prefix_length(tokens, reference)
+        elif args.acceptance_mode == "greedy":
+            accepted = accepted_prefix_length(tokens, path_logits[:, :, :k_len].argmax(-1))
         else:
             draft_probs = torch.softmax(windows.logits[rows, :, copy].float() / self.temperature, -1)
             q = scatter_draft_probs(draft_probs, drafter.d2t, drafter.config.vocab_size)
@@ -337,6 +344,8 @@ class PPOWTrainer(GRPOTrainer):
             drafted_lp = path_log.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
             greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
             delta = greedy_lp - drafted_lp
+            # The distribution proximity_eps is compared with: first-token misses only.
+            self._record_stats(mode, "proximity_delta_at_k0", delta[has_anchor[:, None] & (accepted == 0)])
 
         rewards = self._window_rewards(indices[rows], anchors, tokens, accepted, delta, has_anchor)
         advantages, group_std = self._group_advantages(rewards, has_anchor)
@@ -345,7 +354,9 @@ class PPOWTrainer(GRPOTrainer):
         loss_mask = has_anchor[:, None, None].expand(-1, anchors.shape[1], k_len)
         if args.loss_positions == "through_first_rejection":
             loss_mask = loss_mask & (positions <= accepted[..., None])
-        target_logprobs = torch.log_softmax(target_on_reference[..., vocab_rows], -1)
+        # KL target on the drafted path (equal to the reference path up to the first rejection on greedy data).
+        on_path = target_on_reference if path_logits is None else path_logits[:, :, :k_len]
+        target_logprobs = torch.log_softmax(on_path[..., vocab_rows].float(), -1)
 
         k_valid = accepted[has_anchor]
         self._record(mode, "accepted_length/mean", k_valid.float().mean())
@@ -460,10 +471,16 @@ class PPOWTrainer(GRPOTrainer):
         )
 
     def _record_stats(self, mode: str, name: str, values: torch.Tensor) -> None:
-        values = self.accelerator.gather_for_metrics(values.detach().float().reshape(-1))
-        if values.numel():
-            self._metrics[mode][f"{name}/mean"].append(values.mean().item())
-            self._metrics[mode][f"{name}/std"].append(values.std().item() if values.numel() > 1 else 0.0)
+        """Mean and std over all processes; gathers (count, sum, sum of squares), as counts may differ."""
+        values = values.detach().double().reshape(-1)
+        moments = torch.stack([torch.tensor(float(values.numel()), dtype=torch.double), values.sum().cpu(),
+                               values.square().sum().cpu()]).to(values.device)  # fmt: skip
+        count, total, squares = self.accelerator.gather(moments).view(-1, 3).sum(0).tolist()
+        if count:
+            mean = total / count
+            var = max(squares - count * mean * mean, 0.0) / max(count - 1, 1)
+            self._metrics[mode][f"{name}/mean"].append(mean)
+            self._metrics[mode][f"{name}/std"].append(math.sqrt(var))
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
