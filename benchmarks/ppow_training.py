@@ -47,7 +47,13 @@ def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir
         if "eval_tau" in entry:
             curve[str(entry["step"])] = entry["eval_tau"]
     train_logs = [e for e in history if "loss" in e]
-    return {"kind": kind, "overrides": overrides, "curve": curve, "wall_s": round(wall, 1), "train_log": train_logs}
+    return {
+        "kind": kind,
+        "overrides": overrides,
+        "curve": curve,
+        "wall_s": round(wall, 1),
+        "train_log": train_logs,
+    }
 
 
 def main() -> None:
@@ -79,7 +85,9 @@ def main() -> None:
     warm = next((r["curve"]["0"] for r in results.values() if r["curve"].get("0") is not None), None)
     steps = sorted({int(s) for r in results.values() for s in r["curve"] if s != "0"})
     print(f"warm start {cli.warm_start}: held-out tau {warm}")
-    print("| run | kind | overrides | " + " | ".join(f"tau @{s}" for s in steps) + " | vs warm start | wall s |")
+    print(
+        "| run | kind | overrides | " + " | ".join(f"tau @{s}" for s in steps) + " | vs warm start | wall s |"
+    )
     print("|---|---|---|" + "---|" * len(steps) + "---|---|")
     for name, r in results.items():
         taus = [r["curve"].get(str(s)) for s in steps]

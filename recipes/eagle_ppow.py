@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
     )
     data = build_training_data(data_config, target, tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")  # results name their split
+    # Results name the split they were measured on.
+    shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")
     drafter = AutoModel.from_pretrained(model_args.drafter_name_or_path)
     aux = drafter.config.aux_layer_ids or None
     trainer = PPOWTrainer(

@@ -318,7 +318,8 @@ class PPOWTrainer(GRPOTrainer):
             (target_on_reference.argmax(-1) == reference)[has_anchor].all()
         )
         path_logits = None
-        if self._needs_target_path or not free_greedy:  # one packed forward per distinct sequence, all windows
+        if self._needs_target_path or not free_greedy:
+            # One packed target forward per distinct sequence scores the windows of all its copies.
             per_sequence = window_logits(
                 self.target, ids, attn, seq_anchors.repeat_interleave(copies, dim=1),
                 windows.tokens.flatten(1, 2),
