@@ -74,7 +74,9 @@ class PPOWConfig(GRPOConfig):
     proximity_eps: float = field(
         default=2.0,
         metadata={
-            "help": "Proximity threshold in nats on Delta = logP(target greedy window) - logP(drafted window)."
+            "help": "Proximity threshold in nats on Delta = logP(target greedy window) - logP(drafted window), "
+            "summed over the K tokens. Calibrate it with the logged proximity_delta_at_k0/mean and /std: for the "
+            "embedded demo's drafter Delta was 38-47 +- 11 nats at K=5, so 2.0 never fires there."
         },
     )
     use_adaw: bool = field(
@@ -114,7 +116,14 @@ class PPOWConfig(GRPOConfig):
     learning_rate: float = field(
         default=5e-5, metadata={"help": "AdamW learning rate (GRPO's 1e-6 barely moves heads)."}
     )
-    temperature: float = field(default=1.0, metadata={"help": "Drafter sampling temperature for rollouts."})
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Drafter sampling temperature for rollouts (the paper: 1). With greedy acceptance a lower "
+            "value (e.g. 0.5) makes the G windows compete among the drafter's top candidates, the choice greedy "
+            "decoding makes; see benchmarks/RESULTS_ppow_training.md."
+        },
+    )
     num_generations: int | None = field(default=8, metadata={"help": "G, windows sampled per anchor (>= 2)."})
     beta: float = field(
         default=0.0,
@@ -314,9 +323,8 @@ class PPOWTrainer(GRPOTrainer):
 
         # Greedy acceptance is free when the sequence is the target's greedy path over the window (regenerated
         # greedy data); otherwise (corpus text, sampled answers) it needs the target along the drafted path.
-        free_greedy = args.acceptance_mode == "greedy" and bool(
-            (target_on_reference.argmax(-1) == reference)[has_anchor].all()
-        )
+        on_greedy_path = (target_on_reference.argmax(-1) == reference).all(-1)  # (B, A)
+        free_greedy = args.acceptance_mode == "greedy" and bool(on_greedy_path[has_anchor].all())
         path_logits = None
         if self._needs_target_path or not free_greedy:
             # One packed target forward per distinct sequence scores the windows of all its copies.
@@ -344,9 +352,12 @@ class PPOWTrainer(GRPOTrainer):
             path_log = torch.log_softmax(path_logits[:, :, :k_len], -1)
             drafted_lp = path_log.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
             greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
-            delta = greedy_lp - drafted_lp
+            # Delta needs the target's greedy window y: the reference is y only where it is the target's greedy
+            # path; other windows (corpus text, sampled answers) get no proximity reward (Delta = inf).
+            delta = (greedy_lp - drafted_lp).masked_fill(~on_greedy_path, math.inf)
             # The distribution proximity_eps is compared with: first-token misses only.
-            self._record_stats(mode, "proximity_delta_at_k0", delta[has_anchor[:, None] & (accepted == 0)])
+            near = has_anchor[:, None] & (accepted == 0) & on_greedy_path
+            self._record_stats(mode, "proximity_delta_at_k0", delta[near])
 
         rewards = self._window_rewards(indices[rows], anchors, tokens, accepted, delta, has_anchor)
         advantages, group_std = self._group_advantages(rewards, has_anchor)
