@@ -324,7 +324,11 @@ class PPOWTrainer(GRPOTrainer):
         # Greedy acceptance is free when the sequence is the target's greedy path over the window (regenerated
         # greedy data); otherwise (corpus text, sampled answers) it needs the target along the drafted path.
         on_greedy_path = (target_on_reference.argmax(-1) == reference).all(-1)  # (B, A)
-        free_greedy = args.acceptance_mode == "greedy" and bool(on_greedy_path[has_anchor].all())
+        local_free = torch.tensor(
+            [args.acceptance_mode == "greedy" and bool(on_greedy_path[has_anchor].all())]
+        )
+        # Agreed across processes: every process must take the same branch (the stats below are collective).
+        free_greedy = bool(self.accelerator.gather(local_free.to(device)).all())
         path_logits = None
         if self._needs_target_path or not free_greedy:
             # One packed target forward per distinct sequence scores the windows of all its copies.
