@@ -580,7 +580,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "nan" if value != value else f"{value:.{digits}f}"
+        return (
+            "-" if value != value else f"{value:.{digits}f}"
+        )  # NaN: nothing to measure (no window got there)
     return str(value)
 
 
@@ -595,7 +597,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"hardware: {_hardware_line(report['hardware'])}.",
         "",
         "tau = generated tokens / verification forwards (bonus token counted, prefill excluded); "
-        "speedup = tokens/s vs plain `generate` in the same process.",
+        "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j.",
         "",
         f"| prompt set | T | method | gens | tokens | tau | mean k | {alpha_cols} | tok/s | speedup | greedy match |",
         "|" + "---|" * (10 + k),
