@@ -62,3 +62,18 @@ def lora_config(model_args: DrafterModelArguments):
 def resume_arg(value: str | None) -> str | bool | None:
     """`--resume_from_checkpoint true` means the latest checkpoint in output_dir."""
     return True if isinstance(value, str) and value.lower() in ("true", "last", "latest") else value
+
+
+def evaluate_and_save(trainer, prefix: str = "eval") -> None:
+    """Held-out metrics, printed and written to `<output_dir>/<prefix>_results.json` (skipped without eval data)."""
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate(metric_key_prefix=prefix)
+        trainer.log_metrics(prefix, metrics)
+        trainer.save_metrics(prefix, metrics)
+
+
+def train_save_evaluate(trainer, resume_from_checkpoint: str | None) -> None:
+    """Train (resuming when asked), save the drafter to output_dir, then evaluate it on held-out data."""
+    trainer.train(resume_from_checkpoint=resume_arg(resume_from_checkpoint))
+    trainer.save_model()
+    evaluate_and_save(trainer)

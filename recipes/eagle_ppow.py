@@ -19,7 +19,13 @@ from transformers import AutoModel
 from trl import TrlParser
 
 from ppow_trl.data import build_training_data, make_feature_provider
-from ppow_trl.script_args import DataArguments, DrafterModelArguments, lora_config, resume_arg
+from ppow_trl.script_args import (
+    DataArguments,
+    DrafterModelArguments,
+    evaluate_and_save,
+    lora_config,
+    train_save_evaluate,
+)
 from ppow_trl.target import load_target
 from ppow_trl.trainers import PPOWConfig, PPOWTrainer
 
@@ -55,16 +61,8 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
         ),
     )
     print(f"gamma (drafter step / target verification) = {trainer.gamma:.4f}")
-    if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate(metric_key_prefix="warm_start")
-        trainer.log_metrics("warm_start", metrics)
-        trainer.save_metrics("warm_start", metrics)
-    trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
-    trainer.save_model()
-    if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    evaluate_and_save(trainer, "warm_start")
+    train_save_evaluate(trainer, args.resume_from_checkpoint)
     return trainer
 
 

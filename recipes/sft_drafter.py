@@ -17,7 +17,7 @@ from trl import TrlParser
 from ppow_trl.build_drafter import build_drafter
 from ppow_trl.data import DataConfig, build_training_data, make_feature_provider
 from ppow_trl.modeling import DRAFTER_CLASSES
-from ppow_trl.script_args import DataArguments, DrafterModelArguments, lora_config, resume_arg
+from ppow_trl.script_args import DataArguments, DrafterModelArguments, lora_config, train_save_evaluate
 from ppow_trl.target import load_target
 from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer
 
@@ -57,12 +57,7 @@ def main(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=resume_arg(args.resume_from_checkpoint))
-    trainer.save_model()
-    if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    train_save_evaluate(trainer, args.resume_from_checkpoint)
     return trainer
 
 

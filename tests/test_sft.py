@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
+from transformers import AutoModel
 
 from ppow_trl.build_drafter import build_drafter
 from ppow_trl.data import DataConfig, TargetFeatureProvider, build_training_data, collate_sequences
@@ -333,7 +334,7 @@ def test_recipe_yaml_parses_and_unknown_keys_fail(tmp_path):
         recipe.parse_args(["--config", str(bad)])
 
 
-def test_recipe_runs_on_a_local_target(tmp_path, tiny_target_dir):
+def test_recipes_run_on_a_local_target(tmp_path, tiny_target_dir):
     recipe = load_recipe()
     prompts = write_prompts(tmp_path / "prompts.jsonl", 12)
     model_args, data_config, args = recipe.parse_args(
@@ -356,6 +357,30 @@ def test_recipe_runs_on_a_local_target(tmp_path, tiny_target_dir):
     assert trainer.state.global_step == 2
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert "eval_tau" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
+
+    # PPOW from that warm start with the same data settings (cached data reused), interrupted and resumed.
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import eagle_ppow
+    finally:
+        sys.path.pop(0)
+    ppow_args = [
+        "--target_name_or_path", tiny_target_dir, "--drafter_name_or_path", str(tmp_path / "out"),
+        "--dataset_name", str(prompts), "--cache_dir", str(tmp_path / "cache"), "--max_new_tokens", "8",
+        "--draft_vocab_size", "32", "--eval_fraction", "0.25", "--output_dir", str(tmp_path / "ppow"),
+        "--window_size", "2", "--num_generations", "2", "--anchors_per_sequence", "2", "--gamma", "0.1",
+        "--per_device_train_batch_size", "4", "--save_steps", "1", "--disable_tqdm", "true",
+        "--dataloader_pin_memory", "false", "--use_cpu", "true",
+    ]  # fmt: skip
+    assert eagle_ppow.main([*ppow_args, "--max_steps", "1"]).state.global_step == 1
+    resumed = eagle_ppow.main([*ppow_args, "--max_steps", "2", "--resume_from_checkpoint", "true"])
+    saved = json.loads((tmp_path / "ppow" / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
+    # Step 1 was restored from the checkpoint, not re-run (a re-run would log other timings).
+    assert resumed.state.global_step == 2 and resumed.state.log_history[0] == saved[0]
+    out = tmp_path / "ppow"
+    for name in ("split.json", "warm_start_results.json", "eval_results.json", "model.safetensors"):
+        assert (out / name).is_file(), name
+    assert type(AutoModel.from_pretrained(out)).__name__ == "Eagle3Drafter"
 
 
 # ----------------------------------------------------------------------------------------------- integration

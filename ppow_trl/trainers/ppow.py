@@ -136,9 +136,6 @@ class PPOWConfig(GRPOConfig):
     )
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (use on GPUs)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
-    report_to: str | list[str] = field(
-        default="none", metadata={"help": "Trackers (tensorboard, wandb, ...)."}
-    )
     save_only_model: bool = field(
         default=False, metadata={"help": "Checkpoints keep optimizer state for resume."}
     )
