@@ -580,9 +580,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return (
-            "-" if value != value else f"{value:.{digits}f}"
-        )  # NaN: nothing to measure (no window got there)
+        # NaN: nothing to measure (no window reached that position).
+        return "-" if value != value else f"{value:.{digits}f}"
     return str(value)
 
 
