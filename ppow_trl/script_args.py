@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers import Trainer
+
 from ppow_trl.data import DataConfig
 
 
@@ -64,7 +66,7 @@ def resume_arg(value: str | None) -> str | bool | None:
     return True if isinstance(value, str) and value.lower() in ("true", "last", "latest") else value
 
 
-def evaluate_and_save(trainer, prefix: str = "eval") -> None:
+def evaluate_and_save(trainer: Trainer, prefix: str = "eval") -> None:
     """Held-out metrics, printed and written to `<output_dir>/<prefix>_results.json` (skipped without eval data)."""
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate(metric_key_prefix=prefix)
@@ -72,7 +74,7 @@ def evaluate_and_save(trainer, prefix: str = "eval") -> None:
         trainer.save_metrics(prefix, metrics)
 
 
-def train_save_evaluate(trainer, resume_from_checkpoint: str | None) -> None:
+def train_save_evaluate(trainer: Trainer, resume_from_checkpoint: str | None) -> None:
     """Train (resuming when asked), save the drafter to output_dir, then evaluate it on held-out data."""
     trainer.train(resume_from_checkpoint=resume_arg(resume_from_checkpoint))
     trainer.save_model()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -313,13 +314,12 @@ def test_build_drafter_starts_from_the_target(sft_target, sft_data):
 
 
 # ----------------------------------------------------------------------------------------------- recipe
-def load_recipe():
+def load_recipe(name: str = "sft_drafter"):
     sys.path.insert(0, str(ROOT / "recipes"))
     try:
-        import sft_drafter
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return sft_drafter
 
 
 def test_recipe_yaml_parses_and_unknown_keys_fail(tmp_path):
@@ -359,11 +359,7 @@ def test_recipes_run_on_a_local_target(tmp_path, tiny_target_dir):
     assert "eval_tau" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
     # PPOW from that warm start with the same data settings (cached data reused), interrupted and resumed.
-    sys.path.insert(0, str(ROOT / "recipes"))
-    try:
-        import eagle_ppow
-    finally:
-        sys.path.pop(0)
+    eagle_ppow = load_recipe("eagle_ppow")
     ppow_args = [
         "--target_name_or_path", tiny_target_dir, "--drafter_name_or_path", str(tmp_path / "out"),
         "--dataset_name", str(prompts), "--cache_dir", str(tmp_path / "cache"), "--max_new_tokens", "8",

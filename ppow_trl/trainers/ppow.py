@@ -486,8 +486,7 @@ class PPOWTrainer(GRPOTrainer):
     def _record_stats(self, mode: str, name: str, values: torch.Tensor) -> None:
         """Mean and std over all processes; gathers (count, sum, sum of squares), as counts may differ."""
         values = values.detach().double().reshape(-1)
-        moments = torch.stack([torch.tensor(float(values.numel()), dtype=torch.double), values.sum().cpu(),
-                               values.square().sum().cpu()]).to(values.device)  # fmt: skip
+        moments = torch.stack([values.new_tensor(values.numel()), values.sum(), values.square().sum()])
         count, total, squares = self.accelerator.gather(moments).view(-1, 3).sum(0).tolist()
         if count:
             mean = total / count
