@@ -7,8 +7,10 @@ Every `--run "<kind> <name>: <overrides>"` trains the warm-start drafter for `--
 with a recipe: `ppow` = recipes/eagle_ppow.py with `--ppow-config`, `cst` = continued supervised
 training with recipes/sft_drafter.py and `--sft-config` (the paper's control: same checkpoint, same
 number of steps). The overrides are recipe command-line arguments. Held-out teacher-forced tau (greedy,
-chain drafting, the configs' K) is read from each run's Trainer log every `--eval-every` steps. Results
-go into `--json` as runs finish (a rerun skips runs already there) and a table is printed.
+chain drafting, the configs' K) is read from each run's Trainer log every `--eval-every` steps. At the
+end of a run the final drafter and the warm start are scored on the same held-out windows: the paired
+difference and its standard error (clustered by sequence) say whether a change is larger than the noise.
+Results go into `--json` as runs finish (a rerun skips runs already there) and a table is printed.
 """
 
 from __future__ import annotations
@@ -27,9 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 import eagle_ppow  # noqa: E402
 import sft_drafter  # noqa: E402
+from transformers import AutoModel  # noqa: E402
+
+from ppow_trl.acceptance import dataset_acceptance, paired_tau_difference  # noqa: E402
+from ppow_trl.modeling.common import unwrap_drafter  # noqa: E402
 
 
-def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir: Path) -> dict:
+def held_out_k(drafter, trainer, window_size: int):
+    """k of every held-out window for `drafter`, scored with the trainer's eval data and target."""
+    pad = trainer.processing_class.pad_token_id
+    return dataset_acceptance(drafter, trainer.feature_provider, trainer.eval_dataset, window_size, pad, 4)
+
+
+def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir: Path, warm_k: dict) -> dict:
     common = [
         "--drafter_name_or_path", cli.warm_start, "--max_steps", str(cli.steps), "--eval_steps",
         str(cli.eval_every), "--save_strategy", "no", "--output_dir", str(output_dir), "--seed", str(cli.seed),
@@ -47,10 +59,18 @@ def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir
         if "eval_tau" in entry:
             curve[str(entry["step"])] = entry["eval_tau"]
     train_logs = [e for e in history if "loss" in e]
+    window = trainer.args.eval_window_size or trainer.args.window_size
+    if window not in warm_k:  # the warm start's windows, scored once per invocation
+        warm_k[window] = held_out_k(AutoModel.from_pretrained(cli.warm_start), trainer, window)
+    k_old, rows = warm_k[window]
+    k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, window)
+    delta, se = paired_tau_difference(k_new, k_old, rows)
     return {
         "kind": kind,
         "overrides": overrides,
         "curve": curve,
+        "paired_delta": delta,
+        "paired_se": se,
         "wall_s": round(wall, 1),
         "train_log": train_logs,
     }
@@ -71,6 +91,7 @@ def main() -> None:
 
     path = Path(cli.json)
     results = json.loads(path.read_text()) if path.exists() else {}
+    warm_k = {}
     for spec in cli.run:
         head, _, tail = spec.partition(":")
         kind, name = head.split()[0], "_".join(head.split())
@@ -78,7 +99,7 @@ def main() -> None:
             raise ValueError(f"run kind must be 'ppow' or 'cst', got {kind!r} in {spec!r}")
         if name in results:
             continue
-        results[name] = run_one(kind, shlex.split(tail), cli, Path(cli.out) / name)
+        results[name] = run_one(kind, shlex.split(tail), cli, Path(cli.out) / name, warm_k)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
 
@@ -86,7 +107,9 @@ def main() -> None:
     steps = sorted({int(s) for r in results.values() for s in r["curve"] if s != "0"})
     print(f"warm start {cli.warm_start}: held-out tau {warm}")
     print(
-        "| run | kind | overrides | " + " | ".join(f"tau @{s}" for s in steps) + " | vs warm start | wall s |"
+        "| run | kind | overrides | "
+        + " | ".join(f"tau @{s}" for s in steps)
+        + " | vs warm start (paired, +- SE) | wall s |"
     )
     print("|---|---|---|" + "---|" * len(steps) + "---|---|")
     for name, r in results.items():
@@ -94,6 +117,8 @@ def main() -> None:
         cells = " | ".join("-" if t is None else f"{t:.3f}" for t in taus)
         final = next((t for t in reversed(taus) if t is not None), None)
         gain = "-" if final is None or warm is None else f"{final - warm:+.3f}"
+        if "paired_delta" in r:
+            gain = f"{r['paired_delta']:+.3f} +- {r['paired_se']:.3f}"
         print(f"| {name} | {r['kind']} | `{' '.join(r['overrides'])}` | {cells} | {gain} | {r['wall_s']} |")
 
 

@@ -9,6 +9,8 @@ greedy reward and the data-scaling benchmark all measure.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedModel
 
@@ -54,6 +56,41 @@ def teacher_forced_acceptance(
 
 
 @torch.no_grad()
+def dataset_acceptance(
+    drafter: PreTrainedModel,
+    feature_provider,
+    dataset,
+    window_size: int,
+    pad_token_id: int,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced greedy k of a window at every assistant anchor of a dataset of target-generated
+    sequences (chain drafting, temperature 0): returns k (N,) and the dataset row of each window (N,).
+    `feature_provider` is a `ppow_trl.data.TargetFeatureProvider` (or any callable batch -> TargetFeatures).
+    """
+    from ppow_trl.data import collate_sequences
+
+    was_training = drafter.training
+    drafter.eval()
+    accepted, rows_of = [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = collate_sequences(rows, pad_token_id)
+        if device is not None:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        features = getattr(feature_provider(batch), drafter.feature_name)
+        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        accepted.append(teacher_forced_acceptance(drafter, features, ids, attn, lmask, window_size).cpu())
+        per_row = (evaluation_anchors(lmask) & attn.bool()).sum(1).cpu()
+        rows_of.append(torch.arange(start, start + len(rows)).repeat_interleave(per_row))
+    drafter.train(was_training)
+    k = torch.cat(accepted)
+    if k.numel() == 0:
+        raise ValueError("no assistant positions to evaluate acceptance on (empty eval dataset?)")
+    return k, torch.cat(rows_of)
+
+
 def acceptance_metrics(
     drafter: PreTrainedModel,
     feature_provider,
@@ -63,39 +100,35 @@ def acceptance_metrics(
     batch_size: int = 8,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """Held-out teacher-forced greedy acceptance of a drafter on a dataset of target-generated sequences.
-
-    Returns `tau` (mean k+1 over all assistant anchors, chain drafting, temperature 0, counting the
-    target's extra token), `mean_accepted` and `alpha_1..alpha_K` (per-position acceptance).
-    `feature_provider` is a `ppow_trl.data.TargetFeatureProvider` (or any callable batch -> TargetFeatures).
-    """
-    from ppow_trl.data import collate_sequences
+    """Held-out teacher-forced greedy acceptance of a drafter (`dataset_acceptance`): `tau` (mean k+1 over
+    all assistant anchors, counting the target's extra token), `mean_accepted` and `alpha_1..alpha_K`
+    (per-position acceptance)."""
     from ppow_trl.verify import acceptance_length, per_position_acceptance
 
-    was_training = drafter.training
-    drafter.eval()
-    accepted = []
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate_sequences(rows, pad_token_id)
-        if device is not None:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        features = getattr(feature_provider(batch), drafter.feature_name)
-        accepted.append(
-            teacher_forced_acceptance(
-                drafter,
-                features,
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["loss_mask"],
-                window_size,
-            ).cpu()
-        )
-    drafter.train(was_training)
-    k = torch.cat(accepted)
-    if k.numel() == 0:
-        raise ValueError("no assistant positions to evaluate acceptance on (empty eval dataset?)")
+    k, _ = dataset_acceptance(
+        drafter, feature_provider, dataset, window_size, pad_token_id, batch_size, device
+    )
     alpha = per_position_acceptance(k, window_size)
     metrics = {"tau": acceptance_length(k), "mean_accepted": float(k.float().mean())}
     metrics.update({f"alpha_{j + 1}": float(a) for j, a in enumerate(alpha)})
     return metrics
+
+
+def paired_tau_difference(
+    k_new: torch.Tensor, k_old: torch.Tensor, rows: torch.Tensor
+) -> tuple[float, float]:
+    """tau(new) - tau(old) over the same windows, and its standard error clustered by sequence.
+
+    Both drafters are scored on identical windows, so the difference is far less noisy than either tau;
+    windows of one sequence are correlated, so the error treats sequences, not windows, as the samples
+    (the standard error of a ratio estimator over clusters).
+    """
+    if not k_new.shape == k_old.shape == rows.shape:
+        raise ValueError("paired comparison needs k of both drafters on the same windows")
+    diff = (k_new - k_old).double()
+    delta = float(diff.mean())
+    _, cluster = torch.unique(rows, return_inverse=True)
+    n = int(cluster.max()) + 1
+    residual = torch.zeros(n, dtype=torch.float64).index_add_(0, cluster, diff - delta)
+    se = math.sqrt(n / max(n - 1, 1) * float(residual.square().sum())) / diff.numel()
+    return delta, se

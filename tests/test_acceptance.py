@@ -1,6 +1,13 @@
+import pytest
 import torch
 
-from ppow_trl.acceptance import accepted_prefix_length, evaluation_anchors, teacher_forced_acceptance
+from ppow_trl.acceptance import (
+    accepted_prefix_length,
+    dataset_acceptance,
+    evaluation_anchors,
+    paired_tau_difference,
+    teacher_forced_acceptance,
+)
 from ppow_trl.target import capture_features
 from tests.test_drafting import make_drafter
 
@@ -35,3 +42,32 @@ def test_teacher_forced_acceptance_counts_matches_with_the_sequence(tiny_target)
     ref, in_range = window_targets(seq, anchors, 3)
     oracle = accepted_prefix_length(ref, ref, in_range)[evaluation_anchors(loss_mask)]
     assert oracle.tolist() == [3] * 8 + [2, 1]
+
+
+def test_paired_tau_difference_clusters_the_error_by_sequence():
+    k_new = torch.tensor([1, 0, 1, 0])
+    k_old = torch.tensor([0, 0, 0, 1])
+    # Diffs [1, 0, 1, -1], mean 0.25. Sequence 0 holds three windows (residual sum 1.25), sequence 1 one
+    # (residual -1.25): SE = sqrt(2/1 * (1.25^2 + 1.25^2)) / 4.
+    delta, se = paired_tau_difference(k_new, k_old, torch.tensor([0, 0, 0, 1]))
+    assert delta == 0.25 and abs(se - (2 * 2 * 1.25**2) ** 0.5 / 4) < 1e-12
+    # Improvements spread evenly over sequences have no spread between them.
+    assert (
+        paired_tau_difference(torch.tensor([1, 0, 1, 0]), torch.zeros(4), torch.tensor([0, 0, 1, 1]))[1] == 0
+    )
+    with pytest.raises(ValueError, match="same windows"):
+        paired_tau_difference(k_new, k_old[:3], torch.tensor([0, 0, 1]))
+
+
+def test_dataset_acceptance_names_the_sequence_of_every_window(tiny_target):
+    drafter = make_drafter("eagle3", tiny_target)
+    rows = []
+    for length in (7, 4):  # one window per assistant token: 7 and 4
+        ids = torch.randint(3, 300, (length + 3,))
+        rows.append({"input_ids": ids.tolist(), "loss_mask": [0, 0, 0] + [1] * length})
+
+    def provider(batch):
+        return capture_features(tiny_target, batch["input_ids"], batch["attention_mask"])
+
+    k, sequence = dataset_acceptance(drafter, provider, rows, 3, pad_token_id=0, batch_size=2)
+    assert sequence.tolist() == [0] * 7 + [1] * 4 and k.shape == (11,)
