@@ -37,6 +37,10 @@ def main(out_dir: str) -> None:
         {"state": {k: v.detach().cpu() for k, v in drafter.state_dict().items()}, "records": trainer.records},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    # Tear the gloo group down before exit: left to interpreter shutdown, a rank can abort
+    # ("terminate called without an active exception") after its work is done.
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
