@@ -60,9 +60,10 @@ def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir
             curve[str(entry["step"])] = entry["eval_tau"]
     train_logs = [e for e in history if "loss" in e]
     window = trainer.args.eval_window_size or trainer.args.window_size
-    if window not in warm_k:  # the warm start's windows, scored once per invocation
-        warm_k[window] = held_out_k(AutoModel.from_pretrained(cli.warm_start), trainer, window)
-    k_old, rows = warm_k[window]
+    key = (window, trainer.eval_dataset._fingerprint)  # runs may differ in their eval data (e.g. max_turns)
+    if key not in warm_k:  # the warm start's windows, scored once per eval set
+        warm_k[key] = held_out_k(AutoModel.from_pretrained(cli.warm_start), trainer, window)
+    k_old, rows = warm_k[key]
     k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, window)
     delta, se = paired_tau_difference(k_new, k_old, rows)
     return {
