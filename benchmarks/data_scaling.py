@@ -17,7 +17,7 @@ of every point. Recipes at a budget of N training positions (supervised tokens):
 
 Every point trains a fresh drafter (`build_drafter`, LM head from the target's rows of a draft vocabulary
 counted on that point's train split) with `DrafterSFTTrainer` for `--epochs` epochs, then measures
-teacher-forced greedy chain tau at K=`--window` on the eval split (`acceptance_metrics`) and, with
+teacher-forced greedy chain tau at K=`--window` on the eval split (`dataset_acceptance`) and, with
 `--decode-prompts`, real speculative decoding tau on a few eval prompts (`ppow_trl.generation.generate`).
 Rows go to `--json` as they finish (a rerun skips finished points), then a markdown table and a plot.
 """
@@ -42,7 +42,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 
-from ppow_trl.acceptance import acceptance_metrics
+from ppow_trl.acceptance import acceptance_metrics, dataset_acceptance
 from ppow_trl.build_drafter import build_drafter
 from ppow_trl.cost import measure_gamma
 from ppow_trl.data import DataConfig, TargetFeatureProvider, build_corpus, build_training_data, open_corpus
@@ -147,9 +147,8 @@ def run_point(
         train_s = time.perf_counter() - start
     provider = TargetFeatureProvider.online(target, drafter.config.aux_layer_ids, with_logits=False)
     start = time.perf_counter()
-    metrics = acceptance_metrics(
-        drafter, provider, pool.eval, cli.window, tokenizer.pad_token_id, batch_size=8
-    )
+    accepted, _ = dataset_acceptance(drafter, provider, pool.eval, cli.window, tokenizer.pad_token_id, 8)
+    metrics = acceptance_metrics(accepted, cli.window)
     eval_s = time.perf_counter() - start
     regenerated = sum(sum(m) for m, turns in zip(train["loss_mask"], train["num_turns"]) if turns > 0)
     row = {

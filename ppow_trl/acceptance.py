@@ -91,25 +91,17 @@ def dataset_acceptance(
     return k, torch.cat(rows_of)
 
 
-def acceptance_metrics(
-    drafter: PreTrainedModel,
-    feature_provider,
-    dataset,
-    window_size: int,
-    pad_token_id: int,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-) -> dict[str, float]:
-    """Held-out teacher-forced greedy acceptance of a drafter (`dataset_acceptance`): `tau` (mean k+1 over
-    all assistant anchors, counting the target's extra token), `mean_accepted` and `alpha_1..alpha_K`
-    (per-position acceptance)."""
+def acceptance_metrics(accepted: torch.Tensor, window_size: int) -> dict[str, float]:
+    """Summary of per-window k (e.g. from `dataset_acceptance`): `tau` (mean k+1, counting the target's
+    extra token), `mean_accepted`, `windows` and `alpha_1..alpha_K` (per-position acceptance)."""
     from ppow_trl.verify import acceptance_length, per_position_acceptance
 
-    k, _ = dataset_acceptance(
-        drafter, feature_provider, dataset, window_size, pad_token_id, batch_size, device
-    )
-    alpha = per_position_acceptance(k, window_size)
-    metrics = {"tau": acceptance_length(k), "mean_accepted": float(k.float().mean())}
+    alpha = per_position_acceptance(accepted, window_size)
+    metrics = {
+        "tau": acceptance_length(accepted),
+        "mean_accepted": float(accepted.float().mean()),
+        "windows": accepted.numel(),
+    }
     metrics.update({f"alpha_{j + 1}": float(a) for j, a in enumerate(alpha)})
     return metrics
 

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModel, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 
-from ppow_trl.acceptance import acceptance_metrics, accepted_prefix_length
+from ppow_trl.acceptance import acceptance_metrics, accepted_prefix_length, dataset_acceptance
 from ppow_trl.cost import measure_gamma
 from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.drafting import draft_windows, window_targets
@@ -504,15 +504,17 @@ class PPOWTrainer(GRPOTrainer):
         was_training = self.model.training
         self.model.eval()  # GRPOTrainer.log files metrics under "eval" by this flag
         try:
-            metrics = acceptance_metrics(
+            window_size = self.args.eval_window_size or self.args.window_size
+            accepted, _ = dataset_acceptance(
                 unwrap_drafter(self.model),
                 self.feature_provider,
                 dataset,
-                self.args.eval_window_size or self.args.window_size,
+                window_size,
                 self._tokenizer.pad_token_id,
                 batch_size=self.args.per_device_eval_batch_size,
                 device=self.accelerator.device,
             )
+            metrics = acceptance_metrics(accepted, window_size)
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             self.log(dict(metrics))
         finally:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from ppow_trl.acceptance import evaluation_anchors, teacher_forced_acceptance
+from ppow_trl.acceptance import acceptance_metrics, evaluation_anchors, teacher_forced_acceptance
 from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.drafting import draft_windows, window_targets
 from ppow_trl.losses import (
@@ -43,7 +43,6 @@ from ppow_trl.losses import (
 )
 from ppow_trl.modeling import DRAFTER_CLASSES, MedusaDrafter, unwrap_drafter
 from ppow_trl.modeling.common import lora_for_drafter
-from ppow_trl.verify import per_position_acceptance, simulated_tau
 
 logger = logging.getLogger(__name__)
 
@@ -331,10 +330,8 @@ class DrafterSFTTrainer(Trainer):
         if accepted.numel() == 0:
             logger.warning("no assistant anchors in the eval set: tau and alpha are not computed")
             return {}
-        alpha = per_position_acceptance(accepted, self.args.eval_window_size)
-        metrics = {f"{prefix}tau": simulated_tau(alpha), f"{prefix}windows": accepted.numel()}
-        metrics.update({f"{prefix}alpha_{j + 1}": float(a) for j, a in enumerate(alpha)})
-        return metrics
+        metrics = acceptance_metrics(accepted, self.args.eval_window_size)
+        return {f"{prefix}{name}": value for name, value in metrics.items()}
 
     # ------------------------------------------------------------------------------------------ logging
     def _step_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
