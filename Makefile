@@ -25,7 +25,7 @@ OUT := outputs/smollm2-135m
 # cached, so a second run starts training at once).
 demo: setup
 	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3.yaml
-	$(RUN) recipes/eagle_ppow.py --config $(CONFIGS)/ppow_eagle3.yaml
+	$(RUN) recipes/ppow.py --config $(CONFIGS)/ppow_eagle3.yaml
 	$(RUN) recipes/evaluate_drafter.py --config $(CONFIGS)/evaluate.yaml
 
 test: setup

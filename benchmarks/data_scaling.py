@@ -18,7 +18,7 @@ of every point. Recipes at a budget of N training positions (supervised tokens):
 Every point trains a fresh drafter (`build_drafter`, LM head from the target's rows of a draft vocabulary
 counted on that point's train split) with `DrafterSFTTrainer` for `--epochs` epochs, then measures
 teacher-forced greedy chain tau at K=`--window` on the eval split (`dataset_acceptance`) and, with
-`--decode-prompts`, real speculative decoding tau on a few eval prompts (`ppow_trl.generation.generate`).
+`--decode-prompts`, real speculative decoding tau on a few eval prompts (`ppow_trl.decoding.speculative.generate`).
 Rows go to `--json` as they finish (a rerun skips finished points), then a markdown table and a plot.
 """
 
@@ -42,14 +42,14 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel
 
-from ppow_trl.acceptance import acceptance_metrics, dataset_acceptance
-from ppow_trl.build_drafter import build_drafter
-from ppow_trl.cost import measure_gamma
 from ppow_trl.data import DataConfig, TargetFeatureProvider, build_corpus, build_training_data, open_corpus
-from ppow_trl.draft_vocab import build_draft_vocab
-from ppow_trl.generation import generate
+from ppow_trl.data.draft_vocab import build_draft_vocab
+from ppow_trl.decoding.cost import measure_gamma
+from ppow_trl.decoding.speculative import generate
+from ppow_trl.models.build import build_drafter
 from ppow_trl.target import load_target
-from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training.acceptance import acceptance_metrics, dataset_acceptance
 
 RECIPES = ("regenerated", "corpus", "mixed")
 IDLE_REGEN_TOKENS_PER_S = 61.0  # DESIGN.md, batched greedy regeneration on an idle machine

@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ppow_trl.build_drafter import build_drafter  # noqa: E402
-from ppow_trl.drafting import ChainDrafter, draft_windows  # noqa: E402
+from ppow_trl.decoding.drafting import ChainDrafter, draft_windows  # noqa: E402
+from ppow_trl.models.build import build_drafter  # noqa: E402
 from ppow_trl.target import capture_features, load_target  # noqa: E402
 
 LOAD_ONLY = "import resource, ppow_trl.target as t; t.load_target('embedded'); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
@@ -47,7 +47,7 @@ def main() -> None:
     features = capture_features(target, ids, with_logits=False).aux_hidden_states
     drafter = build_drafter("eagle3", target)
     if cli.draft_vocab_size < target.config.vocab_size:
-        from ppow_trl.draft_vocab import build_draft_vocab
+        from ppow_trl.data.draft_vocab import build_draft_vocab
 
         vocab = build_draft_vocab(draft_vocab_size=cli.draft_vocab_size, vocab_size=target.config.vocab_size,
                                   sequences=ids.tolist(), loss_masks=torch.ones_like(ids).tolist())  # fmt: skip

@@ -26,7 +26,7 @@ from datasets import Dataset  # noqa: E402
 from sft_step import embedded_setup  # noqa: E402
 
 from ppow_trl.data import collate_sequences  # noqa: E402
-from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer, PPOWConfig, PPOWTrainer  # noqa: E402
+from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer, PPOWConfig, PPOWTrainer  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -21,12 +21,12 @@ import torch
 from transformers import AutoModel
 from trl import TrlParser
 
-from ppow_trl.acceptance import accepted_prefix_length
 from ppow_trl.data import build_training_data, make_feature_provider
-from ppow_trl.drafting import draft_windows, window_targets
-from ppow_trl.script_args import DataArguments, DrafterModelArguments
+from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.target import load_target
-from ppow_trl.trainers import PPOWConfig, PPOWTrainer
+from ppow_trl.training import PPOWConfig, PPOWTrainer
+from ppow_trl.training.acceptance import accepted_prefix_length
+from ppow_trl.training.script_args import DataArguments, DrafterModelArguments
 
 
 def mean_k(trainer: PPOWTrainer, batch: dict, temperature: float, samples: int) -> float:

@@ -4,7 +4,7 @@
         --run "ppow lr1e-4: --learning_rate 1e-4" --run "cst lr1e-4: --learning_rate 1e-4"
 
 Every `--run "<kind> <name>: <overrides>"` trains the warm-start drafter for `--steps` optimizer steps
-with a recipe: `ppow` = recipes/eagle_ppow.py with `--ppow-config`, `cst` = continued supervised
+with a recipe: `ppow` = recipes/ppow.py with `--ppow-config`, `cst` = continued supervised
 training with recipes/sft_drafter.py and `--sft-config` (the paper's control: same checkpoint, same
 number of steps). The overrides are recipe command-line arguments. Held-out teacher-forced tau (greedy,
 chain drafting, the configs' K) is read from each run's Trainer log every `--eval-every` steps. At the
@@ -27,12 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-import eagle_ppow  # noqa: E402
+import ppow as ppow_recipe  # noqa: E402
 import sft_drafter  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
-from ppow_trl.acceptance import dataset_acceptance, paired_tau_difference  # noqa: E402
-from ppow_trl.modeling.common import unwrap_drafter  # noqa: E402
+from ppow_trl.models.common import unwrap_drafter  # noqa: E402
+from ppow_trl.training.acceptance import dataset_acceptance, paired_tau_difference  # noqa: E402
 
 
 def held_out_k(drafter, trainer, window_size: int):
@@ -48,7 +48,7 @@ def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir
     ]  # fmt: skip
     start = time.perf_counter()
     if kind == "ppow":
-        trainer = eagle_ppow.main(["--config", cli.ppow_config, *common, *overrides])
+        trainer = ppow_recipe.main(["--config", cli.ppow_config, *common, *overrides])
     else:
         trainer = sft_drafter.main(*sft_drafter.parse_args(["--config", cli.sft_config, *common, *overrides]))
     wall = time.perf_counter() - start

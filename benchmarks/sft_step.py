@@ -21,12 +21,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch
 
-from ppow_trl.build_drafter import build_drafter
 from ppow_trl.data import collate_sequences, load_prompts
-from ppow_trl.draft_vocab import build_draft_vocab
-from ppow_trl.losses import target_labels
+from ppow_trl.data.draft_vocab import build_draft_vocab
+from ppow_trl.models.build import build_drafter
 from ppow_trl.target import load_target
-from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training.losses import target_labels
 
 
 def packed_sequences(tokenizer, count: int, length: int) -> list[dict]:

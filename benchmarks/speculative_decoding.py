@@ -30,13 +30,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch
 
-from ppow_trl.build_drafter import build_drafter
 from ppow_trl.data import load_prompts
-from ppow_trl.draft_vocab import build_draft_vocab
-from ppow_trl.drafting import draft_windows, window_targets
+from ppow_trl.data.draft_vocab import build_draft_vocab
+from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.decoding.speculative import DrafterCandidateGenerator, generate, speculative_generate
 from ppow_trl.evaluation import hardware_info, load_drafter, versions
-from ppow_trl.generation import DrafterCandidateGenerator, generate, speculative_generate
-from ppow_trl.modeling import Eagle3Drafter
+from ppow_trl.models import Eagle3Drafter
+from ppow_trl.models.build import build_drafter
 from ppow_trl.target import capture_features, load_target
 
 PHASES = ("drafter_draft", "drafter_commit", "target_forward", "verify", "bookkeeping")

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppow_trl.verify import _target_probs, verify_greedy, verify_sampling  # noqa: E402
+from ppow_trl.decoding.verify import _target_probs, verify_greedy, verify_sampling  # noqa: E402
 
 WINDOW = 10
 TOLERANCE = 1e-5  # relative slack that counts a sampling mismatch as a rounding-boundary case
@@ -170,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             "benchmarks/verify_kernel.py needs a CUDA GPU; none is available here, so nothing was measured."
         )
         return 0
-    from ppow_trl.kernels import triton_available
+    from ppow_trl.decoding.kernels import triton_available
 
     if not triton_available():
         print("benchmarks/verify_kernel.py needs triton: pip install 'ppow-trl[triton]'")
         return 0
-    from ppow_trl.kernels import verify_triton as vt
+    from ppow_trl.decoding.kernels import verify_triton as vt
 
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = [(b, v) for v in args.vocab for b in args.batch]

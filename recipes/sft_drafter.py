@@ -4,7 +4,7 @@
     accelerate launch recipes/sft_drafter.py --config <yaml> --max_steps 500
 
 Every field of `DrafterModelArguments` (below), `ppow_trl.data.DataConfig` and
-`ppow_trl.trainers.DrafterSFTConfig` can be set in the YAML file or on the command line (the command line
+`ppow_trl.training.DrafterSFTConfig` can be set in the YAML file or on the command line (the command line
 wins); unknown keys are an error. One `seed` serves training and (sampled) regeneration.
 Pass `--drafter_name_or_path <saved drafter>` to continue training a drafter (continued SFT).
 """
@@ -14,12 +14,17 @@ from __future__ import annotations
 from transformers import set_seed
 from trl import TrlParser
 
-from ppow_trl.build_drafter import build_drafter
 from ppow_trl.data import DataConfig, build_training_data, make_feature_provider
-from ppow_trl.modeling import DRAFTER_CLASSES
-from ppow_trl.script_args import DataArguments, DrafterModelArguments, lora_config, train_save_evaluate
+from ppow_trl.models import DRAFTER_CLASSES
+from ppow_trl.models.build import build_drafter
 from ppow_trl.target import load_target
-from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training.script_args import (
+    DataArguments,
+    DrafterModelArguments,
+    lora_config,
+    train_save_evaluate,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DrafterModelArguments, DataConfig, DrafterSFTConfig]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 
-from ppow_trl.trainers.ppow import PPOWConfig
+from ppow_trl.training.ppow import PPOWConfig
 
 PROMPT_LEN, NEW_TOKENS = 6, 20
 

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from ppow_trl.acceptance import (
+from ppow_trl.target import capture_features
+from ppow_trl.training.acceptance import (
     accepted_prefix_length,
     dataset_acceptance,
     evaluation_anchors,
     paired_tau_difference,
     teacher_forced_acceptance,
 )
-from ppow_trl.target import capture_features
 from tests.test_drafting import make_drafter
 
 
@@ -36,7 +36,7 @@ def test_teacher_forced_acceptance_counts_matches_with_the_sequence(tiny_target)
     k = teacher_forced_acceptance(drafter, feats, seq, torch.ones_like(seq), loss_mask, 3)
     assert k.shape == (10,) and int(k.min()) >= 0 and int(k.max()) <= 3
     # An oracle that drafts the sequence itself is accepted in full wherever 3 tokens remain.
-    from ppow_trl.acceptance import window_targets
+    from ppow_trl.training.acceptance import window_targets
 
     anchors = torch.arange(seq.shape[1])[None]
     ref, in_range = window_targets(seq, anchors, 3)

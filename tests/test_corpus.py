@@ -11,7 +11,7 @@ import torch
 
 import ppow_trl.data.corpus as corpus_module
 from ppow_trl.data import DataConfig, build_corpus, build_training_data, open_corpus
-from ppow_trl.draft_vocab import build_draft_vocab
+from ppow_trl.data.draft_vocab import build_draft_vocab
 
 PROMPTS = [
     "Write a short poem about the sea.",

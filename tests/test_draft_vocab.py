@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppow_trl.draft_vocab import (
+from ppow_trl.data.draft_vocab import (
     DraftVocab,
     build_draft_vocab,
     count_assistant_tokens,

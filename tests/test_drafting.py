@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ppow_trl.drafting import ChainDrafter, draft_windows, window_targets
-from ppow_trl.modeling import Eagle3Drafter, Eagle3DrafterConfig, MedusaDrafter, MedusaDrafterConfig
+from ppow_trl.decoding.drafting import ChainDrafter, draft_windows, window_targets
+from ppow_trl.models import Eagle3Drafter, Eagle3DrafterConfig, MedusaDrafter, MedusaDrafterConfig
 from ppow_trl.target import capture_features
 
 K = 4

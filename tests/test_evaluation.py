@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ppow_trl.decoding.verify import per_position_acceptance as verify_alpha
 from ppow_trl.evaluation import (
     PLOT_FILES,
     EvaluationConfig,
@@ -18,9 +19,8 @@ from ppow_trl.evaluation import (
     load_prompt_set,
     per_position_acceptance,
 )
-from ppow_trl.modeling import DrafterTargetMismatchError
+from ppow_trl.models import DrafterTargetMismatchError
 from ppow_trl.target import load_target
-from ppow_trl.verify import per_position_acceptance as verify_alpha
 from tests.test_drafting import make_drafter
 
 RESULT_FIELDS = {

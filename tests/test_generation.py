@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppow_trl.drafting import draft_windows, window_targets
-from ppow_trl.generation import (
+from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.decoding.speculative import (
     DrafterCandidateGenerator,
     SpeculativeOutput,
     attach_drafter,
@@ -22,7 +22,7 @@ from ppow_trl.generation import (
     speculative_decoding,
     speculative_generate,
 )
-from ppow_trl.modeling import (
+from ppow_trl.models import (
     DrafterTargetMismatchError,
     Eagle3Drafter,
     Eagle3DrafterConfig,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from ppow_trl.trainers.ppow import PPOWConfig, PPOWTrainer
+from ppow_trl.training.ppow import PPOWConfig, PPOWTrainer
 from tests.conftest import build_tiny_target
 from tests.ppow_fixtures import tiny_greedy_dataset, tiny_ppow_config
 from tests.test_drafting import make_drafter
@@ -77,7 +77,7 @@ def test_policy_gradient_favours_the_rewarded_window(tiny_target, tiny_tokenizer
     opt = torch.optim.SGD([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-3)
     trainer._compute_loss(trainer.model, inputs).backward()
     opt.step()
-    from ppow_trl.drafting import draft_windows
+    from ppow_trl.decoding.drafting import draft_windows
 
     after = draft_windows(
         trainer.model, inputs["features"], inputs["input_ids"], inputs["anchors"], 4,
@@ -158,7 +158,7 @@ def test_bad_input_is_refused_with_clear_errors(tiny_target, tiny_tokenizer, dat
     with pytest.raises(ValueError, match="unknown reward"):
         tiny_ppow_config(tmp_path, reward_funcs=["nope"])
     other = build_tiny_target(tiny_target.config.vocab_size, num_layers=6)
-    from ppow_trl.modeling import DrafterTargetMismatchError
+    from ppow_trl.models import DrafterTargetMismatchError
 
     with pytest.raises(DrafterTargetMismatchError, match="target_num_hidden_layers"):
         make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, drafter=make_drafter("eagle3", other))

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from ppow_trl.rewards import (
+from ppow_trl.training.rewards import (
     REWARD_REGISTRY,
     cost_aware_speedup_reward,
     get_reward_funcs,
     proximity_reward,
 )
-from ppow_trl.windowing import position_scores, sample_anchors, valid_anchors, window_scores
+from ppow_trl.training.windowing import position_scores, sample_anchors, valid_anchors, window_scores
 
 
 def test_cost_aware_speedup_reward_values_for_k_0_to_10_at_gamma_0_12():

@@ -14,11 +14,13 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from ppow_trl.build_drafter import build_drafter
 from ppow_trl.data import DataConfig, TargetFeatureProvider, build_training_data, collate_sequences
-from ppow_trl.draft_vocab import build_draft_vocab
-from ppow_trl.drafting import draft_windows, window_targets
-from ppow_trl.losses import (
+from ppow_trl.data.draft_vocab import build_draft_vocab
+from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.models import DrafterTargetMismatchError, Eagle3Drafter
+from ppow_trl.models.build import build_drafter
+from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training.losses import (
     acceptance_rate,
     drafter_loss,
     forward_kl,
@@ -26,8 +28,6 @@ from ppow_trl.losses import (
     step_weights,
     target_labels,
 )
-from ppow_trl.modeling import DrafterTargetMismatchError, Eagle3Drafter
-from ppow_trl.trainers import DrafterSFTConfig, DrafterSFTTrainer
 from tests.conftest import build_tiny_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,7 +359,7 @@ def test_recipes_run_on_a_local_target(tmp_path, tiny_target_dir):
     assert "eval_tau" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
     # PPOW from that warm start with the same data settings (cached data reused), interrupted and resumed.
-    eagle_ppow = load_recipe("eagle_ppow")
+    ppow_recipe = load_recipe("ppow")
     ppow_args = [
         "--target_name_or_path", tiny_target_dir, "--drafter_name_or_path", str(tmp_path / "out"),
         "--dataset_name", str(prompts), "--cache_dir", str(tmp_path / "cache"), "--max_new_tokens", "8",
@@ -368,8 +368,8 @@ def test_recipes_run_on_a_local_target(tmp_path, tiny_target_dir):
         "--per_device_train_batch_size", "4", "--save_steps", "1", "--disable_tqdm", "true",
         "--dataloader_pin_memory", "false", "--use_cpu", "true",
     ]  # fmt: skip
-    assert eagle_ppow.main([*ppow_args, "--max_steps", "1"]).state.global_step == 1
-    resumed = eagle_ppow.main([*ppow_args, "--max_steps", "2", "--resume_from_checkpoint", "true"])
+    assert ppow_recipe.main([*ppow_args, "--max_steps", "1"]).state.global_step == 1
+    resumed = ppow_recipe.main([*ppow_args, "--max_steps", "2", "--resume_from_checkpoint", "true"])
     saved = json.loads((tmp_path / "ppow" / "checkpoint-1" / "trainer_state.json").read_text())["log_history"]
     # Step 1 was restored from the checkpoint, not re-run (a re-run would log other timings).
     assert resumed.state.global_step == 2 and resumed.state.log_history[0] == saved[0]

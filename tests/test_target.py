@@ -63,8 +63,8 @@ def test_unloadable_gguf_is_a_clear_error(tmp_path):
 
 @pytest.mark.integration
 def test_embedded_target_loads_captures_drafts_and_verifies():
-    from ppow_trl.drafting import draft_windows
-    from ppow_trl.modeling import Eagle3Drafter, Eagle3DrafterConfig
+    from ppow_trl.decoding.drafting import draft_windows
+    from ppow_trl.models import Eagle3Drafter, Eagle3DrafterConfig
 
     model, tokenizer = load_target("embedded")
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152

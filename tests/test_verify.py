@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import ppow_trl.kernels as kernels
-from ppow_trl.kernels import verify_windows
-from ppow_trl.verify import (
+import ppow_trl.decoding.kernels as kernels
+from ppow_trl.decoding.kernels import verify_windows
+from ppow_trl.decoding.verify import (
     VerifyResult,
     acceptance_length,
     per_position_acceptance,

@@ -26,7 +26,7 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton not installed (pip install 'ppow-trl[triton]')", allow_module_level=True)
 
-from ppow_trl.verify import VerifyResult, verify_greedy, verify_sampling  # noqa: E402
+from ppow_trl.decoding.verify import VerifyResult, verify_greedy, verify_sampling  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,7 +40,7 @@ interpreted = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def vt():
     """The kernel module, imported with Triton's interpreter active."""
-    module = importlib.import_module("ppow_trl.kernels.verify_triton")
+    module = importlib.import_module("ppow_trl.decoding.kernels.verify_triton")
     assert type(module._argmax_partial).__name__ == "InterpretedFunction", (
         "triton was imported before TRITON_INTERPRET=1"
     )
@@ -211,7 +211,7 @@ def test_kernel_edge_cases(vt):
 
 @interpreted
 def test_dispatch_forced_triton_matches_torch(vt):
-    from ppow_trl.kernels import verify_windows
+    from ppow_trl.decoding.kernels import verify_windows
 
     logits, drafts, q, _, _ = sampling_case(4, 3, 600, torch.float32, 0.9, seed=11)
     assert_same(
@@ -228,7 +228,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from ppow_trl.kernels import verify_triton as vt
+    from ppow_trl.decoding.kernels import verify_triton as vt
 
     def compile_kernel(fn, types, consts, num_warps):
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}

@@ -13,9 +13,9 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
 from .config import DataConfig
 from .corpus import build_corpus, open_corpus
+from .draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
 from .features import TargetFeatureProvider, collate_sequences
 from .regeneration import Regeneration, regenerate
 from .sources import load_prompts, split_prompts, write_split

@@ -7,7 +7,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
-from ppow_trl.trainers.ppow import PPOWTrainer  # noqa: E402
+from ppow_trl.training.ppow import PPOWTrainer  # noqa: E402
 from tests.conftest import build_tiny_target, build_tiny_tokenizer  # noqa: E402
 from tests.ppow_fixtures import tiny_greedy_dataset, tiny_ppow_config  # noqa: E402
 from tests.test_drafting import make_drafter  # noqa: E402

@@ -8,7 +8,7 @@ adds b, rows n..n+a (features F_n..F_{n+a}, tokens d_1..d_a, b) are committed to
   states (`requires_model_outputs`); transformers' assisted decoding verifies (greedy: argmax match;
   `do_sample=True`: lossless speculative sampling from the candidate logits we return). Batch size 1.
 * `speculative_generate`: our own batched loop (left padding, rows that finish at different times),
-  verifying with `ppow_trl.kernels.verify_windows` (the Triton kernel on CUDA).
+  verifying with `ppow_trl.decoding.kernels.verify_windows` (the Triton kernel on CUDA).
 
 Entry points: `generate(target, drafter, input_ids, ...)` (returns sequences + acceptance statistics),
 `attach_drafter(target, drafter, K)` / `detach_drafter(target)` (make `target.generate(...)` speculative),
@@ -40,11 +40,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from ppow_trl.drafting import ChainDrafter, positions_from_mask
-from ppow_trl.kernels import verify_windows
-from ppow_trl.modeling.common import unwrap_drafter
+from ppow_trl.decoding.drafting import ChainDrafter, positions_from_mask
+from ppow_trl.decoding.kernels import verify_windows
+from ppow_trl.decoding.verify import scatter_draft_probs
+from ppow_trl.models.common import unwrap_drafter
 from ppow_trl.target import capture_features
-from ppow_trl.verify import scatter_draft_probs
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def assisted_decoding_with_drafter(
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"transformers' assisted decoding supports batch size 1 only (got {input_ids.shape[0]}); use "
-            "custom_generate=speculative_decoding or ppow_trl.generation.speculative_generate for batches"
+            "custom_generate=speculative_decoding or ppow_trl.decoding.speculative.speculative_generate for batches"
         )
     generators: list[DrafterCandidateGenerator] = []
     had_override = "_get_candidate_generator" in model.__dict__

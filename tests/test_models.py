@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
-from ppow_trl.modeling import (
+from ppow_trl.models import (
     DrafterTargetMismatchError,
     Eagle3Drafter,
     Eagle3DrafterConfig,
@@ -103,7 +103,7 @@ def test_lora_wraps_and_trains_only_adapters(kind, tiny_target):
     assert trainable and all("lora_" in n for n in trainable)
     ids = torch.randint(3, 300, (1, 8))
     feats = getattr(capture_features(tiny_target, ids), drafter.feature_name)
-    from ppow_trl.drafting import draft_windows
+    from ppow_trl.decoding.drafting import draft_windows
 
     windows = draft_windows(
         peft_model, feats, ids, torch.tensor([[0, 2]]), 3, tokens=torch.randint(0, 99, (1, 2, 1, 3))

@@ -28,16 +28,16 @@ import torch
 from transformers import AutoModel, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 
-from ppow_trl.acceptance import acceptance_metrics, accepted_prefix_length, dataset_acceptance
-from ppow_trl.cost import measure_gamma
 from ppow_trl.data import TargetFeatureProvider, collate_sequences
-from ppow_trl.drafting import draft_windows, window_targets
-from ppow_trl.kernels import verify_windows
-from ppow_trl.modeling.common import lora_for_drafter, unwrap_drafter
-from ppow_trl.rewards import get_reward_funcs
+from ppow_trl.decoding.cost import measure_gamma
+from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.decoding.kernels import verify_windows
+from ppow_trl.decoding.verify import per_position_acceptance, scatter_draft_probs
+from ppow_trl.models.common import lora_for_drafter, unwrap_drafter
 from ppow_trl.target import window_logits
-from ppow_trl.verify import per_position_acceptance, scatter_draft_probs
-from ppow_trl.windowing import position_scores, sample_anchors, valid_anchors, window_scores
+from ppow_trl.training.acceptance import acceptance_metrics, accepted_prefix_length, dataset_acceptance
+from ppow_trl.training.rewards import get_reward_funcs
+from ppow_trl.training.windowing import position_scores, sample_anchors, valid_anchors, window_scores
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ class PPOWConfig(GRPOConfig):
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["cost_aware_speedup", "proximity"],
-        metadata={"help": "Registered reward functions (ppow_trl.rewards); drop 'proximity' to disable it."},
+        metadata={
+            "help": "Registered reward functions (ppow_trl.training.rewards); drop 'proximity' to disable it."
+        },
     )
     proximity_eta: float = field(
         default=0.3,

@@ -14,7 +14,7 @@ import math
 import torch
 from transformers import PreTrainedModel
 
-from ppow_trl.drafting import draft_windows, window_targets
+from ppow_trl.decoding.drafting import draft_windows, window_targets
 
 
 def accepted_prefix_length(
@@ -94,7 +94,7 @@ def dataset_acceptance(
 def acceptance_metrics(accepted: torch.Tensor, window_size: int) -> dict[str, float]:
     """Summary of per-window k (e.g. from `dataset_acceptance`): `tau` (mean k+1, counting the target's
     extra token), `mean_accepted`, `windows` and `alpha_1..alpha_K` (per-position acceptance)."""
-    from ppow_trl.verify import acceptance_length, per_position_acceptance
+    from ppow_trl.decoding.verify import acceptance_length, per_position_acceptance
 
     alpha = per_position_acceptance(accepted, window_size)
     metrics = {

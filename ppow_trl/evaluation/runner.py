@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from ppow_trl.generation import generate as speculative_generate_hf
+from ppow_trl.decoding.speculative import generate as speculative_generate_hf
 from ppow_trl.target import load_target
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def load_drafter(
     name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None
 ) -> PreTrainedModel:
     """Load a saved drafter (the ppow_trl drafter classes are registered with AutoModel on import)."""
-    import ppow_trl.modeling  # noqa: F401  (registers the drafter configs with the Auto classes)
+    import ppow_trl.models  # noqa: F401  (registers the drafter configs with the Auto classes)
 
     try:
         drafter = AutoModel.from_pretrained(name_or_path, dtype=dtype)

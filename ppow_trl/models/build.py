@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from ppow_trl.draft_vocab import DraftVocab
-from ppow_trl.modeling import DRAFTER_CLASSES
+from ppow_trl.data.draft_vocab import DraftVocab
+from ppow_trl.models import DRAFTER_CLASSES
 
 
 def build_drafter(

@@ -4,7 +4,7 @@ One training step (EAGLE3_NOTES.md §3):
 
 1. frozen target features for the batch (no grad; online from the target or from an offline cache);
 2. target labels from the target's last hidden state through its LM head, in vocabulary chunks: logits at
-   the draft vocabulary's ids, full-vocabulary logsumexp and argmax (`ppow_trl.losses.target_labels`);
+   the draft vocabulary's ids, full-vocabulary logsumexp and argmax (`ppow_trl.training.losses.target_labels`);
 3. the K-step training-time-test unroll at every row at once: `draft_windows` with the sequence's own
    tokens forced (Medusa: its K heads). Step j at row r predicts x_{r+2+j}; its label is the target
    distribution at position r+1+j, renormalised over the draft vocabulary;
@@ -30,10 +30,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from ppow_trl.acceptance import acceptance_metrics, evaluation_anchors, teacher_forced_acceptance
 from ppow_trl.data import TargetFeatureProvider, collate_sequences
-from ppow_trl.drafting import draft_windows, window_targets
-from ppow_trl.losses import (
+from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.models import DRAFTER_CLASSES, MedusaDrafter, unwrap_drafter
+from ppow_trl.models.common import lora_for_drafter
+from ppow_trl.training.acceptance import acceptance_metrics, evaluation_anchors, teacher_forced_acceptance
+from ppow_trl.training.losses import (
     LOSSES,
     TargetLabels,
     drafter_loss,
@@ -41,8 +43,6 @@ from ppow_trl.losses import (
     step_weights,
     target_labels,
 )
-from ppow_trl.modeling import DRAFTER_CLASSES, MedusaDrafter, unwrap_drafter
-from ppow_trl.modeling.common import lora_for_drafter
 
 logger = logging.getLogger(__name__)
 

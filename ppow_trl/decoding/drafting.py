@@ -20,9 +20,9 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ppow_trl.modeling.common import unwrap_drafter
-from ppow_trl.modeling.eagle3 import Eagle3Drafter
-from ppow_trl.modeling.medusa import MedusaDrafter
+from ppow_trl.models.common import unwrap_drafter
+from ppow_trl.models.eagle3 import Eagle3Drafter
+from ppow_trl.models.medusa import MedusaDrafter
 
 
 @dataclass

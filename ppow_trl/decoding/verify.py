@@ -5,7 +5,7 @@ scores draft position j, row K is the bonus position). ``k`` is the accepted pre
 target always adds one token of its own, so tau = mean(k + 1).
 
 The sampling path is written so that its arithmetic is fully specified, which lets the Triton kernel in
-``ppow_trl.kernels`` reproduce it:
+``ppow_trl.decoding.kernels`` reproduce it:
 
 * ``z = logits.float() * (1 / temperature)`` (fp32 multiply by the fp32-rounded reciprocal),
   ``m = max(z)``, ``e = exp(z - m)``, ``Z = sum(e)``, ``p = e / Z`` (all fp32);

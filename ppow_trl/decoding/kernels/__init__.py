@@ -1,4 +1,4 @@
-"""Optional Triton verification kernel, with dispatch to the torch reference in ``ppow_trl.verify``.
+"""Optional Triton verification kernel, with dispatch to the torch reference in ``ppow_trl.decoding.verify``.
 
 triton is imported lazily: the package works without triton and without a GPU. On CPU the Triton kernel
 runs only under the interpreter (``TRITON_INTERPRET=1`` set before triton is imported).

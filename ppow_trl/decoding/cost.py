@@ -7,7 +7,7 @@ import time
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from ppow_trl.drafting import ChainDrafter
+from ppow_trl.decoding.drafting import ChainDrafter
 from ppow_trl.target import capture_features
 
 

@@ -116,12 +116,12 @@ class DrafterMixin:
         window_size: int,
         **kwargs,
     ):
-        """Draft (or score) windows at anchors: `ppow_trl.drafting.draft_windows` with this drafter.
+        """Draft (or score) windows at anchors: `ppow_trl.decoding.drafting.draft_windows` with this drafter.
 
         Being the forward lets DDP/FSDP/DeepSpeed/peft wrappers see the call, so training through
         `draft_windows(wrapped_model, ...)` synchronises gradients and applies adapters.
         """
-        from ppow_trl.drafting import draft_windows
+        from ppow_trl.decoding.drafting import draft_windows
 
         return draft_windows(self, features, input_ids, anchors, window_size, **kwargs)
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from ppow_trl.modeling.common import DrafterMixin, target_record
+from ppow_trl.models.common import DrafterMixin, target_record
 
 
 class MedusaDrafterConfig(PretrainedConfig):

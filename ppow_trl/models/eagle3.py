@@ -21,7 +21,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from ppow_trl.modeling.common import DrafterMixin, target_record
+from ppow_trl.models.common import DrafterMixin, target_record
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
 
@@ -234,7 +234,7 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
         self.register_buffer("t2d", torch.arange(config.vocab_size) < config.draft_vocab_size)
         self.post_init()
 
-    # --- building blocks used by ppow_trl.drafting -------------------------------------------
+    # --- building blocks used by ppow_trl.decoding.drafting -------------------------------------------
     def project_features(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
         """Fuse the target's aux-layer states (B, T, n_aux*H_t) into draft features (B, T, H)."""
         return self.fc(aux_hidden_states.to(self.fc.weight.dtype))

@@ -1,6 +1,6 @@
 """Fused Triton kernels for window verification (greedy and speculative sampling).
 
-Import this module only when triton is installed; ``ppow_trl.kernels.verify_windows`` does it lazily. On a
+Import this module only when triton is installed; ``ppow_trl.decoding.kernels.verify_windows`` does it lazily. On a
 machine without a GPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before
 this module is imported (the interpreter takes CPU tensors as they are).
 
@@ -22,7 +22,7 @@ sampling (5 launches; logits are read once for all rows, then only row k of each
      with cumsum > t and dist > 0.
   5. ``_residual_finalize`` (per window): first hit over spans, else the last positive index.
 
-The arithmetic follows ``ppow_trl.verify`` step for step (see its module docstring). Greedy results are
+The arithmetic follows ``ppow_trl.decoding.verify`` step for step (see its module docstring). Greedy results are
 identical. Sampling results are identical except when a draw lies within float rounding of a decision
 boundary: exp differs by an ulp between libraries and the softmax normaliser is summed in another order
 (online, per span), so p differs from the reference by ~1e-7 relative.
@@ -400,7 +400,7 @@ def verify_greedy_triton(
     num_splits: int | None = None,
     num_warps: int = 8,
 ) -> VerifyResult:
-    """Fused greedy verification; same result as ``ppow_trl.verify.verify_greedy``."""
+    """Fused greedy verification; same result as ``ppow_trl.decoding.verify.verify_greedy``."""
     batch, kp1, vocab = target_logits.shape
     window = kp1 - 1
     if batch == 0:

@@ -3,9 +3,9 @@ once `ppow_trl` is imported)."""
 
 from transformers import AutoConfig, AutoModel
 
-from ppow_trl.modeling.common import DrafterTargetMismatchError, check_drafter_matches_target, unwrap_drafter
-from ppow_trl.modeling.eagle3 import Eagle3Drafter, Eagle3DrafterConfig
-from ppow_trl.modeling.medusa import MedusaDrafter, MedusaDrafterConfig
+from ppow_trl.models.common import DrafterTargetMismatchError, check_drafter_matches_target, unwrap_drafter
+from ppow_trl.models.eagle3 import Eagle3Drafter, Eagle3DrafterConfig
+from ppow_trl.models.medusa import MedusaDrafter, MedusaDrafterConfig
 
 for _config, _model in ((Eagle3DrafterConfig, Eagle3Drafter), (MedusaDrafterConfig, MedusaDrafter)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)

@@ -1,9 +1,9 @@
 """PPOW fine-tuning of a warm-started drafter (EAGLE-3 or Medusa) against its frozen target.
 
-    python recipes/eagle_ppow.py --config recipes/configs/smollm2-135m/ppow_eagle3.yaml
-    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/eagle_ppow.py --config <yaml>
+    python recipes/ppow.py --config recipes/configs/smollm2-135m/ppow_eagle3.yaml
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/ppow.py --config <yaml>
 
-Every field of `DrafterModelArguments`, `ppow_trl.data.DataConfig` and `ppow_trl.trainers.PPOWConfig`
+Every field of `DrafterModelArguments`, `ppow_trl.data.DataConfig` and `ppow_trl.training.PPOWConfig`
 can be set in the YAML file or on the command line; unknown keys are an error. `drafter_name_or_path`
 is the warm-started drafter (recipes/sft_drafter.py); the data settings should match the warm start's
 so the cached regenerated data is reused. Interrupted runs resume with `--resume_from_checkpoint true`
@@ -19,15 +19,15 @@ from transformers import AutoModel
 from trl import TrlParser
 
 from ppow_trl.data import build_training_data, make_feature_provider
-from ppow_trl.script_args import (
+from ppow_trl.target import load_target
+from ppow_trl.training import PPOWConfig, PPOWTrainer
+from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
     evaluate_and_save,
     lora_config,
     train_save_evaluate,
 )
-from ppow_trl.target import load_target
-from ppow_trl.trainers import PPOWConfig, PPOWTrainer
 
 
 def main(argv: list[str] | None = None) -> PPOWTrainer:
