@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch
 
 from ppow_trl.data import DataConfig, batched_generate, load_prompts
-from ppow_trl.data.regeneration import eos_token_ids, make_generation_config
-from ppow_trl.target import load_target
+from ppow_trl.data.regeneration import make_generation_config
+from ppow_trl.target import eos_token_ids, load_target
 
 
 def main() -> None:

@@ -280,3 +280,16 @@ def window_logits(
     first = logits.gather(1, (anchors + 1)[..., None].expand(-1, -1, logits.shape[-1]))  # (B, A, V)
     rest = logits[:, t:].view(b, a, k, -1)
     return torch.cat([first[:, :, None], rest], dim=2)
+
+
+def vocab_size_of(target: PreTrainedModel) -> int:
+    """Rows of the target's LM head (the vocabulary its logits cover), else `config.vocab_size`."""
+    head = target.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(target.config.vocab_size)
+
+
+def eos_token_ids(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end a generated turn: the generation config's eos ids plus the tokenizer's eos."""
+    configured = getattr(target.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None})

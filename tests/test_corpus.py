@@ -90,7 +90,7 @@ def test_pydoc_topics_chunks_deterministically_within_budget(tiny_tokenizer, tmp
 def test_cache_hit_and_resume_after_interruption(tiny_tokenizer, tmp_path, monkeypatch):
     reference = corpus_of(make_config(tmp_path / "a"), tiny_tokenizer)
     config = make_config(tmp_path / "b")
-    write_shard, written = corpus_module._write_shard, []
+    write_shard, written = corpus_module.write_token_shard, []
 
     def crash_after_two(path, *args):
         write_shard(path, *args)
@@ -98,7 +98,7 @@ def test_cache_hit_and_resume_after_interruption(tiny_tokenizer, tmp_path, monke
         if len(written) == 2:
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(corpus_module, "_write_shard", crash_after_two)
+    monkeypatch.setattr(corpus_module, "write_token_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         corpus_of(config, tiny_tokenizer)
     directory = config.cache_path / "corpus" / reference.fingerprint

@@ -24,7 +24,8 @@ from ppow_trl.data import (
     split_prompts,
     strip_generation,
 )
-from ppow_trl.data.regeneration import eos_token_ids, make_generation_config
+from ppow_trl.data.regeneration import make_generation_config
+from ppow_trl.target import eos_token_ids
 from tests.conftest import build_tiny_target
 
 EOS = 2
@@ -223,16 +224,16 @@ def test_resume_after_interruption_and_cache(varied_target, tiny_tokenizer, tmp_
         varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "a"), progress=False
     )
     config = make_config(tmp_path / "b")
-    write_shard, generated = regen_module._write_shard, []
+    write_shard, generated = regen_module.write_token_shard, []
 
     def crash_after_first(path, *args):
         write_shard(path, *args)
         raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(regen_module, "_write_shard", crash_after_first)
+    monkeypatch.setattr(regen_module, "write_token_shard", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         regenerate(varied_target, tiny_tokenizer, PROMPTS, config, progress=False)
-    monkeypatch.setattr(regen_module, "_write_shard", write_shard)
+    monkeypatch.setattr(regen_module, "write_token_shard", write_shard)
     directory = config.cache_path / "regen" / reference.fingerprint
     assert [p.name for p in sorted(directory.glob("shard-*"))] == ["shard-00000-of-00003.safetensors"]
 

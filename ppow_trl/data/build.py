@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,22 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..target import vocab_size_of
 from .config import DataConfig
 from .corpus import build_corpus, open_corpus
 from .draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
 from .features import TargetFeatureProvider, collate_sequences
+from .filters import ContaminationIndex, filter_prompts
 from .regeneration import Regeneration, regenerate
-from .sources import load_prompts, split_prompts, write_split
+from .self_generated import filter_settings, self_generated_prompts
+from .sources import (
+    EVALUATION_SOURCES,
+    SELF_GENERATED,
+    PromptExample,
+    load_prompts,
+    split_prompts,
+    write_split,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,41 +80,103 @@ def _rows(dataset: Dataset, start: int, size: int) -> list[dict[str, Any]]:
     return [dataset[i] for i in range(start, min(start + size, len(dataset)))]
 
 
-def _vocab_size(target: PreTrainedModel) -> int:
-    head = target.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(target.config.vocab_size)
+def collect_prompts(
+    config: DataConfig, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, progress: bool = True
+) -> tuple[list[PromptExample], dict[str, Any] | None]:
+    """The prompt source's examples, filtered (except evaluation sets), and the filter report (or None)."""
+    if config.dataset_name == SELF_GENERATED:
+        return self_generated_prompts(target, tokenizer, config, progress)
+    examples = load_prompts(
+        config.dataset_name, config.dataset_config, config.dataset_split, config.max_prompts, config.max_turns
+    )
+    wanted = config.filter_prompts if config.filter_prompts is not None else config.dataset_name == "sharegpt"
+    if not wanted or config.dataset_name in EVALUATION_SOURCES:
+        return examples, None
+    index = ContaminationIndex.cached(config.decontamination_ngram) if config.decontaminate else None
+    rows = [{"text": " ".join(e.turns), "example": e} for e in examples]
+    kept, report = filter_prompts(rows, filter_settings(config), index)
+    if not kept:
+        raise ValueError(
+            f"Prompt source {config.dataset_name!r}: the filters left no usable prompt (drops by reason: "
+            f"{report['dropped']}); set filter_prompts=False to use it unfiltered."
+        )
+    return [row["example"] for row in kept], report
+
+
+def with_answers_per_prompt(examples: list[PromptExample], count: int) -> list[PromptExample]:
+    """Each example `count` times (ids '<id>#<j>') so the target writes `count` sampled answers."""
+    if count == 1:
+        return examples
+    return [PromptExample(f"{e.id}#{j}", e.turns, e.source) for e in examples for j in range(count)]
+
+
+def split_by_side(dataset: Dataset, eval_ids: set[str]) -> tuple[Dataset, Dataset, Dataset]:
+    """The regenerated rows with a `split` column, and the train and eval selections."""
+    sides = ["eval" if pid in eval_ids else "train" for pid in dataset["prompt_id"]]
+    dataset = dataset.add_column("split", sides)
+    train = dataset.select([i for i, side in enumerate(sides) if side == "train"])
+    return dataset, train, dataset.select([i for i, side in enumerate(sides) if side == "eval"])
+
+
+def load_or_build_draft_vocab(path: Path, train: Dataset, size: int, vocab_size: int) -> DraftVocab:
+    if path.is_file():
+        return DraftVocab.load(path)
+    counts = count_assistant_tokens(train["input_ids"], train["loss_mask"], vocab_size)
+    draft_vocab = build_draft_vocab(counts, size, vocab_size)
+    draft_vocab.save(path)
+    return draft_vocab
+
+
+def eval_coverage(eval_: Dataset, draft_vocab: DraftVocab, vocab_size: int) -> float | None:
+    """Share of the eval split's supervised tokens inside the draft vocabulary."""
+    counts = count_assistant_tokens(eval_["input_ids"], eval_["loss_mask"], vocab_size)
+    total = int(counts.sum())
+    return float(counts[draft_vocab.t2d].sum()) / total if total else None
+
+
+def cached_sanity_check(
+    config: DataConfig, target: PreTrainedModel, regen: Regeneration, progress: bool
+) -> dict[str, Any]:
+    """The sanity check over a seeded sample of `sanity_check_sequences` sequences, cached per sample."""
+    if not config.sanity_check:
+        return {"argmax_match_fraction": None, "checked_positions": 0}
+    count = min(config.sanity_check_sequences, len(regen.dataset))
+    path = regen.directory / f"sanity-{count}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    sample = random.Random(0).sample(range(len(regen.dataset)), count)
+    sanity = sanity_check(target, regen.dataset.select(sorted(sample)), config.feature_batch_size, progress)
+    sanity["sampled_sequences"] = count
+    path.write_text(json.dumps(sanity))
+    return sanity
 
 
 def build_training_data(
     config: DataConfig, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, progress: bool = True
 ) -> RegeneratedData:
-    """Prompts -> split -> regenerated sequences (cached) [+ corpus sequences] -> draft vocabulary + report.
+    """Prompts (filtered) -> split -> regenerated sequences (cached) [+ corpus] -> draft vocabulary + report.
 
-    With `config.corpus_name` the train split also (or, with corpus_mix='corpus_only', only) holds corpus
-    sequences (`ppow_trl.data.corpus`); the eval split is regenerated sequences only. The draft vocabulary
-    counts the train split's supervised tokens, corpus tokens included: they are the drafter's training
-    distribution (the report's `eval_draft_vocab_coverage` shows how well it covers regenerated answers).
-    Writes `split.json`, `report.json` and `draft_vocab-<N>.safetensors` in a folder per split setting
-    (`split-<eval_fraction>-seed<split_seed>[-corpus-<fingerprint>]`) inside the regenerated data's cache folder.
+    `config.dataset_name` may be a dataset directory written by `recipes/regenerate.py`: its stored data
+    settings are used (`DataConfig.for_dataset_dir`), so nothing is regenerated. With `config.corpus_name`
+    the train split also (or, with corpus_mix='corpus_only', only) holds corpus sequences; the eval split is
+    regenerated sequences only. The draft vocabulary counts the train split's supervised tokens (the report's
+    `eval_draft_vocab_coverage` shows how well it covers held-out answers). Writes `split.json`,
+    `report.json` and `draft_vocab-<N>.safetensors` in a folder per split setting inside the regenerated
+    data's cache folder.
     """
+    config = config.for_dataset_dir()
     corpus_source = (
         open_corpus(config.corpus_name, config.corpus_config, config.corpus_split)
         if config.corpus_name
         else None
     )
-    examples = load_prompts(
-        config.dataset_name, config.dataset_config, config.dataset_split, config.max_prompts, config.max_turns
-    )
+    examples, prompt_report = collect_prompts(config, target, tokenizer, progress)
     train_examples, eval_examples = split_prompts(examples, config.eval_fraction, config.split_seed)
     if config.corpus_mix == "corpus_only":  # the target answers only the eval prompts
-        examples, train_examples = eval_examples, []
-    regen = regenerate(target, tokenizer, examples, config, progress=progress)
-    eval_ids = {e.id for e in eval_examples}
-    dataset = regen.dataset.add_column(
-        "split", ["eval" if pid in eval_ids else "train" for pid in regen.dataset["prompt_id"]]
-    )
-    train = dataset.select([i for i, s in enumerate(dataset["split"]) if s == "train"])
-    eval_ = dataset.select([i for i, s in enumerate(dataset["split"]) if s == "eval"])
+        train_examples = []
+    answered = with_answers_per_prompt(train_examples, config.num_answers_per_prompt) + eval_examples
+    regen = regenerate(target, tokenizer, answered, config, progress=progress)
+    dataset, train, eval_ = split_by_side(regen.dataset, {e.id for e in eval_examples})
     build_dir = regen.directory / f"split-{config.eval_fraction}-seed{config.split_seed}"
     corpus = None
     if corpus_source is not None:
@@ -112,8 +186,6 @@ def build_training_data(
     if len(train) == 0:
         raise ValueError("no training sequences left (every train prompt was dropped by the length policy)")
 
-    vocab_size = _vocab_size(target)
-    size = config.draft_vocab_size or vocab_size
     build_dir.mkdir(parents=True, exist_ok=True)
     write_split(
         build_dir / "split.json",
@@ -127,44 +199,31 @@ def build_training_data(
             "eval_fraction": config.eval_fraction,
             "split_seed": config.split_seed,
             "max_prompts": config.max_prompts,
+            "num_answers_per_prompt": config.num_answers_per_prompt,
             "data_fingerprint": regen.fingerprint,
             "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
         },
         dropped_ids=regen.stats["dropped_ids"],
     )
-
-    vocab_path = build_dir / f"draft_vocab-{size}.safetensors"
-    if vocab_path.is_file():
-        draft_vocab = DraftVocab.load(vocab_path)
-    else:
-        counts = count_assistant_tokens(train["input_ids"], train["loss_mask"], vocab_size)
-        draft_vocab = build_draft_vocab(counts, size, vocab_size)
-        draft_vocab.save(vocab_path)
-    eval_counts = count_assistant_tokens(eval_["input_ids"], eval_["loss_mask"], vocab_size)
-    eval_total = int(eval_counts.sum())
-    eval_coverage = float(eval_counts[draft_vocab.t2d].sum()) / eval_total if eval_total else None
-
-    sanity_path = regen.directory / "sanity.json"
-    if not config.sanity_check:
-        sanity = {"argmax_match_fraction": None, "checked_positions": 0}
-    elif sanity_path.is_file():
-        sanity = json.loads(sanity_path.read_text())
-    else:
-        sanity = sanity_check(target, regen.dataset, config.feature_batch_size, progress)
-        sanity_path.write_text(json.dumps(sanity))
-
-    lengths = [len(ids) for ids in dataset["input_ids"]]
+    vocab_size = vocab_size_of(target)
+    size = config.draft_vocab_size or vocab_size
+    draft_vocab = load_or_build_draft_vocab(
+        build_dir / f"draft_vocab-{size}.safetensors", train, size, vocab_size
+    )
+    sanity = cached_sanity_check(config, target, regen, progress)
     report = {
         "data_fingerprint": regen.fingerprint,
         "data_dir": str(regen.directory),
         "split_file": str(build_dir / "split.json"),
         "source": config.dataset_name,
         "num_prompts": len(examples),
+        "prompt_filters": prompt_report,
+        "task_mix": dict(sorted(Counter(e.source for e in examples).items())),
         "num_sequences": len(dataset),
         "num_train": len(train),
         "num_eval": len(eval_),
-        "tokens": sum(lengths),
-        "assistant_tokens": sum(sum(m) for m in dataset["loss_mask"]),
+        "tokens": sum(len(ids) for ids in dataset["input_ids"]),
+        "assistant_tokens": regen.stats["generated_tokens"],
         "train_positions": sum(sum(m) for m in train["loss_mask"]),
         "corpus": None if corpus is None else {**corpus.stats, "dir": str(corpus.directory)},
         "dropped_prompts": regen.stats["dropped_prompts"],
@@ -174,14 +233,14 @@ def build_training_data(
         "checked_positions": sanity["checked_positions"],
         "draft_vocab_size": draft_vocab.draft_vocab_size,
         "draft_vocab_coverage": draft_vocab.coverage,
-        "eval_draft_vocab_coverage": eval_coverage,
+        "eval_draft_vocab_coverage": eval_coverage(eval_, draft_vocab, vocab_size),
         "config": asdict(config),
     }
     (build_dir / "report.json").write_text(json.dumps(report, indent=1))
     logger.info(
         "Data: %d regenerated sequences, %d tokens, %d assistant tokens; %d train sequences (%d positions, "
-        "corpus %s) / %d eval; argmax==next on %s of %d assistant positions; draft vocab %d covers %.4f; "
-        "dropped %d prompts (+%d turns), truncated %d",
+        "corpus %s) / %d eval; argmax==next on %s of %d sampled assistant positions; draft vocab %d covers "
+        "%.4f; dropped %d prompts (+%d turns), truncated %d",
         report["num_sequences"],
         report["tokens"],
         report["assistant_tokens"],

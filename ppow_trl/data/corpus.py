@@ -44,8 +44,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .cache import check_manifest, fingerprint_of, read_token_shard, sha, shard_path, write_token_shard
 from .config import DataConfig
-from .regeneration import _check_manifest, _read_shard, _sha, _write_shard, fingerprint_of, shard_path
 
 CORPUS_CACHE_VERSION = 1
 PYDOC_TOPICS = "pydoc_topics"
@@ -106,7 +106,7 @@ def check_corpus_allowed(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ sources
-def _file_sha(path: Path) -> str:
+def _filesha(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -119,7 +119,7 @@ def _pydoc_topics() -> CorpusSource:
 
     texts = [topics[name] for name in sorted(topics)]
     return CorpusSource(
-        PYDOC_TOPICS, {"kind": PYDOC_TOPICS, "sha": _sha(texts)}, lambda start: iter(texts[start:])
+        PYDOC_TOPICS, {"kind": PYDOC_TOPICS, "sha": sha(texts)}, lambda start: iter(texts[start:])
     )
 
 
@@ -159,7 +159,7 @@ def _local_file(path: Path) -> CorpusSource:
     read = _jsonl_texts if kind == "jsonl" else _text_blocks
     return CorpusSource(
         str(path),
-        {"kind": kind, "sha": _file_sha(path)},
+        {"kind": kind, "sha": _filesha(path)},
         lambda start: itertools.islice(read(path), start, None),
         eos_between_documents=kind == "jsonl",
     )
@@ -238,7 +238,7 @@ def corpus_inputs(source: CorpusSource, tokenizer: PreTrainedTokenizerBase, conf
         "version": CORPUS_CACHE_VERSION,
         "source": source.identity,
         "tokenizer": {
-            "vocab_sha": _sha(sorted(tokenizer.get_vocab().items())),
+            "vocab_sha": sha(sorted(tokenizer.get_vocab().items())),
             "eos_token_id": tokenizer.eos_token_id if source.eos_between_documents else None,
         },
         "seq_len": config.corpus_seq_len,
@@ -262,14 +262,14 @@ def build_corpus(
     inputs = corpus_inputs(source, tokenizer, config)
     fingerprint = fingerprint_of(inputs)
     directory = config.cache_path / "corpus" / fingerprint
-    _check_manifest(directory, fingerprint, inputs)
+    check_manifest(directory, fingerprint, inputs)
     count = math.ceil(math.ceil(config.corpus_max_tokens / config.corpus_seq_len) / config.shard_size)
     paths = [shard_path(directory, i, count) for i in range(count)]
     shards: list[tuple[dict[str, list], dict[str, Any]]] = []
     for path in paths:
         if not path.is_file():
             break
-        shards.append(_read_shard(path))
+        shards.append(read_token_shard(path))
         if shards[-1][1]["last"]:
             break
     if len(shards) < count and not (shards and shards[-1][1]["last"]):
@@ -326,7 +326,7 @@ def _write_missing(
                 "next": list(position),
                 "last": pending is None,
             }
-            _write_shard(paths[index], columns, stats)
+            write_token_shard(paths[index], columns, stats)
             written.append((columns, stats))
             bar.update(stats["tokens"])
             row += len(sequences)

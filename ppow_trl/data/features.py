@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..target import TargetFeatures, capture_features, default_aux_layer_ids
+from .cache import save_tensors_atomic, shard_path
+from .config import FEATURE_MODES
 
 logger = logging.getLogger(__name__)
-FEATURE_MODES = ("online", "offline")
 
 
 def collate_sequences(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -155,7 +154,9 @@ class TargetFeatureProvider:
         if not 0 <= shard < count:
             raise IndexError(f"sequence index {index} is outside the offline feature cache {self.directory}")
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(_shard_path(self.directory, shard, count)), framework="pt")
+            self._handles[shard] = safe_open(
+                str(shard_path(self.directory, shard, count, prefix="features")), framework="pt"
+            )
         handle = self._handles[shard]
         start, end = handle.get_slice("offsets")[row : row + 2].tolist()
         return handle.get_slice("aux")[start:end], handle.get_slice("last")[start:end]
@@ -197,10 +198,6 @@ class TargetFeatureProvider:
 
 
 # ------------------------------------------------------------------------------------- offline cache
-def _shard_path(directory: Path, index: int, count: int) -> Path:
-    return directory / f"features-{index:05d}-of-{count:05d}.safetensors"
-
-
 def offline_feature_dir(data_dir: Path, aux_layer_ids: list[int], dtype: torch.dtype) -> Path:
     """Where offline features for these aux layers live, next to the regenerated data."""
     return data_dir / f"features-aux-{'-'.join(map(str, aux_layer_ids))}-{str(dtype).replace('torch.', '')}"
@@ -241,7 +238,7 @@ def _compute_offline(
     else:
         directory.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps(expected, indent=1))
-    missing = [i for i in range(count) if not _shard_path(directory, i, count).is_file()]
+    missing = [i for i in range(count) if not shard_path(directory, i, count, prefix="features").is_file()]
     if missing and target is None:
         raise FileNotFoundError(
             f"offline feature cache {directory} is incomplete; pass the target to finish it"
@@ -253,10 +250,8 @@ def _compute_offline(
                 dataset[i] for i in range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
             ]
             tensors = _feature_shard(target, rows, aux_layer_ids, batch_size, bar)
-            path = _shard_path(directory, shard, count)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, path)
+            path = shard_path(directory, shard, count, prefix="features")
+            save_tensors_atomic(path, tensors)
     return directory
 
 

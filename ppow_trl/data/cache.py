@@ -1,0 +1,98 @@
+"""The data pipeline's on-disk cache: fingerprints, manifests and atomically written shards.
+
+Every cached stage (prompt writing, regeneration, corpus chunks, offline features) lives in a folder named
+by a fingerprint of everything that determines its content; a `manifest.json` records those inputs, and
+results are written shard by shard (temporary name, then rename), so a killed run redoes only the shard
+it was writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def sha(value: Any) -> str:
+    """SHA-256 of bytes, or of a value's canonical JSON."""
+    payload = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def fingerprint_of(inputs: dict[str, Any]) -> str:
+    return sha(inputs)[:20]
+
+
+def shard_path(
+    directory: Path, index: int, count: int, prefix: str = "shard", suffix: str = "safetensors"
+) -> Path:
+    return directory / f"{prefix}-{index:05d}-of-{count:05d}.{suffix}"
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = _temporary(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    tmp = _temporary(path)
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def check_manifest(directory: Path, fingerprint: str, inputs: dict[str, Any]) -> None:
+    """Create `directory` with its manifest, or check that an existing one was written for `inputs`."""
+    manifest = directory / "manifest.json"
+    expected = {"fingerprint": fingerprint, "inputs": json.loads(json.dumps(inputs, default=str))}
+    if manifest.is_file():
+        stored = json.loads(manifest.read_text())
+        if stored != expected:
+            raise RuntimeError(
+                f"The data cache {directory} holds a manifest that does not match these settings; it was not "
+                "written by this version or for this target/prompts/settings. Delete the directory to rebuild it."
+            )
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(manifest, json.dumps(expected, indent=1))
+
+
+def write_token_shard(path: Path, columns: dict[str, list], stats: dict[str, Any]) -> None:
+    """One shard of token sequences; `columns` as `read_token_shard` returns them (input_ids, loss_mask,
+    prompt_id, num_turns)."""
+    lengths = torch.tensor([len(ids) for ids in columns["input_ids"]], dtype=torch.long)
+    tensors = {
+        "input_ids": torch.tensor([t for ids in columns["input_ids"] for t in ids], dtype=torch.int64),
+        "loss_mask": torch.tensor([m for mask in columns["loss_mask"] for m in mask], dtype=torch.uint8),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        "num_turns": torch.tensor(columns["num_turns"], dtype=torch.int64),
+    }
+    metadata = {"prompt_ids": json.dumps(columns["prompt_id"]), "stats": json.dumps(stats)}
+    save_tensors_atomic(path, tensors, metadata)
+
+
+def read_token_shard(path: Path) -> tuple[dict[str, list], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    offsets = tensors["offsets"].tolist()
+    ids, mask = tensors["input_ids"].tolist(), tensors["loss_mask"].tolist()
+    columns = {
+        "input_ids": [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+        "loss_mask": [mask[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+        "prompt_id": json.loads(metadata["prompt_ids"]),
+        "num_turns": tensors["num_turns"].tolist(),
+    }
+    return columns, json.loads(metadata["stats"])

