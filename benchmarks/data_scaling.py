@@ -44,15 +44,16 @@ from transformers import PreTrainedModel
 
 from ppow_trl.data import DataConfig, TargetFeatureProvider, build_corpus, build_training_data, open_corpus
 from ppow_trl.data.draft_vocab import build_draft_vocab
+from ppow_trl.decoding import generate
 from ppow_trl.decoding.cost import measure_gamma
-from ppow_trl.decoding.speculative import generate
+from ppow_trl.metrics import acceptance_metrics
 from ppow_trl.models.build import build_drafter
 from ppow_trl.target import load_target
 from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
-from ppow_trl.training.acceptance import acceptance_metrics, dataset_acceptance
+from ppow_trl.training.acceptance import dataset_acceptance
 
 RECIPES = ("regenerated", "corpus", "mixed")
-IDLE_REGEN_TOKENS_PER_S = 61.0  # DESIGN.md, batched greedy regeneration on an idle machine
+IDLE_REGEN_TOKENS_PER_S = 61.0  # batched greedy regeneration, measured on an idle machine
 
 
 def positions(dataset: Dataset) -> int:
@@ -104,7 +105,7 @@ def train_point(train: Dataset, target, tokenizer, cli, output_dir: str):
         learning_rate=cli.learning_rate,
         warmup_steps=0.05,
         lr_scheduler_type="cosine",
-        ttt_steps=cli.ttt_steps,
+        window_size=cli.ttt_steps,
         eval_window_size=cli.window,
         logging_steps=50,
         save_strategy="no",

@@ -31,8 +31,9 @@ import ppow as ppow_recipe  # noqa: E402
 import sft_drafter  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
+from ppow_trl.metrics import paired_tau_difference  # noqa: E402
 from ppow_trl.models.common import unwrap_drafter  # noqa: E402
-from ppow_trl.training.acceptance import dataset_acceptance, paired_tau_difference  # noqa: E402
+from ppow_trl.training.acceptance import dataset_acceptance  # noqa: E402
 
 
 def held_out_k(drafter, trainer, window_size: int):

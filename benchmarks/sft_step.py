@@ -69,7 +69,7 @@ def main() -> None:
     cli = parser.parse_args()
 
     target, tokenizer, rows, drafter = embedded_setup(cli.batch_size, cli.seq_len, cli.draft_vocab_size)
-    args = DrafterSFTConfig(output_dir="/tmp/sft_step_bench", ttt_steps=cli.ttt_steps, disable_tqdm=True)
+    args = DrafterSFTConfig(output_dir="/tmp/sft_step_bench", window_size=cli.ttt_steps, disable_tqdm=True)
     trainer = DrafterSFTTrainer(drafter, target, args, train_dataset=rows, processing_class=tokenizer)
     model = trainer.model.train()
     optimizer = trainer.create_optimizer()

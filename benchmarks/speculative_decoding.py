@@ -32,8 +32,8 @@ import torch
 
 from ppow_trl.data import load_prompts
 from ppow_trl.data.draft_vocab import build_draft_vocab
+from ppow_trl.decoding import DrafterCandidateGenerator, generate, speculative_generate
 from ppow_trl.decoding.drafting import draft_windows, window_targets
-from ppow_trl.decoding.speculative import DrafterCandidateGenerator, generate, speculative_generate
 from ppow_trl.evaluation import hardware_info, load_drafter, versions
 from ppow_trl.models import Eagle3Drafter
 from ppow_trl.models.build import build_drafter

@@ -49,7 +49,7 @@ def main(
         drafter = build_drafter("eagle3", target, data.draft_vocab, aux_layer_ids=model_args.aux_layer_ids)
     else:
         drafter = build_drafter("medusa", target, data.draft_vocab, num_heads=args.medusa_num_heads)
-    aux = drafter.config.aux_layer_ids if args.drafter_type == "eagle3" else None
+    aux = drafter.config.aux_layer_ids or None  # the layers an EAGLE-3 drafter reads; Medusa reads none
     provider = make_feature_provider(data_config, data, target, aux_layer_ids=aux, with_logits=False)
     peft_config = lora_config(model_args)
     trainer = DrafterSFTTrainer(

@@ -1,14 +1,9 @@
-import pytest
 import torch
 
+from ppow_trl.decoding.drafting import window_targets
 from ppow_trl.target import capture_features
-from ppow_trl.training.acceptance import (
-    accepted_prefix_length,
-    dataset_acceptance,
-    evaluation_anchors,
-    paired_tau_difference,
-    teacher_forced_acceptance,
-)
+from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance, teacher_forced_acceptance
+from ppow_trl.training.windowing import assistant_anchors
 from tests.test_drafting import make_drafter
 
 
@@ -17,11 +12,6 @@ def test_accepted_prefix_length_stops_at_first_mismatch_and_at_the_sequence_end(
     ref = torch.tensor([[1, 2, 3, 4]] * 4)
     valid = torch.tensor([[True] * 4, [True] * 4, [True] * 4, [True, True, False, False]])
     assert accepted_prefix_length(draft, ref, valid).tolist() == [4, 1, 0, 2]
-
-
-def test_evaluation_anchors_point_two_rows_before_assistant_tokens():
-    mask = torch.tensor([[0, 0, 0, 1, 1, 0]])
-    assert evaluation_anchors(mask).nonzero()[:, 1].tolist() == [1, 2]
 
 
 def test_teacher_forced_acceptance_counts_matches_with_the_sequence(tiny_target):
@@ -36,27 +26,10 @@ def test_teacher_forced_acceptance_counts_matches_with_the_sequence(tiny_target)
     k = teacher_forced_acceptance(drafter, feats, seq, torch.ones_like(seq), loss_mask, 3)
     assert k.shape == (10,) and int(k.min()) >= 0 and int(k.max()) <= 3
     # An oracle that drafts the sequence itself is accepted in full wherever 3 tokens remain.
-    from ppow_trl.training.acceptance import window_targets
-
     anchors = torch.arange(seq.shape[1])[None]
     ref, in_range = window_targets(seq, anchors, 3)
-    oracle = accepted_prefix_length(ref, ref, in_range)[evaluation_anchors(loss_mask)]
+    oracle = accepted_prefix_length(ref, ref, in_range)[assistant_anchors(loss_mask)]
     assert oracle.tolist() == [3] * 8 + [2, 1]
-
-
-def test_paired_tau_difference_clusters_the_error_by_sequence():
-    k_new = torch.tensor([1, 0, 1, 0])
-    k_old = torch.tensor([0, 0, 0, 1])
-    # Diffs [1, 0, 1, -1], mean 0.25. Sequence 0 holds three windows (residual sum 1.25), sequence 1 one
-    # (residual -1.25): SE = sqrt(2/1 * (1.25^2 + 1.25^2)) / 4.
-    delta, se = paired_tau_difference(k_new, k_old, torch.tensor([0, 0, 0, 1]))
-    assert delta == 0.25 and abs(se - (2 * 2 * 1.25**2) ** 0.5 / 4) < 1e-12
-    # Improvements spread evenly over sequences have no spread between them.
-    assert (
-        paired_tau_difference(torch.tensor([1, 0, 1, 0]), torch.zeros(4), torch.tensor([0, 0, 1, 1]))[1] == 0
-    )
-    with pytest.raises(ValueError, match="same windows"):
-        paired_tau_difference(k_new, k_old[:3], torch.tensor([0, 0, 1]))
 
 
 def test_dataset_acceptance_names_the_sequence_of_every_window(tiny_target):

@@ -10,15 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppow_trl.decoding.verify import per_position_acceptance as verify_alpha
-from ppow_trl.evaluation import (
-    PLOT_FILES,
-    EvaluationConfig,
-    accepted_length_histogram,
-    evaluate,
-    load_prompt_set,
-    per_position_acceptance,
-)
+from ppow_trl.evaluation import PLOT_FILES, EvaluationConfig, evaluate, load_prompt_set
 from ppow_trl.models import DrafterTargetMismatchError
 from ppow_trl.target import load_target
 from tests.test_drafting import make_drafter
@@ -112,16 +104,6 @@ def test_evaluation_report_has_every_field_and_valid_plots(saved_drafter, tmp_pa
         assert data[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-
-
-def test_per_position_acceptance_and_histogram():
-    accepted = torch.tensor([0, 1, 3, 2, 3, 0, 1])
-    full = torch.full_like(accepted, 3)
-    assert per_position_acceptance(accepted, full, 3) == pytest.approx(verify_alpha(accepted, 3).tolist())
-    # A round capped at window 1 counts at position 1 only.
-    alpha = per_position_acceptance(torch.tensor([1, 2]), torch.tensor([1, 3]), 3)
-    assert alpha[:2] == pytest.approx([1.0, 1.0]) and alpha[2] == 0.0
-    assert accepted_length_histogram(accepted, 3) == [2, 2, 1, 2]
 
 
 def test_split_prompt_set(tmp_path):

@@ -1,4 +1,4 @@
-"""Drafter models: save/load through the Auto classes, target checks, LoRA."""
+"""Drafter models: save/load through the Auto classes, target checks, LoRA, the draft-vocabulary scatter."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from ppow_trl.models import (
     MedusaDrafter,
     MedusaDrafterConfig,
 )
+from ppow_trl.models.common import scatter_draft_probs
 from ppow_trl.target import capture_features
 from tests.conftest import build_tiny_target
 
@@ -112,3 +113,29 @@ def test_lora_wraps_and_trains_only_adapters(kind, tiny_target):
     loss.backward()
     grads = [p.grad for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_scatter_draft_probs_round_trip_with_offsets():
+    target_ids = torch.tensor([2, 5, 7, 9])
+    d2t = target_ids - torch.arange(4)  # offsets: target_id = draft_id + d2t[draft_id]
+    probs = torch.softmax(torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)), -1)
+    full = scatter_draft_probs(probs, d2t, 10)
+    assert full.shape == (2, 3, 10)
+    assert torch.equal(full[..., target_ids], probs)
+    others = torch.ones(10, dtype=torch.bool)
+    others[target_ids] = False
+    assert torch.all(full[..., others] == 0)
+    assert torch.allclose(full.sum(-1), torch.ones(2, 3))
+    assert scatter_draft_probs(probs, None, 4) is probs
+
+
+def test_scatter_draft_probs_errors():
+    probs = torch.full((3, 4), 0.25)
+    with pytest.raises(ValueError, match="d2t must have shape"):
+        scatter_draft_probs(probs, torch.zeros(3, dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="outside"):
+        scatter_draft_probs(probs, torch.tensor([0, 0, 0, 7]), 10)
+    with pytest.raises(ValueError, match="same target id"):
+        scatter_draft_probs(probs, torch.tensor([1, 0, 0, 0]), 10)
+    with pytest.raises(ValueError, match="identity"):
+        scatter_draft_probs(probs, None, 10)

@@ -11,7 +11,13 @@ from ppow_trl.training.rewards import (
     get_reward_funcs,
     proximity_reward,
 )
-from ppow_trl.training.windowing import position_scores, sample_anchors, valid_anchors, window_scores
+from ppow_trl.training.windowing import (
+    assistant_anchors,
+    position_scores,
+    sample_anchors,
+    valid_anchors,
+    window_scores,
+)
 
 
 def test_cost_aware_speedup_reward_values_for_k_0_to_10_at_gamma_0_12():
@@ -88,3 +94,8 @@ def test_anchor_sampling_respects_validity_and_is_reproducible():
     a2, _ = sample_anchors(valid, 3, gens(), scores, temperature=1.0)
     assert torch.equal(a1, a2) and has.tolist() == [True, False]
     assert 4 in a1[0].tolist() and all(valid[0, r] for r in a1[0].tolist())
+
+
+def test_assistant_anchors_point_two_rows_before_assistant_tokens():
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0]])
+    assert assistant_anchors(mask).nonzero()[:, 1].tolist() == [1, 2]

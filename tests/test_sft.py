@@ -70,7 +70,7 @@ def make_args(tmp_path: Path, **overrides) -> DrafterSFTConfig:
         per_device_train_batch_size=4,
         per_device_eval_batch_size=8,
         learning_rate=1e-3,
-        ttt_steps=K,
+        window_size=K,
         eval_window_size=K,
         logging_steps=5,
         save_strategy="no",
@@ -347,7 +347,7 @@ def test_recipes_run_on_a_local_target(tmp_path, tiny_target_dir):
             "--eval_fraction", "0.25",
             "--output_dir", str(tmp_path / "out"),
             "--max_steps", "2",
-            "--ttt_steps", "2",
+            "--window_size", "2",
             "--per_device_train_batch_size", "2",
             "--disable_tqdm", "true",
             "--dataloader_pin_memory", "false",
@@ -397,7 +397,7 @@ def test_warm_start_on_the_embedded_target_improves_tau(tmp_path):
     )
     data = build_training_data(config, target, tokenizer, progress=False)
     args = make_args(
-        tmp_path, max_steps=40, learning_rate=1e-3, ttt_steps=3, eval_window_size=5, logging_steps=10
+        tmp_path, max_steps=40, learning_rate=1e-3, window_size=3, eval_window_size=5, logging_steps=10
     )
     trainer = make_trainer("eagle3", target, data, args, tokenizer)
     before = trainer.evaluate()["eval_tau"]

@@ -1,4 +1,4 @@
-"""Torch reference verification: greedy and speculative-sampling acceptance, metrics, draft-vocab scatter."""
+"""Torch reference verification: greedy and speculative-sampling acceptance."""
 
 from __future__ import annotations
 
@@ -9,15 +9,7 @@ import torch
 
 import ppow_trl.decoding.kernels as kernels
 from ppow_trl.decoding.kernels import verify_windows
-from ppow_trl.decoding.verify import (
-    VerifyResult,
-    acceptance_length,
-    per_position_acceptance,
-    scatter_draft_probs,
-    simulated_tau,
-    verify_greedy,
-    verify_sampling,
-)
+from ppow_trl.decoding.verify import VerifyResult, verify_greedy, verify_sampling
 
 
 def one_hot_logits(argmaxes: list[list[int]], vocab: int) -> torch.Tensor:
@@ -65,38 +57,6 @@ def test_greedy_bf16_logits_match_fp32():
     drafts[::3, 2] = (drafts[::3, 2] + 1) % 300
     got, want = verify_greedy(logits, drafts), verify_greedy(logits.float(), drafts)
     assert torch.equal(got.accepted, want.accepted) and torch.equal(got.next_token, want.next_token)
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-
-def test_metrics_on_hand_made_accept_lengths():
-    accepted = torch.tensor([0, 1, 3, 3, 2])
-    assert acceptance_length(accepted) == pytest.approx(2.8)  # mean(k + 1) = 14 / 5
-    alpha = per_position_acceptance(accepted, 3)
-    assert alpha.shape == (3,) and alpha.is_floating_point()
-    assert alpha.tolist() == pytest.approx([4 / 5, 3 / 4, 2 / 3])
-    assert simulated_tau(alpha) == pytest.approx(1 + 0.8 + 0.6 + 0.4)  # telescopes to the empirical tau
-
-
-def test_metrics_edge_cases():
-    alpha = per_position_acceptance(torch.tensor([0, 0]), 4)
-    assert alpha.tolist() == [0.0, 0.0, 0.0, 0.0]  # no division by zero beyond position 1
-    assert simulated_tau(alpha) == 1.0
-    assert acceptance_length(torch.tensor([0, 0])) == 1.0
-    full = torch.tensor([5, 5, 5])
-    assert per_position_acceptance(full, 5).tolist() == [1.0] * 5
-    assert simulated_tau(per_position_acceptance(full, 5)) == 6.0 == acceptance_length(full)
-    assert per_position_acceptance(torch.tensor([2, 1]), 4).tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
-    with pytest.raises(ValueError, match="empty"):
-        acceptance_length(torch.tensor([], dtype=torch.long))
-    with pytest.raises(ValueError, match=r"\[0, 3\]"):
-        per_position_acceptance(torch.tensor([4]), 3)
-
-
-def test_simulated_tau_equals_empirical_tau():
-    accepted = torch.randint(0, 11, (500,), generator=torch.Generator().manual_seed(1))
-    assert simulated_tau(per_position_acceptance(accepted, 10)) == pytest.approx(acceptance_length(accepted))
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -199,35 +159,6 @@ def test_speculative_sampling_reproduces_the_target_distribution():
     stat_naive, df = _chi2(drafts[:, 0], p[0].clamp_min(1e-12))
     assert stat_naive > 10 * _chi2_critical(df)
     assert 0.2 < (k >= 1).double().mean() < 0.95  # the test covers both acceptances and rejections
-
-
-# ---------------------------------------------------------------------------------------------- draft vocab
-
-
-def test_scatter_draft_probs_round_trip_with_offsets():
-    target_ids = torch.tensor([2, 5, 7, 9])
-    d2t = target_ids - torch.arange(4)  # offsets: target_id = draft_id + d2t[draft_id]
-    probs = torch.softmax(torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)), -1)
-    full = scatter_draft_probs(probs, d2t, 10)
-    assert full.shape == (2, 3, 10)
-    assert torch.equal(full[..., target_ids], probs)
-    others = torch.ones(10, dtype=torch.bool)
-    others[target_ids] = False
-    assert torch.all(full[..., others] == 0)
-    assert torch.allclose(full.sum(-1), torch.ones(2, 3))
-    assert scatter_draft_probs(probs, None, 4) is probs
-
-
-def test_scatter_draft_probs_errors():
-    probs = torch.full((3, 4), 0.25)
-    with pytest.raises(ValueError, match="d2t must have shape"):
-        scatter_draft_probs(probs, torch.zeros(3, dtype=torch.long), 10)
-    with pytest.raises(ValueError, match="outside"):
-        scatter_draft_probs(probs, torch.tensor([0, 0, 0, 7]), 10)
-    with pytest.raises(ValueError, match="same target id"):
-        scatter_draft_probs(probs, torch.tensor([1, 0, 0, 0]), 10)
-    with pytest.raises(ValueError, match="identity"):
-        scatter_draft_probs(probs, None, 10)
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -1,8 +1,8 @@
 """Verification of drafted windows against the target: the torch reference.
 
-Conventions (see PPOW_METHOD.md): a window has K drafted tokens; the target scores K + 1 positions (row j
+Conventions (docs/metrics.md): a window has K drafted tokens; the target scores K + 1 positions (row j
 scores draft position j, row K is the bonus position). ``k`` is the accepted prefix length (0..K) and the
-target always adds one token of its own, so tau = mean(k + 1).
+target always adds one token of its own, so tau = mean(k + 1) (`ppow_trl.metrics`).
 
 The sampling path is written so that its arithmetic is fully specified, which lets the Triton kernel in
 ``ppow_trl.decoding.kernels`` reproduce it:
@@ -22,16 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "VerifyResult",
-    "acceptance_length",
-    "draw_uniforms",
-    "per_position_acceptance",
-    "scatter_draft_probs",
-    "simulated_tau",
-    "verify_greedy",
-    "verify_sampling",
-]
+__all__ = ["VerifyResult", "draw_uniforms", "verify_greedy", "verify_sampling"]
 
 
 @dataclass
@@ -219,95 +210,3 @@ def verify_sampling(
     dist = torch.where(empty, p_k, dist)
     next_token = _inverse_cdf(dist, residual_uniforms)
     return VerifyResult(accepted=accepted, next_token=next_token)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# metrics
-
-
-def _check_accepted(accepted: torch.Tensor) -> torch.Tensor:
-    if not isinstance(accepted, torch.Tensor):
-        accepted = torch.as_tensor(accepted)
-    if accepted.numel() == 0:
-        raise ValueError("accepted is empty: need at least one verified window")
-    if accepted.is_floating_point() or accepted.dtype == torch.bool:
-        raise ValueError(f"accepted must be an integer tensor, got {accepted.dtype}")
-    return accepted.reshape(-1).long()
-
-
-def acceptance_length(accepted: torch.Tensor) -> float:
-    """tau = mean(k + 1) over windows (the +1 is the target's own extra token)."""
-    accepted = _check_accepted(accepted)
-    return float((accepted + 1).double().mean())
-
-
-def per_position_acceptance(accepted: torch.Tensor, window_size: int) -> torch.Tensor:
-    """alpha_j = #(k >= j) / #(k >= j-1) for j = 1..K, as a (K,) float tensor (0 where nothing reached j)."""
-    accepted = _check_accepted(accepted)
-    if window_size < 1:
-        raise ValueError(f"window_size must be >= 1, got {window_size}")
-    if int(accepted.min()) < 0 or int(accepted.max()) > window_size:
-        raise ValueError(
-            f"accepted values must lie in [0, {window_size}], got [{int(accepted.min())}, {int(accepted.max())}]"
-        )
-    thresholds = torch.arange(window_size + 1, device=accepted.device)
-    reached = (accepted.unsqueeze(1) >= thresholds).sum(dim=0).double()  # reached[j] = #(k >= j)
-    num, den = reached[1:], reached[:-1]
-    alpha = torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))
-    return alpha.float()
-
-
-def simulated_tau(alpha: torch.Tensor) -> float:
-    """tau implied by per-position acceptance: 1 + sum_k prod_{i<=k} alpha_i."""
-    alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
-    if alpha.numel() == 0:
-        raise ValueError("alpha is empty")
-    return float(1.0 + torch.cumprod(alpha, dim=0).sum())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# draft vocabulary
-
-
-def scatter_draft_probs(
-    draft_vocab_probs: torch.Tensor,
-    d2t: torch.Tensor | None,
-    vocab_size: int,
-    validate: bool = True,
-) -> torch.Tensor:
-    """Map (..., V_d) probabilities over a reduced draft vocabulary to (..., vocab_size) over the target's.
-
-    d2t (V_d,) int64 holds offsets: target_id = draft_id + d2t[draft_id] (the EAGLE-3 convention); it must
-    be injective. Target tokens outside the draft vocabulary get probability 0. d2t None means identity
-    (V_d == vocab_size) and returns the input unchanged. ``validate`` checks the map (a host sync on GPUs).
-    """
-    if draft_vocab_probs.dim() < 1:
-        raise ValueError("draft_vocab_probs must have a vocabulary dimension")
-    draft_vocab = draft_vocab_probs.shape[-1]
-    if d2t is None:
-        if draft_vocab != vocab_size:
-            raise ValueError(
-                f"d2t is None (identity) but draft_vocab_probs has {draft_vocab} entries, not vocab_size={vocab_size}"
-            )
-        return draft_vocab_probs
-    if d2t.dim() != 1 or d2t.shape[0] != draft_vocab:
-        raise ValueError(
-            f"d2t must have shape (V_d,) = ({draft_vocab},) to match draft_vocab_probs "
-            f"{tuple(draft_vocab_probs.shape)}, got {tuple(d2t.shape)}"
-        )
-    if draft_vocab > vocab_size:
-        raise ValueError(f"draft vocabulary ({draft_vocab}) is larger than vocab_size ({vocab_size})")
-    target_ids = torch.arange(draft_vocab, device=draft_vocab_probs.device) + d2t.to(
-        draft_vocab_probs.device, torch.long
-    )
-    if validate:
-        if int(target_ids.min()) < 0 or int(target_ids.max()) >= vocab_size:
-            raise ValueError(
-                f"d2t maps draft ids outside [0, {vocab_size}): target ids span "
-                f"[{int(target_ids.min())}, {int(target_ids.max())}]"
-            )
-        if torch.unique(target_ids).numel() != draft_vocab:
-            raise ValueError("d2t maps two draft ids to the same target id")
-    out = draft_vocab_probs.new_zeros(*draft_vocab_probs.shape[:-1], vocab_size)
-    out[..., target_ids] = draft_vocab_probs
-    return out

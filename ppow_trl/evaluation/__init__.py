@@ -1,35 +1,21 @@
-"""Evaluation of a trained drafter: tau, per-position acceptance, speedup over plain `generate`, the
-lossless check, and the report (results.json, results.md, plots)."""
+"""Evaluation of a trained drafter: `config` (EvaluationConfig), `runner` (load, generate, time: `evaluate`)
+and `report` (the per-set summary, results.json, results.md and the plots)."""
 
-from .runner import (
-    BASELINES,
-    DECODINGS,
-    PLOT_FILES,
-    EvaluationConfig,
-    accepted_length_histogram,
-    evaluate,
-    hardware_info,
-    load_drafter,
-    load_prompt_set,
-    markdown_table,
-    per_position_acceptance,
-    versions,
-    write_plots,
-    write_report,
-)
+from .config import BASELINES, DECODINGS, EvaluationConfig
+from .report import PLOT_FILES, markdown_table, summarise, write_plots, write_report
+from .runner import evaluate, hardware_info, load_drafter, load_prompt_set, versions
 
 __all__ = [
     "BASELINES",
     "DECODINGS",
     "PLOT_FILES",
     "EvaluationConfig",
-    "accepted_length_histogram",
     "evaluate",
     "hardware_info",
     "load_drafter",
     "load_prompt_set",
     "markdown_table",
-    "per_position_acceptance",
+    "summarise",
     "versions",
     "write_plots",
     "write_report",

@@ -1,163 +1,42 @@
 """Evaluate a drafter on prompt sets: tau, per-position acceptance, speedup over plain `generate`, lossless check.
 
-Definitions (DESIGN.md): tau = generated tokens / target verification forwards (the prefill forward is not
-counted; its token is); alpha_j = P(draft token j accepted | tokens 1..j-1 accepted); speedup = tokens/s of
-speculative decoding / tokens/s of plain `generate`, same process, same prompts, batch size 1, after a
+Definitions (docs/metrics.md): tau = generated tokens / target verification forwards (the prefill forward is
+not counted; its token is); alpha_j = P(draft token j accepted | tokens 1..j-1 accepted); speedup = tokens/s
+of speculative decoding / tokens/s of plain `generate`, same process, same prompts, batch size 1, after a
 warm-up; lossless = greedy speculative output equals plain greedy output token for token (check it in fp32).
 Drafting is chain drafting (one candidate per position).
 
 Every generation runs twice, alternating per prompt: plain `target.generate` and speculative decoding (and the
 optional prompt-lookup baseline). Multi-turn prompts (MT-Bench) are answered turn by turn; a later turn's
-prompt contains the target's own plain answer to the earlier turns.
-
-Outputs under `output_dir`: `results.json`, `results.md`, `acceptance_per_position.png`,
-`accepted_length_histogram.png`.
+prompt contains the target's own plain answer to the earlier turns. The report is written by
+`ppow_trl.evaluation.report`: `results.json`, `results.md`, `acceptance_per_position.png`,
+`accepted_length_histogram.png` under `output_dir`.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
-import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from ppow_trl.decoding.speculative import generate as speculative_generate_hf
-from ppow_trl.target import load_target
+from ppow_trl.data.sources import load_prompts
+from ppow_trl.decoding import generate
+from ppow_trl.evaluation.config import EvaluationConfig
+from ppow_trl.evaluation.report import DEFINITIONS, hardware_line, summarise, write_report
+from ppow_trl.target import eos_token_ids, load_target
 
-logger = logging.getLogger(__name__)
-
-BASELINES = ("plain", "prompt_lookup")
-DECODINGS = ("assisted", "loop")
 SPLIT_PREFIX = "split:"
-PLOT_FILES = ("acceptance_per_position.png", "accepted_length_histogram.png")
 
 
-@dataclass
-class EvaluationConfig:
-    """Settings of one drafter evaluation (every field is a command-line flag of recipes/evaluate_drafter.py)."""
-
-    drafter: str = field(
-        metadata={"help": "Drafter to evaluate: a local directory saved with save_pretrained, or a Hub id."},
-    )
-    target: str | None = field(
-        default=None,
-        metadata={
-            "help": "Target model: 'embedded', a model directory, a .gguf file or a Hub id. Default: the "
-            "drafter config's target_name_or_path, else 'embedded'."
-        },
-    )
-    prompt_sets: list[str] = field(
-        default_factory=lambda: ["mt_bench", "humaneval"],
-        metadata={
-            "help": "Prompt sets: mt_bench (both turns; turn 2 follows the target's own turn-1 answer), "
-            "humaneval, gsm8k (Hub, needs network or cache), a .jsonl/.json/.parquet path, or "
-            "split:<path to split.json> for the eval split of a training run."
-        },
-    )
-    max_prompts: int | None = field(
-        default=8, metadata={"help": "Prompts per set (the first N; None = all)."}
-    )
-    max_turns: int | None = field(
-        default=2, metadata={"help": "User turns per conversation at most (None = all)."}
-    )
-    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per turn at most."})
-    num_draft_tokens: int = field(
-        default=5, metadata={"help": "K: draft tokens per verification window (chain drafting)."}
-    )
-    temperatures: list[float] = field(
-        default_factory=lambda: [0.0],
-        metadata={"help": "Decoding temperatures; 0 = greedy (with the lossless check), e.g. 0 1."},
-    )
-    dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "Target and drafter dtype (float32, bfloat16, float16); lossless checks need float32."
-        },
-    )
-    seed: int = field(default=0, metadata={"help": "Random seed (sampling at temperature > 0)."})
-    output_dir: str = field(
-        default="outputs/evaluation",
-        metadata={"help": "Where results.json, results.md and plots are written."},
-    )
-    baselines: list[str] = field(
-        default_factory=lambda: ["plain"],
-        metadata={
-            "help": "Extra rows: 'plain' (plain generate on its own) and/or 'prompt_lookup' "
-            "(transformers' prompt-lookup decoding with K tokens)."
-        },
-    )
-    decoding: str = field(
-        default="assisted",
-        metadata={
-            "help": "Speculative decoding path: 'assisted' (transformers' assisted generation with the "
-            "drafter's candidate generator) or 'loop' (ppow_trl's batched decoding loop at batch size 1)."
-        },
-    )
-    warmup_tokens: int = field(
-        default=8, metadata={"help": "Tokens generated by each method once before timing (0 = no warm-up)."}
-    )
-    device: str | None = field(
-        default=None, metadata={"help": "Device for target and drafter (default: CPU)."}
-    )
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar over prompts."})
-    plots: bool = field(default=True, metadata={"help": "Write the PNG plots."})
-
-    def __post_init__(self):
-        if isinstance(self.prompt_sets, str):
-            self.prompt_sets = [self.prompt_sets]
-        if isinstance(self.baselines, str):
-            self.baselines = [self.baselines]
-        if isinstance(self.temperatures, int | float):
-            self.temperatures = [float(self.temperatures)]
-        if not self.drafter:
-            raise ValueError("EvaluationConfig.drafter is required (a drafter directory or Hub id)")
-        if isinstance(self.num_draft_tokens, bool) or self.num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens (K) must be >= 1, got {self.num_draft_tokens}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.prompt_sets:
-            raise ValueError("prompt_sets is empty")
-        if any(t < 0 for t in self.temperatures) or not self.temperatures:
-            raise ValueError(f"temperatures must be >= 0 (0 = greedy), got {self.temperatures}")
-        unknown = [b for b in self.baselines if b not in BASELINES]
-        if unknown:
-            raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1 or None, got {self.max_prompts}")
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def per_position_acceptance(
-    accepted: torch.Tensor, window_sizes: torch.Tensor, num_draft_tokens: int
-) -> list[float]:
-    """alpha_j for j = 1..K from per-round accepted counts k and window sizes w (rounds with w < j do not
-    count at position j): alpha_j = #(k >= j, w >= j) / #(k >= j-1, w >= j); NaN where no round reached j."""
-    accepted = torch.as_tensor(accepted).reshape(-1).long()
-    window_sizes = torch.as_tensor(window_sizes).reshape(-1).long()
-    alphas = []
-    for j in range(1, num_draft_tokens + 1):
-        reach = (accepted >= j - 1) & (window_sizes >= j)
-        den = int(reach.sum())
-        alphas.append(float((reach & (accepted >= j)).sum()) / den if den else float("nan"))
-    return alphas
-
-
-def accepted_length_histogram(accepted: torch.Tensor, num_draft_tokens: int) -> list[int]:
-    """Counts of k = 0..K over rounds."""
-    accepted = torch.as_tensor(accepted).reshape(-1).long()
-    return torch.bincount(accepted.clamp(0, num_draft_tokens), minlength=num_draft_tokens + 1).tolist()
-
-
+# --------------------------------------------------------------------------------------------- environment
 # --------------------------------------------------------------------------------------------- environment
 def hardware_info() -> dict[str, Any]:
     """CPU model and cores (and the GPU, if one is used)."""
@@ -189,19 +68,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _hardware_line(hardware: dict[str, Any]) -> str:
-    if hardware.get("gpu"):
-        return f"{hardware['gpu']}"
-    return f"{hardware['cpu']} ({hardware['cpu_cores']} cores, {hardware['torch_threads']} torch threads)"
-
-
+# ------------------------------------------------------------------------------------------------ loading
 # ------------------------------------------------------------------------------------------------ loading
 def load_drafter(
     name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None
 ) -> PreTrainedModel:
     """Load a saved drafter (the ppow_trl drafter classes are registered with AutoModel on import)."""
-    import ppow_trl.models  # noqa: F401  (registers the drafter configs with the Auto classes)
-
     try:
         drafter = AutoModel.from_pretrained(name_or_path, dtype=dtype)
     except OSError as err:
@@ -220,8 +92,6 @@ def _default_target(drafter: PreTrainedModel) -> str:
 
 def load_prompt_set(spec: str, max_prompts: int | None, max_turns: int | None) -> tuple[str, list]:
     """(display name, examples) for a prompt-set spec; `split:<split.json>` selects a training run's eval ids."""
-    from ppow_trl.data.sources import load_prompts
-
     if spec.startswith(SPLIT_PREFIX):
         path = Path(spec[len(SPLIT_PREFIX) :]).expanduser()
         if not path.is_file():
@@ -251,12 +121,6 @@ def load_prompt_set(spec: str, max_prompts: int | None, max_turns: int | None) -
     examples = load_prompts(spec, max_prompts=max_prompts, max_turns=max_turns)
     name = Path(spec).stem if Path(spec).suffix else spec
     return name, examples
-
-
-def _eos_ids(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    configured = getattr(target.generation_config, "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    return sorted({int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
@@ -291,7 +155,7 @@ class _Evaluator:
         self.config = config
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.device = next(target.parameters()).device
-        self.eos = _eos_ids(target, tokenizer)
+        self.eos = eos_token_ids(target, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.pad = int(pad)
         self.context = getattr(target.config, "max_position_embeddings", None)
@@ -304,35 +168,17 @@ class _Evaluator:
             kw.update(do_sample=False)
         return kw
 
-    def plain(self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int) -> dict[str, Any]:
-        torch.manual_seed(seed)
-        counter = _ForwardCounter(self.target)
-        _sync(self.device)
-        start = time.perf_counter()
-        try:
-            out = self.target.generate(
-                ids, attention_mask=torch.ones_like(ids), **self.kwargs(temperature, max_new_tokens)
-            )
-            _sync(self.device)
-        finally:
-            counter.remove()
-        seconds = time.perf_counter() - start
-        new = out[0, ids.shape[1] :].tolist()
-        return {"tokens": new, "seconds": seconds, "forwards": counter.count}
-
-    def prompt_lookup(
-        self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int
+    def _target_generate(
+        self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int, **extra: Any
     ) -> dict[str, Any]:
+        """`target.generate` timed, with its target forwards counted (the baselines)."""
         torch.manual_seed(seed)
         counter = _ForwardCounter(self.target)
         _sync(self.device)
         start = time.perf_counter()
         try:
             out = self.target.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                prompt_lookup_num_tokens=self.config.num_draft_tokens,
-                **self.kwargs(temperature, max_new_tokens),
+                ids, attention_mask=torch.ones_like(ids), **extra, **self.kwargs(temperature, max_new_tokens)
             )
             _sync(self.device)
         finally:
@@ -340,13 +186,23 @@ class _Evaluator:
         seconds = time.perf_counter() - start
         return {"tokens": out[0, ids.shape[1] :].tolist(), "seconds": seconds, "forwards": counter.count}
 
+    def plain(self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int) -> dict[str, Any]:
+        return self._target_generate(ids, temperature, max_new_tokens, seed)
+
+    def prompt_lookup(
+        self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int
+    ) -> dict[str, Any]:
+        return self._target_generate(
+            ids, temperature, max_new_tokens, seed, prompt_lookup_num_tokens=self.config.num_draft_tokens
+        )
+
     def speculative(
         self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int
     ) -> dict[str, Any]:
         torch.manual_seed(seed)
         _sync(self.device)
         start = time.perf_counter()
-        out = speculative_generate_hf(
+        out = generate(
             self.target,
             self.drafter,
             ids,
@@ -423,104 +279,7 @@ class _Evaluator:
                     }
                 )
                 messages.append({"role": "assistant", "content": self.decode_answer(plain["tokens"])})
-        return self.summarise(name, temperature, examples, records)
-
-    def summarise(self, name: str, temperature: float, examples: list, records: list[dict]) -> dict[str, Any]:
-        config = self.config
-        k = config.num_draft_tokens
-        accepted = torch.tensor([a for r in records for a in r["spec"]["accepted"]], dtype=torch.long)
-        windows = torch.tensor([w for r in records for w in r["spec"]["window_sizes"]], dtype=torch.long)
-        drafted = windows > 0
-        spec_tokens = sum(len(r["spec"]["tokens"]) for r in records)
-        plain_tokens = sum(len(r["plain"]["tokens"]) for r in records)
-        spec_seconds = sum(r["spec"]["seconds"] for r in records)
-        plain_seconds = sum(r["plain"]["seconds"] for r in records)
-        forwards = sum(r["spec"]["verify_forwards"] for r in records)
-        plain_tps = plain_tokens / plain_seconds if plain_seconds > 0 else float("nan")
-        spec_tps = spec_tokens / spec_seconds if spec_seconds > 0 else float("nan")
-        full = accepted[windows == k]
-        greedy = temperature == 0
-        matches = sum(r["spec"]["tokens"] == r["plain"]["tokens"] for r in records) if greedy else None
-        result = {
-            "prompt_set": name,
-            "temperature": temperature,
-            "method": f"{type(self.drafter).__name__} ({config.decoding})",
-            "drafting": "chain",
-            "window_size": k,
-            "num_prompts": len(examples),
-            "num_generations": len(records),
-            "generated_tokens": spec_tokens,
-            "verify_forwards": forwards,
-            "tau": spec_tokens / forwards if forwards else float("nan"),
-            "tau_windows": float((accepted[drafted] + 1).double().mean())
-            if bool(drafted.any())
-            else float("nan"),
-            "mean_accepted_length": float(accepted[drafted].double().mean())
-            if bool(drafted.any())
-            else float("nan"),
-            "alpha": per_position_acceptance(accepted, windows, k),
-            "accepted_length_histogram": accepted_length_histogram(full, k),
-            "num_rounds": int(accepted.numel()),
-            "plain_tokens": plain_tokens,
-            "plain_seconds": plain_seconds,
-            "speculative_seconds": spec_seconds,
-            "drafter_seconds": sum(r["spec"]["drafter_seconds"] for r in records),
-            "plain_tokens_per_s": plain_tps,
-            "speculative_tokens_per_s": spec_tps,
-            "speedup": spec_tps / plain_tps if plain_tps > 0 else float("nan"),
-            "greedy_matches": matches,
-            "greedy_total": len(records) if greedy else None,
-            "mismatched_ids": [
-                f"{r['id']}#{r['turn']}" for r in records if r["spec"]["tokens"] != r["plain"]["tokens"]
-            ]
-            if greedy
-            else None,
-            "baselines": {},
-            "generations": [
-                {
-                    "id": r["id"],
-                    "turn": r["turn"],
-                    "prompt_tokens": r["prompt_tokens"],
-                    "plain_tokens": len(r["plain"]["tokens"]),
-                    "speculative_tokens": len(r["spec"]["tokens"]),
-                    "verify_forwards": r["spec"]["verify_forwards"],
-                    "outputs_match": r["spec"]["tokens"] == r["plain"]["tokens"],
-                }
-                for r in records
-            ],
-            "settings": {
-                "max_new_tokens": config.max_new_tokens,
-                "num_draft_tokens": k,
-                "temperature": temperature,
-                "decoding": config.decoding,
-                "batch_size": 1,
-                "dtype": config.dtype,
-                "drafting": "chain",
-            },
-        }
-        if "plain" in config.baselines:
-            forwards_plain = sum(r["plain"]["forwards"] - 1 for r in records)
-            result["baselines"]["plain"] = {
-                "tokens_per_s": plain_tps,
-                "tau": plain_tokens / forwards_plain if forwards_plain else float("nan"),
-                "speedup": 1.0,
-                "generated_tokens": plain_tokens,
-            }
-        if "prompt_lookup" in config.baselines:
-            tokens = sum(len(r["lookup"]["tokens"]) for r in records)
-            seconds = sum(r["lookup"]["seconds"] for r in records)
-            fw = sum(r["lookup"]["forwards"] - 1 for r in records)
-            tps = tokens / seconds if seconds > 0 else float("nan")
-            result["baselines"]["prompt_lookup"] = {
-                "tokens_per_s": tps,
-                "tau": tokens / fw if fw else float("nan"),
-                "speedup": tps / plain_tps if plain_tps > 0 else float("nan"),
-                "generated_tokens": tokens,
-                "greedy_matches": sum(r["lookup"]["tokens"] == r["plain"]["tokens"] for r in records)
-                if greedy
-                else None,
-            }
-        return result
+        return summarise(self.config, type(self.drafter).__name__, name, temperature, examples, records)
 
 
 def evaluate(
@@ -553,140 +312,15 @@ def evaluate(
 
     hardware = hardware_info()
     for result in results:
-        result["hardware"] = _hardware_line(hardware)
+        result["hardware"] = hardware_line(hardware)
     report = {
         "drafter": config.drafter,
         "target": target_name,
         "settings": asdict(config),
         "hardware": hardware,
         "versions": versions(),
-        "definitions": {
-            "tau": "generated tokens / target verification forwards (prefill excluded), chain drafting",
-            "alpha_j": "P(draft token j accepted | tokens 1..j-1 accepted)",
-            "speedup": "speculative tokens/s / plain generate tokens/s, same process, batch size 1, after warm-up",
-            "greedy_matches": "generations whose greedy speculative output equals plain greedy token for token",
-            "accepted_length_histogram": "counts of k = 0..K over rounds that verified a full window of K tokens",
-            "mean_accepted_length": "mean k over rounds that verified at least one draft token",
-            "tau_windows": "mean (k + 1) over those rounds (the per-window tau of PPOW_METHOD.md)",
-        },
+        "definitions": dict(DEFINITIONS),
         "results": results,
     }
     write_report(report, config.output_dir, plots=config.plots)
     return report
-
-
-# ------------------------------------------------------------------------------------------------- report
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        # NaN: nothing to measure (no window reached that position).
-        return "-" if value != value else f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The results as a markdown table (one row per prompt set, temperature and method)."""
-    results = report["results"]
-    k = results[0]["window_size"] if results else 0
-    alpha_cols = " | ".join(f"a{j}" for j in range(1, k + 1))
-    lines = [
-        f"Drafter `{report['drafter']}` on target `{report['target']}`: chain drafting, K={k}, batch size 1, "
-        f"{report['settings']['dtype']}, max_new_tokens={report['settings']['max_new_tokens']}; "
-        f"hardware: {_hardware_line(report['hardware'])}.",
-        "",
-        "tau = generated tokens / verification forwards (bonus token counted, prefill excluded); "
-        "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j.",
-        "",
-        f"| prompt set | T | method | gens | tokens | tau | mean k | {alpha_cols} | tok/s | speedup | greedy match |",
-        "|" + "---|" * (10 + k),
-    ]
-    for r in results:
-        alphas = " | ".join(_fmt(a) for a in r["alpha"])
-        match = f"{r['greedy_matches']}/{r['greedy_total']}" if r["greedy_total"] is not None else "-"
-        lines.append(
-            f"| {r['prompt_set']} | {r['temperature']:g} | {r['method']} | {r['num_generations']} | "
-            f"{r['generated_tokens']} | {_fmt(r['tau'])} | {_fmt(r['mean_accepted_length'])} | {alphas} | "
-            f"{_fmt(r['speculative_tokens_per_s'], 1)} | {_fmt(r['speedup'])}x | {match} |"
-        )
-        blank = " | ".join("-" for _ in range(k))
-        for name, b in r["baselines"].items():
-            bmatch = "-"
-            if b.get("greedy_matches") is not None:
-                bmatch = f"{b['greedy_matches']}/{r['greedy_total']}"
-            lines.append(
-                f"| {r['prompt_set']} | {r['temperature']:g} | {name} | {r['num_generations']} | "
-                f"{b['generated_tokens']} | {_fmt(b['tau'])} | - | {blank} | {_fmt(b['tokens_per_s'], 1)} | "
-                f"{_fmt(b['speedup'])}x | {bmatch} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def write_plots(report: dict[str, Any], output_dir: str | Path) -> list[Path]:
-    """Per-position acceptance per prompt set, and the histogram of accepted lengths (PNG, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output_dir = Path(output_dir)
-    results = report["results"]
-    k = results[0]["window_size"] if results else 1
-    paths = [output_dir / name for name in PLOT_FILES]
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        ax.plot(range(1, k + 1), r["alpha"], marker="o", label=f"{r['prompt_set']} T={r['temperature']:g}")
-    ax.set_xlabel("draft position j")
-    ax.set_ylabel("alpha_j = P(accept j | 1..j-1 accepted)")
-    ax.set_ylim(0, 1.02)
-    ax.set_xticks(range(1, k + 1))
-    ax.set_title(f"Per-position acceptance (chain, K={k})")
-    ax.grid(alpha=0.3)
-    if results:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.8 / max(len(results), 1)
-    for i, r in enumerate(results):
-        counts = torch.tensor(r["accepted_length_histogram"], dtype=torch.float64)
-        freq = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
-        ax.bar(
-            [x + i * width for x in range(k + 1)], freq, width=width,
-            label=f"{r['prompt_set']} T={r['temperature']:g}",
-        )  # fmt: skip
-    ax.set_xlabel("accepted draft tokens k per round")
-    ax.set_ylabel("fraction of rounds")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(k + 1)], [str(x) for x in range(k + 1)])
-    ax.set_title(f"Accepted lengths (chain, K={k})")
-    if results:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
-    return paths
-
-
-def _strict_json(value: Any) -> Any:
-    """NaN/inf -> None, so results.json is strict JSON."""
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def write_report(report: dict[str, Any], output_dir: str | Path, plots: bool = True) -> None:
-    """Write results.json, results.md and (optionally) the plots into output_dir."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(_strict_json(report), indent=1, default=str))
-    (output_dir / "results.md").write_text(markdown_table(report))
-    if plots:
-        write_plots(report, output_dir)
-    logger.info("Evaluation written to %s", output_dir)

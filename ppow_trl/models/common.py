@@ -1,13 +1,97 @@
-"""What every drafter shares: the record of the target it was built for, and the check against it."""
+"""What every drafter shares: the record of the target it was built for and the check against it, the
+draft-vocabulary maps, and the drafting interface each drafter class implements.
+
+Conventions (docs/eagle3.md): drafter row p pairs the target feature at position p with token x_{p+1} and
+predicts x_{p+2}. A window drafted at *anchor row* r continues the prefix x_0..x_{r+1}: its K tokens stand
+for positions r+2 .. r+K+1.
+
+A drafter class implements three methods and nothing outside the class dispatches on its type:
+`window_logits` (K-token windows at many anchors at once, training-time-test attention), `commit_rows` and
+`chain_logits` (chain drafting for decoding: commit verified rows to a cache, then draft one window).
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ppow_trl.data.draft_vocab import draft_to_target, target_to_draft
 
 logger = logging.getLogger(__name__)
+
+KVPair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class DraftWindows(ModelOutput):
+    """Windows drafted at anchors; shapes (B, A, G, K[, V_d]).
+
+    tokens: drafted (or scored, when forced) token ids in the *target* vocabulary.
+    draft_ids: the same tokens as draft-vocabulary ids (-1 where a forced token is outside it).
+    logprobs: log q of each token under the drafter at the drafting temperature (temperature 1 for
+        greedy drafting); -inf for forced tokens outside the draft vocabulary.
+    logits: raw draft-vocabulary logits per position, when requested.
+    """
+
+    tokens: torch.Tensor | None = None
+    draft_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class ChainState:
+    """What chain drafting keeps between calls: the drafter's cache of committed rows (None for drafters
+    without one) with a (B, S) validity mask, and the output and position of each sequence's last row."""
+
+    cache: KVPair | None = None
+    cache_valid: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None  # (B, H) output of the last committed row
+    last_position: torch.Tensor | None = None  # (B,)
+
+
+def shift_left(input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Row tokens: row p carries x_{p+1}; the last row gets `pad_id`."""
+    return torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], pad_id)], dim=1)
+
+
+def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that skip (left or right) padding: 0 at each sequence's first real token."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_context_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: row t sees rows s <= t that are real tokens (and always itself)."""
+    t = valid.shape[1]
+    idx = torch.arange(t, device=valid.device)
+    causal = idx[None, :] <= idx[:, None]
+    return (causal[None] & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=valid.device)
+
+
+def sample_token_ids(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Ids from logits (..., V): argmax at temperature 0, else a sample from softmax(logits / temperature).
+
+    Logits that are already warped (divided by the temperature, top-k, ...) are sampled with temperature 1.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log q(id) at the drafting temperature (1 for greedy), without materialising a log-softmax."""
+    scaled = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        scaled = scaled / temperature
+    return scaled.gather(-1, ids.clamp(min=0)[..., None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
 class DrafterTargetMismatchError(ValueError):
@@ -78,35 +162,51 @@ def unwrap_drafter(model: torch.nn.Module) -> PreTrainedModel:
 
 
 class DrafterMixin:
-    """Vocabulary maps and target initialisation shared by the EAGLE-3 and Medusa drafters.
+    """Vocabulary maps, target initialisation and batched window drafting shared by all drafters.
 
     A drafter has buffers `d2t` (V_d,) int64 offsets (target_id = draft_id + d2t[draft_id]) and
-    `t2d` (V,) bool, and `output_heads()` returning its draft-vocabulary LM heads.
+    `t2d` (V,) bool, `output_heads()` returning its draft-vocabulary LM heads, and implements
+    `window_logits`, `commit_rows` and `chain_logits` (see the module docstring).
     """
 
+    #: The longest window this drafter can draft (None: any length).
+    max_draft_tokens: int | None = None
+
     def set_draft_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        """Install the draft-vocabulary maps, checking they fit this drafter's sizes."""
+        """Install the draft-vocabulary maps, checking they fit this drafter's sizes and each other (draft ids
+        in ascending target-id order, the EAGLE-3 convention `build_draft_vocab` follows)."""
         vd, v = self.config.draft_vocab_size, self.config.vocab_size
         if tuple(d2t.shape) != (vd,) or tuple(t2d.shape) != (v,) or int(t2d.sum()) != vd:
             raise ValueError(
                 f"draft vocab maps do not fit this drafter: d2t {tuple(d2t.shape)} (need ({vd},)), "
                 f"t2d {tuple(t2d.shape)} (need ({v},) with exactly {vd} True entries, has {int(t2d.sum())})"
             )
+        if not torch.equal(draft_to_target(torch.arange(vd), d2t.cpu()), t2d.cpu().nonzero().squeeze(1)):
+            raise ValueError("d2t and t2d disagree: d2t must map draft ids, in order, to the ids t2d marks")
         with torch.no_grad():
             self.d2t.copy_(d2t)
             self.t2d.copy_(t2d)
 
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Map draft-vocabulary ids to target token ids."""
-        return draft_ids + self.d2t[draft_ids]
+        return draft_to_target(draft_ids, self.d2t)
 
     def target_to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
         """Map target token ids to draft ids; -1 for tokens outside the draft vocabulary."""
-        lookup = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=self.d2t.device)
-        lookup[torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t] = torch.arange(
-            self.config.draft_vocab_size, device=self.d2t.device
-        )
-        return lookup[target_ids]
+        return target_to_draft(target_ids, self.t2d)
+
+    def forced_or_sampled(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor | None,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Draft ids: the forced target `tokens` mapped to the draft vocabulary, else drawn from `logits`."""
+        if tokens is not None:
+            return self.target_to_draft(tokens)
+        with torch.no_grad():
+            return sample_token_ids(logits, temperature, generator)
 
     def forward(
         self,
@@ -114,16 +214,67 @@ class DrafterMixin:
         input_ids: torch.Tensor,
         anchors: torch.Tensor,
         window_size: int,
-        **kwargs,
-    ):
-        """Draft (or score) windows at anchors: `ppow_trl.decoding.drafting.draft_windows` with this drafter.
+        num_windows: int = 1,
+        temperature: float = 0.0,
+        attention_mask: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        return_logits: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> DraftWindows:
+        """Draft (or score) `num_windows` (G) windows of `window_size` (K) tokens at every anchor row.
 
-        Being the forward lets DDP/FSDP/DeepSpeed/peft wrappers see the call, so training through
-        `draft_windows(wrapped_model, ...)` synchronises gradients and applies adapters.
+        Arguments as in `ppow_trl.decoding.draft_windows`, which calls this forward: being the forward lets
+        DDP/FSDP/DeepSpeed/peft wrappers see the call, so training through a wrapped drafter synchronises
+        gradients and applies adapters.
         """
-        from ppow_trl.decoding.drafting import draft_windows
+        if window_size < 1:
+            raise ValueError(f"window_size (K) must be >= 1, got {window_size}")
+        if num_windows < 1:
+            raise ValueError(f"num_windows (G) must be >= 1, got {num_windows}")
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        logits, draft_ids = self.window_logits(
+            features, input_ids, valid, anchors, window_size, num_windows, temperature, tokens, generator
+        )
+        logprobs = token_logprobs(logits, draft_ids, temperature).masked_fill(draft_ids < 0, float("-inf"))
+        out_tokens = tokens if tokens is not None else self.draft_to_target(draft_ids)
+        return DraftWindows(out_tokens, draft_ids, logprobs, logits if return_logits else None)
 
-        return draft_windows(self, features, input_ids, anchors, window_size, **kwargs)
+    # --- the drafting interface each drafter class implements -------------------------------------
+    def window_logits(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        anchors: torch.Tensor,
+        window_size: int,
+        num_windows: int,
+        temperature: float,
+        tokens: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, A, G, K, V_d), draft ids (B, A, G, K)) of G windows at every anchor (B, A); with
+        `tokens` (B, A, G, K) the windows are those tokens (teacher forcing) instead of samples."""
+        raise NotImplementedError
+
+    def commit_rows(
+        self,
+        state: ChainState,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Append rows (features (B, n, F), next tokens, positions, valid flags) to `state`'s cache and return
+        their outputs (B, n, H), from which the last row of each sequence is drafted."""
+        raise NotImplementedError
+
+    def chain_logits(
+        self, state: ChainState, num_draft_tokens: int, temperature: float, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, K, V_d), draft ids (B, K)) of one window after the last committed row of each sequence."""
+        raise NotImplementedError
 
     def check_target(self, target: PreTrainedModel) -> None:
         check_drafter_matches_target(self.config, target)
@@ -147,6 +298,50 @@ class DrafterMixin:
     def target_ids_of_draft_vocab(self) -> torch.Tensor:
         """(V_d,) the target id of every draft id."""
         return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+
+def scatter_draft_probs(
+    draft_vocab_probs: torch.Tensor,
+    d2t: torch.Tensor | None,
+    vocab_size: int,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Map (..., V_d) probabilities over a reduced draft vocabulary to (..., vocab_size) over the target's.
+
+    d2t (V_d,) int64 holds offsets: target_id = draft_id + d2t[draft_id] (the EAGLE-3 convention); it must
+    be injective. Target tokens outside the draft vocabulary get probability 0. d2t None means identity
+    (V_d == vocab_size) and returns the input unchanged. ``validate`` checks the map (a host sync on GPUs).
+    """
+    if draft_vocab_probs.dim() < 1:
+        raise ValueError("draft_vocab_probs must have a vocabulary dimension")
+    draft_vocab = draft_vocab_probs.shape[-1]
+    if d2t is None:
+        if draft_vocab != vocab_size:
+            raise ValueError(
+                f"d2t is None (identity) but draft_vocab_probs has {draft_vocab} entries, not vocab_size={vocab_size}"
+            )
+        return draft_vocab_probs
+    if d2t.dim() != 1 or d2t.shape[0] != draft_vocab:
+        raise ValueError(
+            f"d2t must have shape (V_d,) = ({draft_vocab},) to match draft_vocab_probs "
+            f"{tuple(draft_vocab_probs.shape)}, got {tuple(d2t.shape)}"
+        )
+    if draft_vocab > vocab_size:
+        raise ValueError(f"draft vocabulary ({draft_vocab}) is larger than vocab_size ({vocab_size})")
+    target_ids = torch.arange(draft_vocab, device=draft_vocab_probs.device) + d2t.to(
+        draft_vocab_probs.device, torch.long
+    )
+    if validate:
+        if int(target_ids.min()) < 0 or int(target_ids.max()) >= vocab_size:
+            raise ValueError(
+                f"d2t maps draft ids outside [0, {vocab_size}): target ids span "
+                f"[{int(target_ids.min())}, {int(target_ids.max())}]"
+            )
+        if torch.unique(target_ids).numel() != draft_vocab:
+            raise ValueError("d2t maps two draft ids to the same target id")
+    out = draft_vocab_probs.new_zeros(*draft_vocab_probs.shape[:-1], vocab_size)
+    out[..., target_ids] = draft_vocab_probs
+    return out
 
 
 def lora_for_drafter(peft_config, drafter: PreTrainedModel):

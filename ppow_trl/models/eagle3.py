@@ -6,7 +6,7 @@ predicts x_{p+2}. Module names follow the checkpoint layout vLLM and SGLang load
 
 Attention is written out (not SDPA) because drafting needs one pattern plain causal attention cannot
 express: a row at draft step j sees the committed *context* keys (masked by the caller) plus the
-keys of its *own* earlier draft steps (the "diagonal" of training-time test, EAGLE3_NOTES.md §3.3).
+keys of its *own* earlier draft steps (the "diagonal" of training-time test, docs/eagle3.md).
 """
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from ppow_trl.models.common import DrafterMixin, target_record
-
-KVPair = tuple[torch.Tensor, torch.Tensor]
+from ppow_trl.models.common import (
+    ChainState,
+    DrafterMixin,
+    KVPair,
+    causal_context_mask,
+    positions_from_mask,
+    shift_left,
+    target_record,
+)
 
 
 class Eagle3DrafterConfig(PretrainedConfig):
@@ -234,7 +240,7 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
         self.register_buffer("t2d", torch.arange(config.vocab_size) < config.draft_vocab_size)
         self.post_init()
 
-    # --- building blocks used by ppow_trl.decoding.drafting -------------------------------------------
+    # --- building blocks ----------------------------------------------------------------------------
     def project_features(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
         """Fuse the target's aux-layer states (B, T, n_aux*H_t) into draft features (B, T, H)."""
         return self.fc(aux_hidden_states.to(self.fc.weight.dtype))
@@ -260,3 +266,88 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
 
     def output_heads(self) -> list[nn.Linear]:
         return [self.lm_head]
+
+    # --- drafting (the interface of DrafterMixin) -------------------------------------------------
+    def window_logits(
+        self, features, input_ids, valid, anchors, window_size, num_windows, temperature, tokens, generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 0 runs over every row once (the committed context); passes 1..K-1 run only over the A*G
+        window rows, each seeing the context up to its anchor plus its own earlier draft steps."""
+        b, a = anchors.shape
+        positions = positions_from_mask(valid)
+        out0, k0, v0 = self.step(
+            shift_left(input_ids),
+            self.project_features(features),
+            positions,
+            None,
+            causal_context_mask(valid),
+        )
+        rows = anchors.repeat_interleave(num_windows, dim=1)  # (B, N = A*G)
+        hidden = out0.gather(1, rows[..., None].expand(-1, -1, out0.shape[-1]))
+        row_pos = positions.gather(1, rows)
+        context_mask = (torch.arange(input_ids.shape[1], device=rows.device) <= rows[..., None]) & valid[
+            :, None, :
+        ]
+        forced = None if tokens is None else tokens.reshape(b, a * num_windows, window_size)
+        logits, ids = self._unroll(
+            hidden, row_pos, (k0, v0), context_mask, window_size, temperature, forced, generator
+        )
+        shape = (b, a, num_windows, window_size)
+        return logits.view(*shape, -1), ids.view(shape)
+
+    def _unroll(self, hidden, row_pos, context, context_mask, k_len, temperature, forced, generator):
+        """K draft steps for N rows whose step-0 output is `hidden` (B, N, H): step j feeds back the previous
+        pre-norm output and token at position row_pos + j, seeing `context` through `context_mask` (B, N, S)
+        and its own earlier steps. Returns (logits (B, N, K, V_d), draft ids (B, N, K))."""
+        all_logits, all_ids, diagonal, prev = [], [], None, None
+        for j in range(k_len):
+            if j > 0:
+                hidden, k, v = self.step(
+                    prev, hidden, row_pos + j, context, context_mask, diagonal, append_to_context=False
+                )
+                k, v = k.unsqueeze(3), v.unsqueeze(3)
+                diagonal = (
+                    (k, v)
+                    if diagonal is None
+                    else (torch.cat([diagonal[0], k], 3), torch.cat([diagonal[1], v], 3))
+                )
+            logits = self.draft_logits(hidden)
+            ids = self.forced_or_sampled(
+                logits, None if forced is None else forced[..., j], temperature, generator
+            )
+            prev = forced[..., j] if forced is not None else self.draft_to_target(ids)
+            all_logits.append(logits)
+            all_ids.append(ids)
+        return torch.stack(all_logits, 2), torch.stack(all_ids, 2)
+
+    def commit_rows(self, state: ChainState, features, next_tokens, position_ids, valid) -> torch.Tensor:
+        cache_valid = valid if state.cache_valid is None else torch.cat([state.cache_valid, valid], dim=1)
+        new_mask = causal_context_mask(valid)
+        if state.cache_valid is not None:
+            old = state.cache_valid[:, None, :].expand(-1, valid.shape[1], -1)
+            new_mask = torch.cat([old, new_mask], dim=2)
+        out, k, v = self.step(
+            next_tokens, self.project_features(features), position_ids, state.cache, new_mask
+        )
+        state.cache = (
+            (k, v)
+            if state.cache is None
+            else (torch.cat([state.cache[0], k], 2), torch.cat([state.cache[1], v], 2))
+        )
+        state.cache_valid = cache_valid
+        return out
+
+    def chain_logits(
+        self, state: ChainState, num_draft_tokens: int, temperature: float, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, ids = self._unroll(
+            state.last_hidden[:, None],
+            state.last_position[:, None],
+            state.cache,
+            state.cache_valid[:, None, :],
+            num_draft_tokens,
+            temperature,
+            None,
+            generator,
+        )
+        return logits[:, 0], ids[:, 0]

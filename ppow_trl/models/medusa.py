@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from ppow_trl.models.common import DrafterMixin, target_record
+from ppow_trl.models.common import ChainState, DrafterMixin, sample_token_ids, target_record
 
 
 class MedusaDrafterConfig(PretrainedConfig):
@@ -134,3 +134,25 @@ class MedusaDrafter(DrafterMixin, PreTrainedModel):
         hidden = hidden.to(self.lm_heads[0].weight.dtype)
         heads = [self.lm_heads[0 if self.config.share_target_lm_head else j] for j in range(k)]
         return torch.stack([head(block(hidden)) for head, block in zip(heads, self.blocks)], dim=-2)
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.config.num_heads
+
+    # --- drafting (the interface of DrafterMixin): every head reads the anchor row's hidden state --
+    def window_logits(
+        self, features, input_ids, valid, anchors, window_size, num_windows, temperature, tokens, generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = features.gather(1, anchors[..., None].expand(-1, -1, features.shape[-1]))  # (B, A, H)
+        logits = self.head_logits(hidden, window_size)  # (B, A, K, V_d)
+        logits = logits[:, :, None].expand(-1, -1, num_windows, -1, -1)
+        return logits, self.forced_or_sampled(logits, tokens, temperature, generator)
+
+    def commit_rows(self, state: ChainState, features, next_tokens, position_ids, valid) -> torch.Tensor:
+        return features  # no cache: the heads read the last committed row's target hidden state only
+
+    def chain_logits(
+        self, state: ChainState, num_draft_tokens: int, temperature: float, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head_logits(state.last_hidden, num_draft_tokens)  # (B, K, V_d)
+        return logits, sample_token_ids(logits, temperature, generator)

@@ -13,7 +13,7 @@ One rollout (`_generate_and_score_completions`) on a batch of target-generated s
      gathered across processes and normalised within each group.
 `_compute_loss` re-scores the windows with grad: PPO-clipped surrogate on the drafted tokens plus
 beta * KL(target || drafter) on the window positions, both on the tokens up to and including the
-first rejection (later tokens cannot change k; see `loss_positions`).
+first rejection (later tokens cannot change k; see `loss_positions`). The method: docs/ppow.md.
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import torch
 from transformers import AutoModel, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import GRPOConfig, GRPOTrainer
 
+from ppow_trl import _compat
 from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.decoding.cost import measure_gamma
 from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.decoding.kernels import verify_windows
-from ppow_trl.decoding.verify import per_position_acceptance, scatter_draft_probs
-from ppow_trl.models.common import lora_for_drafter, unwrap_drafter
+from ppow_trl.metrics import acceptance_metrics, per_position_acceptance
+from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, unwrap_drafter
 from ppow_trl.target import window_logits
-from ppow_trl.training.acceptance import acceptance_metrics, accepted_prefix_length, dataset_acceptance
+from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance
 from ppow_trl.training.rewards import get_reward_funcs
 from ppow_trl.training.windowing import position_scores, sample_anchors, valid_anchors, window_scores
 
@@ -211,9 +212,13 @@ class PPOWTrainer(GRPOTrainer):
             )
         if getattr(drafter, "generation_config", None) is None:  # GRPOTrainer writes the pad token into it
             drafter.generation_config = GenerationConfig()
+        _compat.check_grpo_hooks(type(self))
         self.target = target
         names = list(args.reward_funcs)
         funcs = get_reward_funcs(names) + list(reward_funcs or [])
+        # Names for the logged `rewards/<name>` metrics, as TRL names callables.
+        self.reward_names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
+        self.window_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         super().__init__(
             model=drafter,
             reward_funcs=funcs,
@@ -259,60 +264,103 @@ class PPOWTrainer(GRPOTrainer):
         distinct = [dict(inputs[i], index=index) for index, i in first.items()]
         device = self.accelerator.device
         batch = {
-            k: v.to(device) for k, v in collate_sequences(distinct, self._tokenizer.pad_token_id).items()
+            k: v.to(device)
+            for k, v in collate_sequences(distinct, self.window_tokenizer.pad_token_id).items()
         }
         return batch, torch.tensor(rows, device=device), torch.tensor(copy, device=device)
 
     @torch.no_grad()
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
-        args, device = self.args, self.accelerator.device
+        args, k_len = self.args, self.args.window_size
         mode = "train" if self.model.training else "eval"
-        k_len = args.window_size
         batch, rows, copy = self._unique_sequences(inputs)
-        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        copies = int(copy.max()) + 1
+        ids, attn = batch["input_ids"], batch["attention_mask"]
         drafter = unwrap_drafter(self.model)
         # The target and pass 0 of the drafter run once per distinct sequence, not once per group copy.
         target_features = self.feature_provider(batch)
         features = getattr(target_features, drafter.feature_name)
-        vocab_rows = drafter.target_ids_of_draft_vocab()
+        seq_anchors, has_anchor = self._pick_anchors(mode, batch, drafter, features, target_features.logits)
+        windows = draft_windows(
+            drafter, features, ids, seq_anchors, k_len, num_windows=int(copy.max()) + 1,
+            temperature=args.temperature, attention_mask=attn, return_logits=args.acceptance_mode == "sampling",
+        )  # fmt: skip
+        # Each batch row is copy `copy` of distinct sequence `rows`: it takes that copy's windows.
+        tokens, anchors, has_anchor = windows.tokens[rows, :, copy], seq_anchors[rows], has_anchor[rows]
+        accepted, delta, target_on_path = self._verify(
+            mode, batch, rows, copy, seq_anchors, has_anchor, windows, target_features.logits, drafter
+        )
+        rewards = self._window_rewards(batch["index"][rows], anchors, tokens, accepted, delta, has_anchor)
+        advantages, group_std = self._group_advantages(rewards, has_anchor)
 
-        valid = valid_anchors(lmask, attn, k_len)
+        loss_mask = has_anchor[:, None, None].expand(-1, anchors.shape[1], k_len)
+        if args.loss_positions == "through_first_rejection":
+            loss_mask = loss_mask & (torch.arange(k_len, device=ids.device) <= accepted[..., None])
+        vocab_rows = drafter.target_ids_of_draft_vocab()
+        self._log_rollout(mode, accepted[has_anchor], group_std, start)
+        return {
+            "input_ids": ids[rows],
+            "attention_mask": attn[rows],
+            "features": features[rows],
+            "anchors": anchors,
+            "window_tokens": tokens,
+            "old_logprobs": windows.logprobs[rows, :, copy],
+            "advantages": advantages,
+            "loss_mask": loss_mask,
+            "target_logprobs": torch.log_softmax(target_on_path[..., vocab_rows].float(), -1),
+        }
+
+    def _pick_anchors(
+        self,
+        mode: str,
+        batch: dict,
+        drafter: PreTrainedModel,
+        features: torch.Tensor,
+        target_logits: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchors (B, A), has_anchor (B,)) per distinct sequence: uniform during the ADAW warm-up, then
+        sampled by ADAW window scores; every copy of a sequence gets the same anchors."""
+        args, k_len = self.args, self.args.window_size
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        valid = valid_anchors(batch["loss_mask"], attn, k_len)
         scores = None
         if args.use_adaw and self.state.global_step >= args.adaw_warmup_steps:
-            all_rows = torch.arange(ids.shape[1], device=device).expand_as(ids)
+            all_rows = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
             step0 = draft_windows(
                 drafter, features, ids, all_rows, 1, attention_mask=attn, return_logits=True,
                 tokens=window_targets(ids, all_rows, 1)[0][:, :, None],
             ).logits[:, :, 0, 0]  # fmt: skip
             per_row = position_scores(
-                target_features.logits, torch.log_softmax(step0.float(), -1), vocab_rows
+                target_logits, torch.log_softmax(step0.float(), -1), drafter.target_ids_of_draft_vocab()
             )
             scores = window_scores(per_row, k_len)
             self._record_stats(mode, "adaw/window_score", scores[valid])
-        indices = batch["index"]
-        seq_anchors, has_anchor = sample_anchors(
-            valid, args.anchors_per_sequence, self._anchor_generators(indices), scores, args.adaw_temperature
+        generators = self._anchor_generators(batch["index"])
+        anchors, has_anchor = sample_anchors(
+            valid, args.anchors_per_sequence, generators, scores, args.adaw_temperature
         )
         if not has_anchor.any():
             raise ValueError(
                 f"No sequence in this batch has room for a window of K={k_len} assistant tokens: lower window_size "
                 "or regenerate longer responses (max_new_tokens)."
             )
+        return anchors, has_anchor
 
-        windows = draft_windows(
-            drafter, features, ids, seq_anchors, k_len, num_windows=copies, temperature=self.temperature,
-            attention_mask=attn, return_logits=args.acceptance_mode == "sampling",
-        )  # fmt: skip
-        # Each batch row is copy `copy` of distinct sequence `rows`: it takes that copy's windows.
-        tokens, old_logprobs = windows.tokens[rows, :, copy], windows.logprobs[rows, :, copy]
+    def _verify(
+        self, mode, batch, rows, copy, seq_anchors, has_anchor, windows, target_logits, drafter
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Accepted length k (B, A) of every batch row's windows, the proximity Delta (B, A) when the target
+        scored the drafted path (else None), and the target's logits along each window (B, A, K, V), which the
+        KL term uses: the drafted path when scored, else the reference path (equal to it up to the first
+        rejection on greedy data)."""
+        args, k_len = self.args, self.args.window_size
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        tokens, anchors = windows.tokens[rows, :, copy], seq_anchors[rows]
         reference = window_targets(ids, seq_anchors, k_len)[0][rows]
-        anchors, has_anchor = seq_anchors[rows], has_anchor[rows]
-        ref_positions = (anchors[..., None] + 1 + torch.arange(k_len, device=device)).clamp(
+        ref_positions = (anchors[..., None] + 1 + torch.arange(k_len, device=ids.device)).clamp(
             max=ids.shape[1] - 1
         )
-        target_logits = target_features.logits[rows]
+        target_logits = target_logits[rows]
         on_reference = target_logits.gather(
             1, ref_positions.flatten(1)[..., None].expand(-1, -1, target_logits.shape[-1])
         )
@@ -327,21 +375,25 @@ class PPOWTrainer(GRPOTrainer):
             [args.acceptance_mode == "greedy" and bool(on_greedy_path[has_anchor].all())]
         )
         # Agreed across processes: every process must take the same branch (the stats below are collective).
-        free_greedy = bool(self.accelerator.gather(local_free.to(device)).all())
+        free_greedy = bool(self.accelerator.gather(local_free.to(ids.device)).all())
         path_logits = None
         if self._needs_target_path or not free_greedy:
             # One packed target forward per distinct sequence scores the windows of all its copies.
+            copies = windows.tokens.shape[2]
             per_sequence = window_logits(
-                self.target, ids, attn, seq_anchors.repeat_interleave(copies, dim=1),
+                self.target,
+                ids,
+                attn,
+                seq_anchors.repeat_interleave(copies, dim=1),
                 windows.tokens.flatten(1, 2),
-            )  # fmt: skip
+            )
             path_logits = per_sequence.view(*windows.tokens.shape[:3], k_len + 1, -1)[rows, :, copy]
         if free_greedy:
             accepted = accepted_prefix_length(tokens, reference)
         elif args.acceptance_mode == "greedy":
             accepted = accepted_prefix_length(tokens, path_logits[:, :, :k_len].argmax(-1))
         else:
-            draft_probs = torch.softmax(windows.logits[rows, :, copy].float() / self.temperature, -1)
+            draft_probs = torch.softmax(windows.logits[rows, :, copy].float() / args.temperature, -1)
             q = scatter_draft_probs(draft_probs, drafter.d2t, drafter.config.vocab_size)
             result = verify_windows(
                 path_logits.flatten(0, 1),
@@ -350,49 +402,29 @@ class PPOWTrainer(GRPOTrainer):
                 temperature=args.verify_temperature,
             )
             accepted = result.accepted.view_as(anchors)
-        delta = None
-        if path_logits is not None:
-            path_log = torch.log_softmax(path_logits[:, :, :k_len], -1)
-            drafted_lp = path_log.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
-            greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
-            # Delta needs the target's greedy window y: the reference is y only where it is the target's greedy
-            # path; other windows (corpus text, sampled answers) get no proximity reward (Delta = inf).
-            delta = (greedy_lp - drafted_lp).masked_fill(~on_greedy_path, math.inf)
-            # The distribution proximity_eps is compared with: first-token misses only.
-            near = has_anchor[:, None] & (accepted == 0) & on_greedy_path
-            self._record_stats(mode, "proximity_delta_at_k0", delta[near])
+        if path_logits is None:
+            return accepted, None, target_on_reference
+        path_log = torch.log_softmax(path_logits[:, :, :k_len], -1)
+        drafted_lp = path_log.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
+        greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
+        # Delta needs the target's greedy window y: the reference is y only where it is the target's greedy
+        # path; other windows (corpus text, sampled answers) get no proximity reward (Delta = inf).
+        delta = (greedy_lp - drafted_lp).masked_fill(~on_greedy_path, math.inf)
+        # The distribution proximity_eps is compared with: first-token misses only.
+        near = has_anchor[:, None] & (accepted == 0) & on_greedy_path
+        self._record_stats(mode, "proximity_delta_at_k0", delta[near])
+        return accepted, delta, path_logits[:, :, :k_len]
 
-        rewards = self._window_rewards(indices[rows], anchors, tokens, accepted, delta, has_anchor)
-        advantages, group_std = self._group_advantages(rewards, has_anchor)
-
-        positions = torch.arange(k_len, device=device)
-        loss_mask = has_anchor[:, None, None].expand(-1, anchors.shape[1], k_len)
-        if args.loss_positions == "through_first_rejection":
-            loss_mask = loss_mask & (positions <= accepted[..., None])
-        # KL target on the drafted path (equal to the reference path up to the first rejection on greedy data).
-        on_path = target_on_reference if path_logits is None else path_logits[:, :, :k_len]
-        target_logprobs = torch.log_softmax(on_path[..., vocab_rows].float(), -1)
-
-        k_valid = accepted[has_anchor]
-        self._record(mode, "accepted_length/mean", k_valid.float().mean())
-        self._record(mode, "tau", (k_valid + 1).float().mean())
-        for j, a in enumerate(per_position_acceptance(k_valid, k_len).tolist()):
+    def _log_rollout(self, mode: str, accepted: torch.Tensor, group_std: torch.Tensor, start: float) -> None:
+        """Acceptance of the rollout's windows (k of windows at real anchors) and its throughput."""
+        self._record(mode, "accepted_length/mean", accepted.float().mean())
+        self._record(mode, "tau", (accepted + 1).float().mean())
+        for j, a in enumerate(per_position_acceptance(accepted, self.args.window_size).tolist()):
             self._record(mode, f"alpha/{j + 1}", torch.tensor(a))
         self._record(mode, "frac_reward_zero_std", (group_std < 1e-6).float().mean())
         self._record(
-            mode, "windows_per_second", torch.tensor(k_valid.numel() / (time.perf_counter() - start))
+            mode, "windows_per_second", torch.tensor(accepted.numel() / (time.perf_counter() - start))
         )
-        return {
-            "input_ids": ids[rows],
-            "attention_mask": attn[rows],
-            "features": features[rows],
-            "anchors": anchors,
-            "window_tokens": tokens,
-            "old_logprobs": old_logprobs,
-            "advantages": advantages,
-            "loss_mask": loss_mask,
-            "target_logprobs": target_logprobs,
-        }
 
     def _window_rewards(self, indices, anchors, tokens, accepted, delta, has_anchor) -> torch.Tensor:
         """(B, A, n_funcs) rewards from every reward function, called once on all windows of the batch."""
@@ -408,9 +440,9 @@ class PPOWTrainer(GRPOTrainer):
             proximity_eta=self.args.proximity_eta,
             proximity_eps=self.args.proximity_eps,
         )
-        completions = self._tokenizer.batch_decode(flat_tokens)
+        completions = self.window_tokenizer.batch_decode(flat_tokens)
         columns = []
-        for name, func in zip(self.reward_func_names, self.reward_funcs):
+        for name, func in zip(self.reward_names, self.reward_funcs):
             values = func(
                 prompts=window_ids, completions=completions, completion_ids=flat_tokens.tolist(), **kwargs
             )
@@ -436,7 +468,7 @@ class PPOWTrainer(GRPOTrainer):
         all_total = self.accelerator.gather(total)  # (B_global, A)
         grouped = all_total.view(-1, self.num_generations, total.shape[1])
         mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
-        if self.scale_rewards == "none":
+        if self.args.scale_rewards == "none":
             advantages = grouped - mean
         else:
             advantages = (grouped - mean) / (std + 1e-4)
@@ -454,14 +486,17 @@ class PPOWTrainer(GRPOTrainer):
         tokens = inputs["window_tokens"]
         windows = draft_windows(
             model, inputs["features"], inputs["input_ids"], inputs["anchors"], args.window_size,
-            temperature=self.temperature, attention_mask=inputs["attention_mask"], tokens=tokens[:, :, None],
+            temperature=args.temperature, attention_mask=inputs["attention_mask"], tokens=tokens[:, :, None],
             return_logits=args.target_kl_coef > 0,
         )  # fmt: skip
         logprobs = windows.logprobs[:, :, 0]
         mask = inputs["loss_mask"].float()
         ratio = torch.exp(logprobs - inputs["old_logprobs"])
         adv = inputs["advantages"][..., None]
-        clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        epsilon_high = (
+            args.epsilon if args.epsilon_high is None else args.epsilon_high
+        )  # as GRPOTrainer reads it
+        clipped = ratio.clamp(1 - args.epsilon, 1 + epsilon_high)
         per_token = -torch.min(ratio * adv, clipped * adv)
         if args.target_kl_coef > 0:
             p_log = inputs["target_logprobs"]
@@ -481,7 +516,7 @@ class PPOWTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------ metrics
     def _record(self, mode: str, name: str, value: torch.Tensor) -> None:
-        self._metrics[mode][name].append(
+        _compat.grpo_metrics(self)[mode][name].append(
             self.accelerator.gather(value.detach().float().reshape(1)).mean().item()
         )
 
@@ -493,8 +528,9 @@ class PPOWTrainer(GRPOTrainer):
         if count:
             mean = total / count
             var = max(squares - count * mean * mean, 0.0) / max(count - 1, 1)
-            self._metrics[mode][f"{name}/mean"].append(mean)
-            self._metrics[mode][f"{name}/std"].append(math.sqrt(var))
+            metrics = _compat.grpo_metrics(self)[mode]
+            metrics[f"{name}/mean"].append(mean)
+            metrics[f"{name}/std"].append(math.sqrt(var))
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
@@ -512,7 +548,7 @@ class PPOWTrainer(GRPOTrainer):
                 self.feature_provider,
                 dataset,
                 window_size,
-                self._tokenizer.pad_token_id,
+                self.window_tokenizer.pad_token_id,
                 batch_size=self.args.per_device_eval_batch_size,
                 device=self.accelerator.device,
             )

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from transformers import Trainer
+from trl import ModelConfig
 
 from ppow_trl.data import DataConfig
 
+# TRL's own LoRA options (declaration, default and help text), not a copy of them.
+_LORA_FIELDS = (
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "use_dora",
+)
+_trl_types = typing.get_type_hints(ModelConfig)
+LoraArguments = dataclasses.make_dataclass(
+    "LoraArguments",
+    [
+        (f.name, _trl_types[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in _LORA_FIELDS
+    ],
+)
+LoraArguments.__doc__ = "LoRA options of the drafter: the fields of TRL's `ModelConfig` of the same names."
+
 
 @dataclass
-class DrafterModelArguments:
-    """The frozen target, and the drafter to train (new or saved) with optional LoRA."""
+class TargetArguments:
+    """The frozen target model."""
 
     target_name_or_path: str = field(
         default="embedded",
@@ -25,6 +49,12 @@ class DrafterModelArguments:
     target_quantization: str | None = field(
         default=None, metadata={"help": "Load the target in bitsandbytes '4bit' or '8bit'."}
     )
+
+
+@dataclass
+class DrafterModelArguments(LoraArguments, TargetArguments):
+    """The frozen target, and the drafter to train (new or saved) with optional LoRA (TRL's LoRA fields)."""
+
     drafter_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -35,12 +65,6 @@ class DrafterModelArguments:
         default=None,
         metadata={"help": "EAGLE-3 feature layers (HF hidden_states indices); None = [2, L//2, L-3]."},
     )
-    use_peft: bool = field(
-        default=False, metadata={"help": "Train LoRA adapters instead of the full drafter."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
 
 
 @dataclass
@@ -51,13 +75,19 @@ class DataArguments(DataConfig):
 
 
 def lora_config(model_args: DrafterModelArguments):
-    """A peft `LoraConfig` when `use_peft` is set (target modules: the drafter class's LORA_TARGET_MODULES)."""
+    """A peft `LoraConfig` when `use_peft` is set (no `lora_target_modules`: the drafter class's
+    LORA_TARGET_MODULES). No task type: a drafter is not a causal LM for peft's wrappers."""
     if not model_args.use_peft:
         return None
     from peft import LoraConfig
 
     return LoraConfig(
-        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
     )
 
 

@@ -1,6 +1,6 @@
 """Supervised warm start of a drafter against a frozen target: `DrafterSFTConfig` + `DrafterSFTTrainer`.
 
-One training step (EAGLE3_NOTES.md §3):
+One training step (docs/eagle3.md, training-time test):
 
 1. frozen target features for the batch (no grad; online from the target or from an offline cache);
 2. target labels from the target's last hidden state through its LM head, in vocabulary chunks: logits at
@@ -9,7 +9,7 @@ One training step (EAGLE3_NOTES.md §3):
    tokens forced (Medusa: its K heads). Step j at row r predicts x_{r+2+j}; its label is the target
    distribution at position r+1+j, renormalised over the draft vocabulary;
 4. loss = sum_j decay^j * l_j, with l_j = sum over rows of mask * loss_row / D. The mask is EAGLE-3's:
-   loss_mask[r+j] (unshifted, §3.6) * [full-vocab target argmax at r+1+j lies in the draft vocabulary]
+   loss_mask[r+j] (unshifted) * [full-vocab target argmax at r+1+j lies in the draft vocabulary]
    * [position r+1+j is a real token]. D is the number of real (non-padding) positions of the
    micro-batch, the same for every step: EAGLE-3 divides by B*T with micro-batch 1 and no padding,
    which is this count.
@@ -32,9 +32,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.decoding.drafting import draft_windows, window_targets
-from ppow_trl.models import DRAFTER_CLASSES, MedusaDrafter, unwrap_drafter
+from ppow_trl.metrics import acceptance_metrics
+from ppow_trl.models import DRAFTER_CLASSES, unwrap_drafter
 from ppow_trl.models.common import lora_for_drafter
-from ppow_trl.training.acceptance import acceptance_metrics, evaluation_anchors, teacher_forced_acceptance
+from ppow_trl.training.acceptance import teacher_forced_acceptance
 from ppow_trl.training.losses import (
     LOSSES,
     TargetLabels,
@@ -43,6 +44,7 @@ from ppow_trl.training.losses import (
     step_weights,
     target_labels,
 )
+from ppow_trl.training.windowing import assistant_anchors
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +56,11 @@ class DrafterSFTConfig(TrainingArguments):
     drafter_type: str = field(
         default="eagle3", metadata={"help": "Drafter architecture: 'eagle3' or 'medusa'."}
     )
-    ttt_steps: int = field(
+    window_size: int = field(
         default=7,
         metadata={
-            "help": "K, the training-time-test unroll length of an EAGLE-3 drafter. A Medusa drafter always "
-            "trains all its heads (K = its number of heads)."
+            "help": "K, the draft tokens per window trained: the training-time-test unroll length of an EAGLE-3 "
+            "drafter. A Medusa drafter always trains all its heads (K = its number of heads)."
         },
     )
     step_weight_decay: float = field(
@@ -102,7 +104,7 @@ class DrafterSFTConfig(TrainingArguments):
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("ttt_steps", "eval_window_size", "medusa_num_heads", "label_chunk_size"):
+        for name in ("window_size", "eval_window_size", "medusa_num_heads", "label_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.step_weight_decay <= 1:
@@ -170,12 +172,12 @@ class DrafterSFTTrainer(Trainer):
         drafter.check_target(target)
         _check_dataset(train_dataset, "train_dataset")
         _check_dataset(eval_dataset, "eval_dataset")
-        is_medusa = isinstance(drafter, MedusaDrafter)
-        self.num_steps = drafter.config.num_heads if is_medusa else args.ttt_steps
-        if is_medusa and args.eval_window_size > self.num_steps:
+        # A drafter with a fixed longest window (Medusa: its heads) trains all of it.
+        self.num_steps = drafter.max_draft_tokens or args.window_size
+        if drafter.max_draft_tokens is not None and args.eval_window_size > drafter.max_draft_tokens:
             raise ValueError(
-                f"eval_window_size={args.eval_window_size} exceeds the Medusa drafter's "
-                f"{self.num_steps} heads"
+                f"eval_window_size={args.eval_window_size} exceeds the {type(drafter).__name__}'s "
+                f"{drafter.max_draft_tokens} heads"
             )
         # Every checkpoint this trainer writes is a supervised warm start (PPOW checks this flag).
         drafter.config.warm_started = True
@@ -191,7 +193,8 @@ class DrafterSFTTrainer(Trainer):
             aux = drafter.config.aux_layer_ids or None
             feature_provider = TargetFeatureProvider.online(self.target, aux, with_logits=False)
         provider_aux = getattr(feature_provider, "aux_layer_ids", None)
-        if not is_medusa and provider_aux is not None and list(provider_aux) != drafter.config.aux_layer_ids:
+        reads_aux = bool(drafter.config.aux_layer_ids)
+        if reads_aux and provider_aux is not None and list(provider_aux) != drafter.config.aux_layer_ids:
             raise ValueError(
                 f"feature_provider captures aux layers {list(provider_aux)}, the drafter reads "
                 f"{drafter.config.aux_layer_ids}"
@@ -305,7 +308,7 @@ class DrafterSFTTrainer(Trainer):
             )
         self._stats["eval"] += stats
         per_row = torch.full_like(inputs["input_ids"], -1)
-        per_row[evaluation_anchors(inputs["loss_mask"]) & inputs["attention_mask"].bool()] = accepted
+        per_row[assistant_anchors(inputs["loss_mask"]) & inputs["attention_mask"].bool()] = accepted
         per_row = self.accelerator.gather_for_metrics(
             self.accelerator.pad_across_processes(per_row, dim=1, pad_index=-1)
         )

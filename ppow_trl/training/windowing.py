@@ -40,15 +40,20 @@ def window_scores(scores: torch.Tensor, window_size: int) -> torch.Tensor:
     return padded.unfold(1, window_size, 1).mean(-1)
 
 
+def assistant_anchors(loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: anchor rows r whose first drafted token (position r+2) is an assistant token."""
+    anchors = torch.zeros_like(loss_mask, dtype=torch.bool)
+    anchors[:, :-2] = loss_mask[:, 2:].bool()
+    return anchors
+
+
 def valid_anchors(loss_mask: torch.Tensor, attention_mask: torch.Tensor, window_size: int) -> torch.Tensor:
     """(B, T) bool: anchor rows whose first drafted token is an assistant token and whose whole window
     (positions r+2 .. r+K+1) lies inside the sequence."""
     b, t = loss_mask.shape
     lengths = attention_mask.long().sum(1, keepdim=True)
     rows = torch.arange(t, device=loss_mask.device).expand(b, t)
-    first = torch.zeros_like(loss_mask, dtype=torch.bool)
-    first[:, :-2] = loss_mask[:, 2:].bool()
-    return first & (rows + window_size + 1 < lengths)
+    return assistant_anchors(loss_mask) & (rows + window_size + 1 < lengths)
 
 
 def sample_anchors(

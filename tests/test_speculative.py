@@ -12,15 +12,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppow_trl.decoding.drafting import draft_windows, window_targets
-from ppow_trl.decoding.speculative import (
+from ppow_trl.decoding import (
     DrafterCandidateGenerator,
     SpeculativeOutput,
     attach_drafter,
     detach_drafter,
+    draft_windows,
     generate,
     speculative_decoding,
     speculative_generate,
+    window_targets,
 )
 from ppow_trl.models import (
     DrafterTargetMismatchError,

@@ -1,0 +1,128 @@
+"""Every use of a private transformers or TRL API, in one place, each behind a version check.
+
+ppow-trl hooks into a few internals that these libraries do not promise to keep:
+
+* transformers' assisted decoding: `GenerationMixin._assisted_decoding`, the per-model
+  `_get_candidate_generator` factory it calls, and the `CandidateGenerator` protocol
+  (`requires_model_outputs`, `model_kwargs_overrides`, `get_candidates(model_outputs=..., n_last_matches=...)`);
+* the EOS/pad tensors transformers prepares on a `GenerationConfig` (`_eos_token_tensor`, `_pad_token_tensor`)
+  that a `custom_generate` callable receives;
+* TRL's `GRPOTrainer`: the rollout and loss hooks `PPOWTrainer` overrides (`_generate_and_score_completions`,
+  `_compute_loss`) and the `_metrics` store its `log` reads.
+
+Each accessor checks the installed version against the range this release was tested with
+(`SUPPORTED`, the same bounds as pyproject.toml) and that the attribute still exists, and otherwise fails
+with an error naming the supported range. Everything else in the package uses public APIs only; decoding
+prefers transformers' public `custom_generate` argument (`ppow_trl.decoding.generate`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import types
+from collections.abc import Callable
+from typing import Any
+
+# Supported versions, [lower, upper): keep equal to the bounds in pyproject.toml.
+SUPPORTED = {"transformers": ("5.0", "5.25"), "trl": ("1.16", "1.17")}
+
+
+class UnsupportedVersionError(RuntimeError):
+    """An installed transformers/TRL version outside the range ppow-trl's private-API hooks support."""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):  # 5.25.0rc1, 1.17.0.dev0: stop at the pre-release marker
+            break
+    return tuple(parts)
+
+
+def supported_range(package: str) -> str:
+    low, high = SUPPORTED[package]
+    return f"{package}>={low},<{high}"
+
+
+@functools.cache
+def check_version(package: str) -> str:
+    """The installed version of `package`; raises `UnsupportedVersionError` outside `SUPPORTED`."""
+    installed = importlib.metadata.version(package)
+    low, high = SUPPORTED[package]
+    if not _release(low) <= _release(installed) < _release(high):
+        raise UnsupportedVersionError(
+            f"ppow-trl relies on {package} internals tested with {supported_range(package)}; {installed} is "
+            f"installed. Install a supported version: pip install '{supported_range(package)}'"
+        )
+    return installed
+
+
+def _require(package: str, owner: Any, name: str) -> Any:
+    """`getattr(owner, name)` after the version check, with an error naming the range if it is gone."""
+    installed = check_version(package)
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        owner_name = owner.__name__ if isinstance(owner, type) else type(owner).__name__
+        raise UnsupportedVersionError(
+            f"{package} {installed} has no {owner_name}.{name}, which ppow-trl needs; install "
+            f"'{supported_range(package)}'"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ transformers
+def assisted_decoding(
+    model: Any, candidate_generator_factory: Callable[..., Any], input_ids: Any, **kwargs: Any
+) -> Any:
+    """Run transformers' assisted decoding on `model` with candidates from `candidate_generator_factory`
+    (called as `factory(model, generation_config, *args, **kwargs)`, like `_get_candidate_generator`).
+
+    The factory is installed on this model instance for the duration of the call only.
+    """
+    run = _require("transformers", model, "_assisted_decoding")
+    _require("transformers", model, "_get_candidate_generator")
+    had_override = "_get_candidate_generator" in model.__dict__
+    previous = model.__dict__.get("_get_candidate_generator")
+    model._get_candidate_generator = types.MethodType(candidate_generator_factory, model)
+    try:
+        return run(input_ids, **kwargs)
+    finally:
+        if had_override:
+            model._get_candidate_generator = previous
+        else:
+            del model._get_candidate_generator
+
+
+def generation_special_tokens(generation_config: Any) -> tuple[Any, Any]:
+    """(eos tensor or None, pad tensor or None) that `generate` prepared on `generation_config`."""
+    check_version("transformers")
+    if not hasattr(generation_config, "_eos_token_tensor"):
+        raise UnsupportedVersionError(
+            "transformers no longer prepares GenerationConfig._eos_token_tensor for custom_generate callables; "
+            f"install '{supported_range('transformers')}'"
+        )
+    return generation_config._eos_token_tensor, getattr(generation_config, "_pad_token_tensor", None)
+
+
+# --------------------------------------------------------------------------------------------------- TRL
+GRPO_HOOKS = ("_generate_and_score_completions", "_compute_loss")
+
+
+def check_grpo_hooks(trainer_class: type) -> None:
+    """The GRPOTrainer methods a subclass overrides must still exist (and be called) in the installed TRL."""
+    from trl import GRPOTrainer
+
+    for name in GRPO_HOOKS:
+        _require("trl", GRPOTrainer, name)
+        if getattr(trainer_class, name) is getattr(GRPOTrainer, name):
+            raise TypeError(f"{trainer_class.__name__} must override GRPOTrainer.{name}")
+
+
+def grpo_metrics(trainer: Any) -> dict[str, dict[str, list[float]]]:
+    """GRPOTrainer's per-mode metric lists (`{"train"|"eval": {name: [values]}}`), averaged into its logs."""
+    return _require("trl", trainer, "_metrics")

@@ -1,0 +1,289 @@
+"""The evaluation report: one result per prompt set and temperature (`summarise`), and its files:
+results.json (strict JSON), results.md (a markdown table) and two PNG plots.
+
+Metric definitions: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppow_trl.evaluation.config import EvaluationConfig
+from ppow_trl.metrics import accepted_length_histogram, per_position_acceptance
+
+logger = logging.getLogger(__name__)
+
+PLOT_FILES = ("acceptance_per_position.png", "accepted_length_histogram.png")
+
+DEFINITIONS = {
+    "tau": "generated tokens / target verification forwards (prefill excluded), chain drafting",
+    "alpha_j": "P(draft token j accepted | tokens 1..j-1 accepted)",
+    "speedup": "speculative tokens/s / plain generate tokens/s, same process, batch size 1, after warm-up",
+    "greedy_matches": "generations whose greedy speculative output equals plain greedy token for token",
+    "accepted_length_histogram": "counts of k = 0..K over rounds that verified a full window of K tokens",
+    "mean_accepted_length": "mean k over rounds that verified at least one draft token",
+    "tau_windows": "mean (k + 1) over those rounds (tau per verification window, docs/metrics.md)",
+}
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
+def _mean_or_nan(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else float("nan")
+
+
+def _total(records: list[dict], method: str, key: str) -> float:
+    return sum(r[method][key] for r in records)
+
+
+def _tokens(records: list[dict], method: str) -> int:
+    return sum(len(r[method]["tokens"]) for r in records)
+
+
+def _matches(records: list[dict], method: str) -> int:
+    return sum(r[method]["tokens"] == r["plain"]["tokens"] for r in records)
+
+
+def _acceptance(records: list[dict], k: int) -> dict[str, Any]:
+    """Acceptance of the speculative rounds: tau per window, mean k, alpha_j and the histogram of k."""
+    accepted = torch.tensor([a for r in records for a in r["spec"]["accepted"]], dtype=torch.long)
+    windows = torch.tensor([w for r in records for w in r["spec"]["window_sizes"]], dtype=torch.long)
+    drafted = accepted[windows > 0]
+    return {
+        "tau_windows": _mean_or_nan(drafted + 1),
+        "mean_accepted_length": _mean_or_nan(drafted),
+        "alpha": per_position_acceptance(accepted, k, window_sizes=windows, unreached=float("nan")).tolist(),
+        "accepted_length_histogram": accepted_length_histogram(accepted[windows == k], k),
+        "num_rounds": int(accepted.numel()),
+    }
+
+
+def _greedy_check(records: list[dict], greedy: bool) -> dict[str, Any]:
+    """The lossless check: at temperature 0 speculative output must equal plain greedy output."""
+    if not greedy:
+        return {"greedy_matches": None, "greedy_total": None, "mismatched_ids": None}
+    return {
+        "greedy_matches": _matches(records, "spec"),
+        "greedy_total": len(records),
+        "mismatched_ids": [
+            f"{r['id']}#{r['turn']}" for r in records if r["spec"]["tokens"] != r["plain"]["tokens"]
+        ],
+    }
+
+
+def _generation_rows(records: list[dict]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": r["id"],
+            "turn": r["turn"],
+            "prompt_tokens": r["prompt_tokens"],
+            "plain_tokens": len(r["plain"]["tokens"]),
+            "speculative_tokens": len(r["spec"]["tokens"]),
+            "verify_forwards": r["spec"]["verify_forwards"],
+            "outputs_match": r["spec"]["tokens"] == r["plain"]["tokens"],
+        }
+        for r in records
+    ]
+
+
+def _baselines(records: list[dict], baselines: list[str], plain_tps: float, greedy: bool) -> dict[str, Any]:
+    """Rows for plain `generate` on its own and transformers' prompt-lookup decoding ("lookup" records)."""
+    rows = {}
+    for name, method in (("plain", "plain"), ("prompt_lookup", "lookup")):
+        if name not in baselines:
+            continue
+        tokens = _tokens(records, method)
+        tps = _ratio(tokens, _total(records, method, "seconds"))
+        forwards = sum(
+            r[method]["forwards"] - 1 for r in records
+        )  # the prefill forward is not a verification
+        rows[name] = {
+            "tokens_per_s": tps,
+            "tau": tokens / forwards if forwards else float("nan"),
+            "speedup": 1.0 if name == "plain" else _ratio(tps, plain_tps),
+            "generated_tokens": tokens,
+        }
+        if name == "prompt_lookup":
+            rows[name]["greedy_matches"] = _matches(records, method) if greedy else None
+    return rows
+
+
+def summarise(
+    config: EvaluationConfig,
+    drafter_name: str,
+    name: str,
+    temperature: float,
+    examples: list,
+    records: list[dict],
+) -> dict[str, Any]:
+    """One result of the report: a prompt set at one temperature, from the per-turn `records` of the runner
+    (each with the "plain", "spec" and optional "lookup" generations of one prompt turn)."""
+    k = config.num_draft_tokens
+    greedy = temperature == 0
+    spec_tokens, plain_tokens = _tokens(records, "spec"), _tokens(records, "plain")
+    spec_seconds, plain_seconds = _total(records, "spec", "seconds"), _total(records, "plain", "seconds")
+    forwards = _total(records, "spec", "verify_forwards")
+    plain_tps, spec_tps = _ratio(plain_tokens, plain_seconds), _ratio(spec_tokens, spec_seconds)
+    return {
+        "prompt_set": name,
+        "temperature": temperature,
+        "method": f"{drafter_name} ({config.decoding})",
+        "drafting": "chain",
+        "window_size": k,
+        "num_prompts": len(examples),
+        "num_generations": len(records),
+        "generated_tokens": spec_tokens,
+        "verify_forwards": forwards,
+        "tau": spec_tokens / forwards if forwards else float("nan"),
+        **_acceptance(records, k),
+        "plain_tokens": plain_tokens,
+        "plain_seconds": plain_seconds,
+        "speculative_seconds": spec_seconds,
+        "drafter_seconds": _total(records, "spec", "drafter_seconds"),
+        "plain_tokens_per_s": plain_tps,
+        "speculative_tokens_per_s": spec_tps,
+        "speedup": _ratio(spec_tps, plain_tps),
+        **_greedy_check(records, greedy),
+        "baselines": _baselines(records, config.baselines, plain_tps, greedy),
+        "generations": _generation_rows(records),
+        "settings": {
+            "max_new_tokens": config.max_new_tokens,
+            "num_draft_tokens": k,
+            "temperature": temperature,
+            "decoding": config.decoding,
+            "batch_size": 1,
+            "dtype": config.dtype,
+            "drafting": "chain",
+        },
+    }
+
+
+def hardware_line(hardware: dict[str, Any]) -> str:
+    if hardware.get("gpu"):
+        return f"{hardware['gpu']}"
+    return f"{hardware['cpu']} ({hardware['cpu_cores']} cores, {hardware['torch_threads']} torch threads)"
+
+
+# ------------------------------------------------------------------------------------------------- files
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        # NaN: nothing to measure (no window reached that position).
+        return "-" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The results as a markdown table (one row per prompt set, temperature and method)."""
+    results = report["results"]
+    k = results[0]["window_size"] if results else 0
+    alpha_cols = " | ".join(f"a{j}" for j in range(1, k + 1))
+    lines = [
+        f"Drafter `{report['drafter']}` on target `{report['target']}`: chain drafting, K={k}, batch size 1, "
+        f"{report['settings']['dtype']}, max_new_tokens={report['settings']['max_new_tokens']}; "
+        f"hardware: {hardware_line(report['hardware'])}.",
+        "",
+        "tau = generated tokens / verification forwards (bonus token counted, prefill excluded); "
+        "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j.",
+        "",
+        f"| prompt set | T | method | gens | tokens | tau | mean k | {alpha_cols} | tok/s | speedup | greedy match |",
+        "|" + "---|" * (10 + k),
+    ]
+    for r in results:
+        alphas = " | ".join(_fmt(a) for a in r["alpha"])
+        match = f"{r['greedy_matches']}/{r['greedy_total']}" if r["greedy_total"] is not None else "-"
+        lines.append(
+            f"| {r['prompt_set']} | {r['temperature']:g} | {r['method']} | {r['num_generations']} | "
+            f"{r['generated_tokens']} | {_fmt(r['tau'])} | {_fmt(r['mean_accepted_length'])} | {alphas} | "
+            f"{_fmt(r['speculative_tokens_per_s'], 1)} | {_fmt(r['speedup'])}x | {match} |"
+        )
+        blank = " | ".join("-" for _ in range(k))
+        for name, b in r["baselines"].items():
+            bmatch = "-"
+            if b.get("greedy_matches") is not None:
+                bmatch = f"{b['greedy_matches']}/{r['greedy_total']}"
+            lines.append(
+                f"| {r['prompt_set']} | {r['temperature']:g} | {name} | {r['num_generations']} | "
+                f"{b['generated_tokens']} | {_fmt(b['tau'])} | - | {blank} | {_fmt(b['tokens_per_s'], 1)} | "
+                f"{_fmt(b['speedup'])}x | {bmatch} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(report: dict[str, Any], output_dir: str | Path) -> list[Path]:
+    """Per-position acceptance per prompt set, and the histogram of accepted lengths (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    results = report["results"]
+    k = results[0]["window_size"] if results else 1
+    paths = [output_dir / name for name in PLOT_FILES]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.plot(range(1, k + 1), r["alpha"], marker="o", label=f"{r['prompt_set']} T={r['temperature']:g}")
+    ax.set_xlabel("draft position j")
+    ax.set_ylabel("alpha_j = P(accept j | 1..j-1 accepted)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(range(1, k + 1))
+    ax.set_title(f"Per-position acceptance (chain, K={k})")
+    ax.grid(alpha=0.3)
+    if results:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(len(results), 1)
+    for i, r in enumerate(results):
+        counts = torch.tensor(r["accepted_length_histogram"], dtype=torch.float64)
+        freq = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
+        ax.bar(
+            [x + i * width for x in range(k + 1)], freq, width=width,
+            label=f"{r['prompt_set']} T={r['temperature']:g}",
+        )  # fmt: skip
+    ax.set_xlabel("accepted draft tokens k per round")
+    ax.set_ylabel("fraction of rounds")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(k + 1)], [str(x) for x in range(k + 1)])
+    ax.set_title(f"Accepted lengths (chain, K={k})")
+    if results:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def _strict_json(value: Any) -> Any:
+    """NaN/inf -> None, so results.json is strict JSON."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def write_report(report: dict[str, Any], output_dir: str | Path, plots: bool = True) -> None:
+    """Write results.json, results.md and (optionally) the plots into output_dir."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(_strict_json(report), indent=1, default=str))
+    (output_dir / "results.md").write_text(markdown_table(report))
+    if plots:
+        write_plots(report, output_dir)
+    logger.info("Evaluation written to %s", output_dir)
