@@ -3,7 +3,7 @@
 Shapes: `draft_logits` (..., V_d) are the drafter's logits at some rows; `target_logits` (..., V_d) are the
 target's logits at the same rows, restricted to the draft vocabulary's target ids (draft-id order). The
 target distribution p is the softmax over that subset, i.e. renormalised over the draft vocabulary
-(EAGLE3_NOTES.md §3.4); q is the drafter's softmax. Every loss is computed in fp32 and returns one value
+(docs/eagle3.md); q is the drafter's softmax. Every loss is computed in fp32 and returns one value
 per row; the caller masks and reduces (`eagle3_position_mask`, `step_weights`).
 """
 
