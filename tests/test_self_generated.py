@@ -41,21 +41,25 @@ EOS = 2
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def writer_target(tiny_tokenizer) -> LlamaForCausalLM:
-    """A tiny Llama that ends its turns often: EOS takes over (a sharper copy of) the LM-head row of the token
-    it samples most after a user header, so sampled user turns finish within a few tokens."""
-    model = build_tiny_target(len(tiny_tokenizer), num_layers=2, seed=3)
+def _ending_target(tokenizer, scale: float) -> LlamaForCausalLM:
+    model = build_tiny_target(len(tokenizer), num_layers=2, seed=3)
     model.config.eos_token_id = model.generation_config.eos_token_id = EOS
-    header = tiny_tokenizer("<|im_start|>user\n", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    header = tokenizer("<|im_start|>user\n", add_special_tokens=False, return_tensors="pt")["input_ids"]
     torch.manual_seed(0)
     sampled = model.generate(
         header.repeat(16, 1), do_sample=True, max_new_tokens=8, top_k=None, pad_token_id=0
     )
     frequent = int(torch.mode(sampled[:, header.shape[1] :].flatten()).values)
     with torch.no_grad():
-        model.lm_head.weight[EOS] = model.lm_head.weight[frequent] * 2.0
+        model.lm_head.weight[EOS] = model.lm_head.weight[frequent] * scale
     return model
+
+
+@pytest.fixture(scope="module")
+def writer_target(tiny_tokenizer) -> LlamaForCausalLM:
+    """A tiny Llama that ends its turns often: EOS takes over (a sharper copy of) the LM-head row of the token
+    it samples most after a user header, so sampled user turns finish within a few tokens."""
+    return _ending_target(tiny_tokenizer, 2.0)
 
 
 def writer_config(tmp_path, **overrides) -> DataConfig:
@@ -218,6 +222,31 @@ def test_build_training_data_from_self_generated_prompts(writer_target, tiny_tok
     )
     assert len(train_ids) == 2 * len({pid.rsplit("#", 1)[0] for pid in train_ids})
     assert report["checked_positions"] > 0
+    assert set(data.train["num_turns"]) == {1}  # max_turns None: no follow-up turns
+
+
+def test_self_generated_follow_up_turns(tiny_tokenizer, tmp_path):
+    writer_target = _ending_target(tiny_tokenizer, 1.3)  # answers a few tokens long, then follow-ups
+    config = writer_config(
+        tmp_path, self_generated_prompts=48, max_turns=3, max_new_tokens=6, prompt_max_new_tokens=24,
+        filter_min_text_fraction=0.0,  # a random model writes bytes, not words
+    )  # fmt: skip
+    data = build_training_data(config, writer_target, tiny_tokenizer, progress=False)
+    turns = list(data.train["num_turns"]) + list(data.eval["num_turns"])
+    assert max(turns) > 1 and set(turns) <= {1, 2, 3}
+    stats = data.regeneration.stats
+    assert stats["follow_up_turns"] == sum(t - 1 for t in turns) + stats["dropped_turns"] > 0
+    header = tiny_tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    row = data.train[[i for i, t in enumerate(data.train["num_turns"]) if t > 1][0]]
+    starts = [i for i in range(len(row["input_ids"])) if row["input_ids"][i : i + len(header)] == header]
+    assert (
+        len(starts) == row["num_turns"]
+    )  # one user header per turn: the follow-up is templated as a user turn
+    assert all(row["loss_mask"][i] == 0 for i in starts)
+    again = build_training_data(
+        replace(config, cache_dir=str(tmp_path / "again")), writer_target, tiny_tokenizer, progress=False
+    )
+    assert list(again.train["input_ids"]) == list(data.train["input_ids"])  # seeded
 
 
 # ---------------------------------------------------------------------------------------------- sources

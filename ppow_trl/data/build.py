@@ -20,9 +20,9 @@ from .config import DataConfig
 from .corpus import build_corpus, open_corpus
 from .draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
 from .features import TargetFeatureProvider, collate_sequences
-from .filters import ContaminationIndex, filter_prompts
+from .filters import ContaminationIndex, FilterSettings, filter_prompts
 from .regeneration import Regeneration, regenerate
-from .self_generated import filter_settings, self_generated_prompts
+from .self_generated import self_generated_prompts
 from .sources import (
     EVALUATION_SOURCES,
     SELF_GENERATED,
@@ -94,7 +94,7 @@ def collect_prompts(
         return examples, None
     index = ContaminationIndex.cached(config.decontamination_ngram) if config.decontaminate else None
     rows = [{"text": " ".join(e.turns), "example": e} for e in examples]
-    kept, report = filter_prompts(rows, filter_settings(config), index)
+    kept, report = filter_prompts(rows, FilterSettings.from_config(config), index)
     if not kept:
         raise ValueError(
             f"Prompt source {config.dataset_name!r}: the filters left no usable prompt (drops by reason: "

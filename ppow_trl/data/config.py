@@ -48,7 +48,11 @@ class DataConfig:
         default=None, metadata={"help": "Keep only the first N prompts of the source (None = all)."}
     )
     max_turns: int | None = field(
-        default=None, metadata={"help": "Use at most this many user turns per conversation (None = all)."}
+        default=None,
+        metadata={
+            "help": "Use at most this many user turns per conversation (None = all). With self_generated "
+            "prompts the target writes each later user turn itself, after its own answer (None = 1)."
+        },
     )
     max_prompt_length: int | None = field(
         default=1024,
@@ -202,6 +206,12 @@ class DataConfig:
         },
     )
     filter_min_chars: int = field(default=16, metadata={"help": "Shorter user turns are dropped."})
+    filter_min_text_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "User turns with a smaller share of letters, digits and spaces are dropped (non-text)."
+        },
+    )
     filter_max_chars: int = field(default=2000, metadata={"help": "Longer user turns are dropped."})
     near_duplicate_threshold: float = field(
         default=0.7,
@@ -278,6 +288,7 @@ class DataConfig:
         for name in (
             "prompt_seed_fraction",
             "prompt_stop_fraction",
+            "filter_min_text_fraction",
             "near_duplicate_threshold",
             "decontamination_threshold",
             "min_kept_fraction",

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..target import cache_root
 from .cache import sha
+from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ class FilterSettings:
     near_duplicate_threshold: float = 0.7
     decontamination_ngram: int = 8
     decontamination_threshold: float = 0.2
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> FilterSettings:
+        return cls(
+            min_chars=config.filter_min_chars,
+            max_chars=config.filter_max_chars,
+            min_text_fraction=config.filter_min_text_fraction,
+            near_duplicate_threshold=config.near_duplicate_threshold,
+            decontamination_ngram=config.decontamination_ngram,
+            decontamination_threshold=config.decontamination_threshold,
+        )
 
 
 def words(text: str) -> list[str]:

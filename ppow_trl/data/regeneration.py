@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from transformers import (
 from ..target import eos_token_ids, target_name
 from .cache import check_manifest, fingerprint_of, read_token_shard, sha, shard_path, write_token_shard
 from .config import DataConfig
-from .sources import PromptExample
+from .filters import FilterSettings, malformed_reason
+from .sources import SELF_GENERATED, PromptExample
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def regeneration_inputs(
     """Everything that determines the regenerated data (hashed into the cache fingerprint)."""
     sampling = config.do_sample
     limit = context_limit(target, config)
-    return {
+    inputs = {
         "version": CACHE_VERSION,
         "target": target_identity(target),
         "tokenizer": {
@@ -127,6 +128,17 @@ def regeneration_inputs(
         },
         "shard_size": config.shard_size,
     }
+    if writes_follow_ups(config):  # the target writes later user turns itself
+        inputs["follow_ups"] = {
+            "max_turns": config.max_turns,
+            "temperature": config.prompt_temperature,
+            "top_p": config.prompt_top_p,
+            "max_new_tokens": config.prompt_max_new_tokens,
+            "stop_fraction": config.prompt_stop_fraction,
+            "filters": asdict(FilterSettings.from_config(config)),
+            "seed": config.seed,
+        }
+    return inputs
 
 
 # ------------------------------------------------------------------------------------------ templating
@@ -154,9 +166,31 @@ def turn_closing_text(tokenizer: PreTrainedTokenizerBase) -> str:
     return text.rsplit(_PROBE_ANSWER, 1)[1]
 
 
+DEFAULT_SYSTEM = "<template default>"  # render with no system message: the template adds its own, if any
+_PROBE_SYSTEM = "PPOW-PROBE-SYSTEM"
+
+
+def pre_query_prefix(tokenizer: PreTrainedTokenizerBase, system: str | None) -> str:
+    """The chat-template text up to where the user's text starts, for a system prompt (or none)."""
+    if system == DEFAULT_SYSTEM:
+        return render(tokenizer, [{"role": "user", "content": _PROBE_USER}], False).split(_PROBE_USER)[0]
+    messages = [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": _PROBE_USER}]
+    head, rest = render(tokenizer, messages, False).split(_PROBE_USER)[0].split(_PROBE_SYSTEM)
+    if system is not None:
+        return head + system + rest
+    closing = turn_closing_text(tokenizer)  # the system block ends like any turn
+    user_header = rest[len(closing) :] if rest.startswith(closing) else rest
+    bos = tokenizer.bos_token or ""
+    keeps_bos = (
+        bos and head.startswith(bos) and not user_header.startswith(bos)
+    )  # e.g. Llama 3's <|begin_of_text|>
+    return (bos if keeps_bos else "") + user_header
+
+
 @dataclass
 class _Conversation:
     example: PromptExample
+    turns: list[str] = field(default_factory=list)  # the example's, plus follow-ups the target wrote
     ids: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -167,6 +201,17 @@ class _Conversation:
 
 
 @dataclass
+class _FollowUps:
+    """How the target writes the next user turn after its own answer (self-generated multi-turn data)."""
+
+    generation: GenerationConfig
+    user_header: str
+    max_turns: int
+    stop_fraction: float
+    filters: FilterSettings
+
+
+@dataclass
 class _Settings:
     generation: GenerationConfig
     eos_ids: list[int]
@@ -174,11 +219,34 @@ class _Settings:
     limit: float
     policy: str
     closing: str | None
+    follow_ups: _FollowUps | None = None
+
+
+def writes_follow_ups(config: DataConfig) -> bool:
+    return config.dataset_name == SELF_GENERATED and (config.max_turns or 1) > 1
+
+
+def _follow_ups(
+    config: DataConfig, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int], pad_id: int
+) -> _FollowUps:
+    generation = GenerationConfig(
+        max_new_tokens=config.prompt_max_new_tokens,
+        do_sample=True,
+        temperature=config.prompt_temperature,
+        top_p=config.prompt_top_p,
+        top_k=None,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    return _FollowUps(
+        generation, pre_query_prefix(tokenizer, None), config.max_turns, config.prompt_stop_fraction,
+        FilterSettings.from_config(config),
+    )  # fmt: skip
 
 
 def _next_prompt(conv: _Conversation, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], str]:
     """Token ids to append for the next user turn, and the template text after appending it."""
-    messages = [*conv.messages, {"role": "user", "content": conv.example.turns[conv.turns_done]}]
+    messages = [*conv.messages, {"role": "user", "content": conv.turns[conv.turns_done]}]
     text = render(tokenizer, messages, generation_prompt=True)
     if not text.startswith(conv.rendered):
         raise ValueError(
@@ -210,7 +278,7 @@ def _admit_turn(conv: _Conversation, tokenizer: PreTrainedTokenizerBase, s: _Set
         ids, mask = ids[-int(s.limit) :], mask[-int(s.limit) :]
         stats["truncated_prompts"] += 1
     conv.ids, conv.mask, conv.rendered, conv.pending = ids, mask, text, ""
-    conv.messages.append({"role": "user", "content": conv.example.turns[conv.turns_done]})
+    conv.messages.append({"role": "user", "content": conv.turns[conv.turns_done]})
     return True
 
 
@@ -224,7 +292,8 @@ def _record_answer(
     conv.mask = conv.mask + [1] * len(generated)
     conv.messages.append({"role": "assistant", "content": answer})
     conv.turns_done += 1
-    if conv.turns_done >= len(conv.example.turns):
+    more = s.follow_ups is not None and conv.turns_done < s.follow_ups.max_turns
+    if conv.turns_done >= len(conv.turns) and not more:
         conv.active = False
         return
     conv.rendered = render(tokenizer, conv.messages, generation_prompt=False)
@@ -301,6 +370,11 @@ def make_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) 
     )
 
 
+def _empty_stats() -> dict[str, Any]:
+    counts = ("dropped_prompts", "dropped_turns", "truncated_prompts", "generated_tokens", "follow_up_turns")
+    return {**dict.fromkeys(counts, 0), "follow_up_rejected": 0, "dropped_ids": []}
+
+
 def _generate_shard(
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -310,10 +384,12 @@ def _generate_shard(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[list[_Conversation], dict[str, Any]]:
     """Regenerate one shard turn by turn; batches are formed from prompts of similar length."""
-    stats = {"dropped_prompts": 0, "dropped_turns": 0, "truncated_prompts": 0, "generated_tokens": 0}
-    stats["dropped_ids"] = []
-    conversations = [_Conversation(example) for example in examples]
+    stats = _empty_stats()
+    conversations = [_Conversation(example, list(example.turns)) for example in examples]
     while True:
+        if s.follow_ups is not None:
+            waiting = [c for c in conversations if c.active and c.turns_done == len(c.turns)]
+            _write_follow_ups(target, tokenizer, waiting, s, batch_size, stats)
         active = [c for c in conversations if c.active and _admit_turn(c, tokenizer, s, stats)]
         if not active:
             break
@@ -330,10 +406,42 @@ def _generate_shard(
     return [c for c in conversations if c.turns_done > 0], stats
 
 
+def _write_follow_ups(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[_Conversation],
+    s: _Settings,
+    batch_size: int,
+    stats: dict[str, Any],
+) -> None:
+    """The target writes each conversation's next user turn after its answer (sampled, batched); a turn the
+    filters reject ends its conversation."""
+    f = s.follow_ups
+    prompts = [
+        c.ids + tokenizer(c.pending + f.user_header, add_special_tokens=False)["input_ids"]
+        for c in conversations
+    ]
+    order = sorted(range(len(conversations)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        outputs = batched_generate(
+            target, [prompts[i] for i in batch], f.generation, s.pad_id, s.eos_ids, f.stop_fraction
+        )
+        for i, generated in zip(batch, outputs):
+            ended = bool(generated) and generated[-1] in s.eos_ids
+            text = tokenizer.decode(generated[:-1] if ended else generated, skip_special_tokens=False).strip()
+            if malformed_reason(text, ended, f.filters) is None:
+                conversations[i].turns.append(text)
+                stats["follow_up_turns"] += 1
+            else:
+                conversations[i].active = False
+                stats["follow_up_rejected"] += 1
+
+
 @contextlib.contextmanager
 def _shard_rng(config: DataConfig, shard: int, target: PreTrainedModel) -> Iterator[None]:
     """Sampling seeded per shard (so a resumed run samples the same), without touching the global RNG."""
-    if not config.do_sample:
+    if not (config.do_sample or writes_follow_ups(config)):
         yield
         return
     device = next(target.parameters()).device
@@ -369,7 +477,8 @@ def regenerate(
     if missing:
         eos_ids = eos_token_ids(target, tokenizer)
         pad_id = pad_token_id(tokenizer)
-        multi_turn = any(len(e.turns) > 1 for e in examples)
+        follow_ups = _follow_ups(config, tokenizer, eos_ids, pad_id) if writes_follow_ups(config) else None
+        multi_turn = follow_ups is not None or any(len(e.turns) > 1 for e in examples)
         settings = _Settings(
             generation=make_generation_config(config, eos_ids, pad_id),
             eos_ids=eos_ids,
@@ -377,6 +486,7 @@ def regenerate(
             limit=context_limit(target, config),
             policy=config.prompt_truncation,
             closing=turn_closing_text(tokenizer) if multi_turn else None,
+            follow_ups=follow_ups,
         )
         logger.info(
             "Regenerating %d of %d shards into %s (%s, max_new_tokens=%d)",
@@ -386,7 +496,8 @@ def regenerate(
             "sampling" if config.do_sample else "greedy",
             config.max_new_tokens,
         )
-        total_turns = sum(len(e.turns) for i in missing for e in chunks[i])
+        turns_each = (config.max_turns or 1) if follow_ups else 0
+        total_turns = sum(max(len(e.turns), turns_each) for i in missing for e in chunks[i])
         with tqdm(total=total_turns, desc="regenerating", unit="turn", disable=not progress) as bar:
             generated = [0]
 
@@ -414,14 +525,13 @@ def regenerate(
 
 def _load(directory: Path, paths: list[Path], fingerprint: str) -> Regeneration:
     columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "prompt_id": [], "num_turns": []}
-    stats = {"dropped_prompts": 0, "dropped_turns": 0, "truncated_prompts": 0, "generated_tokens": 0}
-    stats["dropped_ids"] = []
+    stats = _empty_stats()
     for path in paths:
         shard_columns, shard_stats = read_token_shard(path)
         for name, values in shard_columns.items():
             columns[name].extend(values)
         for name, value in shard_stats.items():
-            stats[name] = stats[name] + value
+            stats[name] = stats.get(name, 0) + value
     columns["index"] = list(range(len(columns["prompt_id"])))
     stats["num_sequences"] = len(columns["prompt_id"])
     if stats["dropped_prompts"] or stats["truncated_prompts"] or stats["dropped_turns"]:

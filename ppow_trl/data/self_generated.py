@@ -25,20 +25,18 @@ from .cache import check_manifest, fingerprint_of, sha, shard_path, write_text_a
 from .config import DataConfig
 from .filters import ContaminationIndex, FilterSettings, filter_prompts
 from .regeneration import (
+    DEFAULT_SYSTEM,
     batched_generate,
     eos_token_ids,
     pad_token_id,
-    render,
+    pre_query_prefix,
     target_identity,
-    turn_closing_text,
 )
 from .sources import PromptExample
 
 logger = logging.getLogger(__name__)
 
 PROMPT_CACHE_VERSION = 1
-DEFAULT_SYSTEM = "<template default>"  # render with no system message: the template adds its own, if any
-_PROBE_SYSTEM, _PROBE_USER = "PPOW-PROBE-SYSTEM", "PPOW-PROBE-USER"
 
 
 @dataclass(frozen=True)
@@ -152,23 +150,6 @@ def plan_requests(config: DataConfig) -> list[PromptRequest]:
         seeded = openings and rng.random() < config.prompt_seed_fraction
         requests.append(PromptRequest(index, task, rng.choice(openings) if seeded else None))
     return requests
-
-
-def pre_query_prefix(tokenizer: PreTrainedTokenizerBase, system: str | None) -> str:
-    """The chat-template text up to where the user's text starts, for a system prompt (or none)."""
-    if system == DEFAULT_SYSTEM:
-        return render(tokenizer, [{"role": "user", "content": _PROBE_USER}], False).split(_PROBE_USER)[0]
-    messages = [{"role": "system", "content": _PROBE_SYSTEM}, {"role": "user", "content": _PROBE_USER}]
-    head, rest = render(tokenizer, messages, False).split(_PROBE_USER)[0].split(_PROBE_SYSTEM)
-    if system is not None:
-        return head + system + rest
-    closing = turn_closing_text(tokenizer)  # the system block ends like any turn
-    user_header = rest[len(closing) :] if rest.startswith(closing) else rest
-    bos = tokenizer.bos_token or ""
-    keeps_bos = (
-        bos and head.startswith(bos) and not user_header.startswith(bos)
-    )  # e.g. Llama 3's <|begin_of_text|>
-    return (bos if keeps_bos else "") + user_header
 
 
 def prompt_inputs(
@@ -288,7 +269,7 @@ def self_generated_prompts(
     """
     rows, directory = write_prompts(target, tokenizer, config, progress)
     index = ContaminationIndex.cached(config.decontamination_ngram) if config.decontaminate else None
-    kept, report = filter_prompts(rows, filter_settings(config), index)
+    kept, report = filter_prompts(rows, FilterSettings.from_config(config), index)
     report["directory"] = str(directory)
     write_text_atomic(directory / "filter_report.json", json.dumps(report, indent=1))
     if len(kept) < config.min_kept_fraction * len(rows) or not kept:
@@ -304,13 +285,3 @@ def self_generated_prompts(
         for row in kept
     ]
     return examples, report
-
-
-def filter_settings(config: DataConfig) -> FilterSettings:
-    return FilterSettings(
-        min_chars=config.filter_min_chars,
-        max_chars=config.filter_max_chars,
-        near_duplicate_threshold=config.near_duplicate_threshold,
-        decontamination_ngram=config.decontamination_ngram,
-        decontamination_threshold=config.decontamination_threshold,
-    )
