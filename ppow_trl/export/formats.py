@@ -49,6 +49,7 @@ SERVING_FORMATS = ("eagle3", "speculators", "medusa")
 LAYER_ID_CONVENTIONS = ("vllm", "sglang")
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 #: Key of the record this package adds to exported configs (engines ignore unknown keys).
 RECORD_KEY = "ppow_trl"
 #: Hub ids of targets this package loads under an alias (a model card's `base_model` must be a Hub id).
@@ -393,7 +394,7 @@ def detect_format(config: dict[str, Any]) -> str:
 def _resolve_path(path_or_hub_id: str | Path, revision: str | None, token: str | bool | None) -> Path:
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a drafter checkpoint directory")
         return path
     name = str(path_or_hub_id)
@@ -601,6 +602,8 @@ def load_drafter(
     them without its cold-start warning.
     """
     directory = _resolve_path(path_or_hub_id, revision, token)
+    if not (directory / "config.json").is_file():  # LoRA adapters saved by a peft-wrapped trainer
+        return _load_adapters(directory, target, revision, token, dtype)
     config = json.loads((directory / "config.json").read_text())
     fmt = detect_format(config)
     if fmt == "ppow":
@@ -623,6 +626,24 @@ def load_drafter(
     if dtype is not None:
         drafter.to(dtype)
     return drafter.eval()
+
+
+def _load_adapters(directory: Path, target, revision, token, dtype) -> PreTrainedModel:
+    """A folder of LoRA adapters (`adapter_config.json`): load its base drafter, apply and merge them."""
+    from peft import PeftModel
+
+    base_path = json.loads((directory / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_path:
+        raise DrafterFormatError(
+            f"{directory} holds LoRA adapters whose base drafter was never saved (no base_model_name_or_path): "
+            "export the merged drafter from the trained model instead (ppow_trl.export.export_drafter(trainer.model, "
+            "out_dir, 'ppow') merges the adapters)"
+        )
+    base = load_drafter(base_path, target, revision=revision, token=token)
+    merged = PeftModel.from_pretrained(base, directory).merge_and_unload()
+    if dtype is not None:
+        merged.to(dtype)
+    return merged.eval()
 
 
 def is_drafter_checkpoint(path: str | Path) -> bool:
