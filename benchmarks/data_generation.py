@@ -11,9 +11,10 @@ batching (`generate_batch`); answers are compared token for token with one-promp
 decoding on the first --check prompts. Prints prompts/min and answer tokens/s per setting, the speedup over
 the demo's batch 8, and the machine's load average before and after.
 
-`filters`: the filter report of a dataset directory's written prompts (distinct share, drops per reason,
-task mix, length histogram), and an independent decontamination re-check of the kept prompts: word
-n-gram tuples in plain Python sets (not the pipeline's hashed index) against MT-Bench and HumanEval.
+`filters`: the filters (default settings) over the prompts a dataset directory's run has written so far
+(distinct share, drops per reason, task mix, length histogram), and an independent decontamination
+re-check of the kept prompts: word n-gram tuples in plain Python sets (not the pipeline's hashed index)
+against MT-Bench and HumanEval.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch
 
 from ppow_trl.data import DataConfig, batched_generate, load_prompts
+from ppow_trl.data.filters import ContaminationIndex, FilterSettings, filter_prompts
 from ppow_trl.data.regeneration import make_generation_config, pad_token_id, render
 from ppow_trl.data.self_generated import write_prompts
 from ppow_trl.target import eos_token_ids, load_target
@@ -127,29 +129,17 @@ def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 
 def filters(args: argparse.Namespace) -> None:
     directory = Path(args.dataset_dir).expanduser()
-    reports = sorted(directory.glob("prompts/*/filter_report.json"))
-    if not reports:
-        raise SystemExit(f"no filter report under {directory}/prompts: run recipes/regenerate.py first")
-    report = json.loads(reports[-1].read_text())
-    print(json.dumps({k: v for k, v in report.items() if k != "directory"}, indent=1))
-    card = (
-        json.loads((directory / "ppow_data.json").read_text())
-        if (directory / "ppow_data.json").is_file()
-        else None
+    shards = sorted(directory.glob("prompts/*/shard-*.jsonl"))
+    if not shards:
+        raise SystemExit(f"no written prompts under {directory}/prompts: run recipes/regenerate.py first")
+    written = [json.loads(line) for p in shards for line in p.read_text().splitlines()]
+    settings = FilterSettings.from_config(DataConfig())
+    kept_rows, report = filter_prompts(
+        written, settings, ContaminationIndex.cached(settings.decontamination_ngram)
     )
-    split = sorted(directory.glob("regen/*/split-*/split.json"))
-    if not split:
-        raise SystemExit("no split.json yet (answers still being generated)")
-    kept_ids = set(json.loads(split[-1].read_text())["train_ids"]) | set(
-        json.loads(split[-1].read_text())["eval_ids"]
-    )
-    written = [
-        json.loads(line)
-        for p in sorted(reports[-1].parent.glob("shard-*.jsonl"))
-        for line in p.read_text().splitlines()
-    ]
-    prefix = f"self/{reports[-1].parent.name[:8]}/"
-    kept = [r["text"] for r in written if f"{prefix}{r['index']}" in kept_ids]
+    print(f"{len(shards)} prompt shards in {shards[0].parent}, default filter settings; load {_load()}")
+    print(json.dumps(report, indent=1))
+    kept = [row["text"] for row in kept_rows]
     reference: set[tuple[str, ...]] = set()
     for name in ("mt_bench", "humaneval"):
         for example in load_prompts(name):
@@ -164,10 +154,6 @@ def filters(args: argparse.Namespace) -> None:
         f"\nindependent re-check: {len(kept)} kept prompts, {len(hits)} with >= {args.threshold:.0%} of their "
         f"word {args.ngram}-grams in MT-Bench/HumanEval"
     )
-    if card:
-        print(
-            f"answer tokens: {card['report']['assistant_tokens']}, wall time of the last run: {card['wall_time_s']} s"
-        )
 
 
 def main() -> None:

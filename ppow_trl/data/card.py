@@ -15,6 +15,8 @@ def write_dataset_card(
     directory: Path, config: DataConfig, report: dict[str, Any], wall_time_s: float, command: str
 ) -> None:
     report = {key: value for key, value in report.items() if key != "config"}
+    if report.get("prompt_filters"):  # the kept indices stay in the prompt cache's filter_report.json
+        report["prompt_filters"] = {k: v for k, v in report["prompt_filters"].items() if k != "kept_indices"}
     payload = {
         "data_config": config.to_card(),
         "report": report,

@@ -271,6 +271,7 @@ def self_generated_prompts(
     index = ContaminationIndex.cached(config.decontamination_ngram) if config.decontaminate else None
     kept, report = filter_prompts(rows, FilterSettings.from_config(config), index)
     report["directory"] = str(directory)
+    report["kept_indices"] = [row["index"] for row in kept]
     write_text_atomic(directory / "filter_report.json", json.dumps(report, indent=1))
     if len(kept) < config.min_kept_fraction * len(rows) or not kept:
         raise ValueError(
