@@ -26,10 +26,10 @@ from ppow_trl.export.formats import (
     RECORD_KEY,
     check_format,
     export_drafter,
-    merged_drafter,
     serving_layer_ids,
     target_hub_id,
 )
+from ppow_trl.models import unwrap_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def drafter_model_card(
     """The README.md (YAML metadata + markdown) of a drafter.
 
     Args:
-        drafter: the drafter (LoRA-wrapped drafters are described as merged).
+        drafter: the drafter (a LoRA-wrapped drafter is described by its base; exports merge the adapters).
         format: the layout of the folder the card describes (`ppow_trl.export.FORMATS`).
         repo_id: the Hub id used in the usage snippets (default: a placeholder).
         num_speculative_tokens: K in the usage snippets (default 5, Medusa: its heads).
@@ -286,7 +286,7 @@ def drafter_model_card(
         report: the results.json of `recipes/evaluate_drafter.py` (tau, alpha_j, speedup with hardware).
     """
     check_format(format)
-    model = merged_drafter(drafter)
+    model = unwrap_drafter(drafter)  # the card reads the config only: no need to merge adapters
     config = model.config
     is_eagle3 = hasattr(model, "midlayer")
     kind = "eagle3" if is_eagle3 else "medusa"
