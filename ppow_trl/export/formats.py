@@ -598,8 +598,8 @@ def load_drafter(
     is copied from the target (a checkpoint without `embed_tokens` loads), the feature layers default to
     EAGLE-3's [2, L//2, L-3] when the config names none, and a checkpoint for another target fails naming
     the fields that differ. Missing, unexpected or mis-shaped weights fail naming the keys.
-    Imported serving checkpoints count as warm-started (they are trained drafters), so PPOW starts from
-    them without its cold-start warning.
+    Imported serving checkpoints count as warm-started (published drafters are trained ones; our own exports
+    record whether they were), so PPOW starts from them without its cold-start warning.
     """
     directory = _resolve_path(path_or_hub_id, revision, token)
     if not (directory / "config.json").is_file():  # LoRA adapters saved by a peft-wrapped trainer
@@ -621,7 +621,8 @@ def load_drafter(
             drafter = _medusa_from_serving(config, tensors, target)
         else:
             drafter = _eagle3_from_serving(fmt, config, tensors, target)
-        drafter.config.warm_started = True
+        # A published drafter is a trained one; our own exports say whether they were.
+        drafter.config.warm_started = bool((config.get(RECORD_KEY) or {}).get("warm_started", True))
         drafter.config.imported_from = {"path": str(path_or_hub_id), "format": fmt}
     if dtype is not None:
         drafter.to(dtype)

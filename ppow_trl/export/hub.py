@@ -121,7 +121,7 @@ def _training_section(drafter, training: dict[str, Any] | None) -> list[str]:
     elif getattr(config, "warm_started", False):
         lines.append("Supervised warm start (EAGLE-3 training-time test against the target's distribution).")
     else:
-        lines.append("No training record is attached to this drafter.")
+        lines.append("No training settings were recorded with this drafter.")
     data = training.pop("data", None) or {}
     if training:
         lines += ["", "| setting | value |", "|---|---|"]
