@@ -116,10 +116,14 @@ def _training_section(drafter, training: dict[str, Any] | None) -> list[str]:
             "speedup it buys (cost-aware R = k / (k * gamma + 1), plus a proximity reward for near misses); "
             "group-relative advantages, a PPO-clipped surrogate and a KL penalty to the target update the drafter."
         )
+    elif method == "supervised warm start" or (not method and getattr(config, "warm_started", False)):
+        lines.append(
+            "Supervised warm start (EAGLE-3 training-time test against the target's distribution)."
+            if hasattr(drafter, "midlayer")
+            else "Supervised warm start of the Medusa heads against the target's distribution."
+        )
     elif method:
         lines.append(f"Training: {method}.")
-    elif getattr(config, "warm_started", False):
-        lines.append("Supervised warm start (EAGLE-3 training-time test against the target's distribution).")
     else:
         lines.append("No training settings were recorded with this drafter.")
     data = training.pop("data", None) or {}
