@@ -181,9 +181,8 @@ def pre_query_prefix(tokenizer: PreTrainedTokenizerBase, system: str | None) -> 
     closing = turn_closing_text(tokenizer)  # the system block ends like any turn
     user_header = rest[len(closing) :] if rest.startswith(closing) else rest
     bos = tokenizer.bos_token or ""
-    keeps_bos = (
-        bos and head.startswith(bos) and not user_header.startswith(bos)
-    )  # e.g. Llama 3's <|begin_of_text|>
+    # A BOS that opens the whole template (Llama 3's <|begin_of_text|>) stays; ChatML's turn opener does not.
+    keeps_bos = bos and head.startswith(bos) and not user_header.startswith(bos)
     return (bos if keeps_bos else "") + user_header
 
 
@@ -229,17 +228,8 @@ def writes_follow_ups(config: DataConfig) -> bool:
 def _follow_ups(
     config: DataConfig, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int], pad_id: int
 ) -> _FollowUps:
-    generation = GenerationConfig(
-        max_new_tokens=config.prompt_max_new_tokens,
-        do_sample=True,
-        temperature=config.prompt_temperature,
-        top_p=config.prompt_top_p,
-        top_k=None,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-    )
     return _FollowUps(
-        generation, pre_query_prefix(tokenizer, None), config.max_turns, config.prompt_stop_fraction,
+        prompt_generation_config(config, eos_ids, pad_id), pre_query_prefix(tokenizer, None), config.max_turns, config.prompt_stop_fraction,
         FilterSettings.from_config(config),
     )  # fmt: skip
 
@@ -352,6 +342,19 @@ class _MostRowsEnded(StoppingCriteria):
         ended = torch.isin(input_ids[:, self.width :], self.eos.to(input_ids.device)).any(-1)
         stop = bool(ended.float().mean() >= self.fraction)
         return torch.full_like(ended, stop)
+
+
+def prompt_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:
+    """Sampling settings with which the target writes user turns (`prompt_*` fields)."""
+    return GenerationConfig(
+        max_new_tokens=config.prompt_max_new_tokens,
+        do_sample=True,
+        temperature=config.prompt_temperature,
+        top_p=config.prompt_top_p,
+        top_k=None,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
 
 
 def make_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) -> GenerationConfig:

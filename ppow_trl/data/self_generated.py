@@ -30,6 +30,7 @@ from .regeneration import (
     eos_token_ids,
     pad_token_id,
     pre_query_prefix,
+    prompt_generation_config,
     target_identity,
 )
 from .sources import PromptExample
@@ -191,15 +192,7 @@ def write_prompts(
     missing = [i for i, path in enumerate(paths) if not path.is_file()]
     if missing:
         eos_ids, pad_id = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
-        generation = GenerationConfig(
-            max_new_tokens=config.prompt_max_new_tokens,
-            do_sample=True,
-            temperature=config.prompt_temperature,
-            top_p=config.prompt_top_p,
-            top_k=None,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-        )
+        generation = prompt_generation_config(config, eos_ids, pad_id)
         prefixes = {name: pre_query_prefix(tokenizer, task.system) for name, task in TASK_TYPES.items()}
         total = sum(len(chunks[i]) for i in missing)
         with tqdm(total=total, desc="writing prompts", unit="prompt", disable=not progress) as bar:
