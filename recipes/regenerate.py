@@ -21,24 +21,13 @@ from trl import TrlParser
 from ppow_trl.data import DataConfig, build_training_data
 from ppow_trl.data.card import write_dataset_card
 from ppow_trl.target import load_target
+from ppow_trl.training.script_args import TargetArguments
 
 
 @dataclass
-class RegenerateArguments:
+class RegenerateArguments(TargetArguments):
     """The target that writes prompts and answers, and where the dataset directory goes."""
 
-    target_name_or_path: str = field(
-        default="embedded",
-        metadata={
-            "help": "Target: 'embedded' (SmolLM2-135M-Instruct), a model directory, a .gguf file or a Hub id."
-        },
-    )
-    target_dtype: str = field(
-        default="float32", metadata={"help": "Target parameter dtype (float32, bfloat16)."}
-    )
-    target_quantization: str | None = field(
-        default=None, metadata={"help": "Load the target in bitsandbytes '4bit' or '8bit'."}
-    )
     output_dir: str = field(default="outputs/smollm2-135m/data", metadata={"help": "The dataset directory."})
 
 
