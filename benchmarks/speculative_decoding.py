@@ -1,17 +1,23 @@
-"""Speculative decoding vs plain `generate` at batch size 1, and where a speculative round spends its time.
+"""Speculative decoding vs plain `generate` at batch size 1: prompt lookup, fixed K, auto K, and where a round's
+time goes.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/speculative_decoding.py --drafter random \
-        --prompt-sets mt_bench humaneval --prompts-per-set 4 --max-new-tokens 64 --num-draft-tokens 5
+        --prompt-sets mt_bench humaneval --prompts-per-set 4 --max-new-tokens 64 --num-draft-tokens 2 3 5 --threads 1
 
 `--drafter` is a saved drafter directory (or Hub id), `random`: an untrained EAGLE-3 drafter for the target
 (8192-token draft vocabulary, LM head initialised from the target's rows), which is accepted almost never
 and so measures the pure overhead of drafting + verifying, or `oracle`: that random drafter with its draft
 logits replaced, wherever the drafted prefix is still correct, by a one-hot on plain greedy's next token (a
 lookup keyed on the logits it computes, so it still pays the full drafter compute): the ceiling any drafter
-of this size can reach, measuring the decoding machinery at high acceptance. Not a trained drafter. Same prompts (first user turn, chat-templated),
-greedy, fp32 by default, one warm-up of every method first; each prompt runs plain `generate`,
-transformers' assisted decoding with the drafter's candidate generator ("assisted") and ppow_trl's own loop
-("loop", profiled per phase). Prints markdown tables; `--output` also writes them as JSON.
+of this size can reach, measuring the decoding machinery at high acceptance. Not a trained drafter. Same
+prompts (first user turn, chat-templated), greedy, fp32 by default, one warm-up of every method first; each
+prompt runs, in this order: plain `generate` (stock, and with `ppow_trl.decoding.packed` unless
+`--no-packed`: the speedups are against the stock one); transformers' prompt lookup (`--prompt-lookup-tokens`);
+ppow_trl's loop (`speculative_generate`, profiled per phase) at every fixed K of `--num-draft-tokens` and with
+`num_draft_tokens="auto"` (up to `--max-draft-tokens`); and, unless `--no-assisted`, transformers' assisted
+decoding with the drafter's candidate generator and auto K. The loop and the assisted path verify through
+`ppow_trl.decoding.packed` (oneDNN, prepacked weights) unless `--no-packed`; plain `generate` and prompt lookup
+run the stock model. Prints markdown tables; `--output` also writes them as JSON.
 
 Both wall-clock and process CPU time are recorded. On a shared machine, wall-clock rates swing with other
 jobs' load; with `--threads 1` the CPU-time rate (tokens per CPU-second of this process) is the stable
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -33,7 +40,9 @@ import torch
 from ppow_trl.data import load_prompts
 from ppow_trl.data.draft_vocab import build_draft_vocab
 from ppow_trl.decoding import DrafterCandidateGenerator, generate, speculative_generate
+from ppow_trl.decoding.cost import measure_costs
 from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.decoding.packed import packed_linears
 from ppow_trl.evaluation import hardware_info, load_drafter, versions
 from ppow_trl.models import Eagle3Drafter
 from ppow_trl.models.build import build_drafter
@@ -55,9 +64,15 @@ def random_drafter(target, prompts: list[list[int]], draft_vocab_size: int, seed
 
 class OracleEagle3(Eagle3Drafter):
     """EAGLE-3 drafter whose logits are replaced by a one-hot on the reference token when they match the
-    teacher-forced logits of the reference continuation (keys compared after a random 64-d projection)."""
+    teacher-forced logits of the reference continuation (keys compared after a random 64-d projection).
+
+    With `accuracy` < 1 ("noisy oracle"), a fraction 1 - accuracy of the reference entries name a wrong token
+    instead, and every draft step (right, wrong or off the reference) puts probability `accuracy` on its token:
+    the drafter's confidence is calibrated on average but says nothing about the step at hand, so a
+    draft-length policy cannot tell good steps from bad ones."""
 
     oracle: dict | None = None
+    accuracy: float = 1.0
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().draft_logits(hidden)
@@ -68,8 +83,13 @@ class OracleEagle3(Eagle3Drafter):
         best = torch.cdist(projected, self.oracle["keys"]).min(dim=1)
         token = self.oracle["tokens"][best.indices]
         hit = (best.values < self.oracle["tolerance"][best.indices]) & (token >= 0)
-        onehot = torch.full_like(flat, -30.0).scatter(1, token.clamp(min=0)[:, None], 30.0)
-        return torch.where(hit[:, None], onehot, flat).to(logits.dtype).view_as(logits)
+        if self.accuracy >= 1.0:
+            onehot = torch.full_like(flat, -30.0).scatter(1, token.clamp(min=0)[:, None], 30.0)
+            return torch.where(hit[:, None], onehot, flat).to(logits.dtype).view_as(logits)
+        chosen = torch.where(hit, token.clamp(min=0), flat.argmax(-1))
+        peak = math.log(self.accuracy * (flat.shape[-1] - 1) / (1.0 - self.accuracy))
+        peaked = torch.zeros_like(flat).scatter(1, chosen[:, None], peak)
+        return peaked.to(logits.dtype).view_as(logits)
 
     @torch.no_grad()
     def set_reference(self, target, sequence: torch.Tensor, window: int) -> None:
@@ -86,6 +106,9 @@ class OracleEagle3(Eagle3Drafter):
         projection = torch.randn(flat.shape[-1], 64, generator=g) / flat.shape[-1] ** 0.5
         keys = flat @ projection
         draft_ids = self.target_to_draft(truth[0]).masked_fill(~in_range[0], -1).reshape(-1)
+        if self.accuracy < 1.0:  # wrong tokens (another draft id) at a seeded fraction of the entries
+            wrong = (torch.rand(draft_ids.shape, generator=g) > self.accuracy) & (draft_ids >= 0)
+            draft_ids = torch.where(wrong, (draft_ids + 1) % flat.shape[-1], draft_ids)
         self.oracle = {"projection": projection, "keys": keys, "tokens": draft_ids,
                        "tolerance": 1e-3 * keys.norm(dim=-1).clamp(min=1.0)}  # fmt: skip
 
@@ -101,8 +124,19 @@ def main() -> None:
     parser.add_argument("--prompt-sets", nargs="+", default=["mt_bench", "humaneval"])
     parser.add_argument("--prompts-per-set", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-draft-tokens", type=int, default=5)
+    parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[2, 3, 5], help="fixed K values")
+    parser.add_argument("--max-draft-tokens", type=int, default=8, help="longest window of auto K")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=2)
+    parser.add_argument(
+        "--no-assisted", action="store_true", help="skip transformers' assisted path (auto K)"
+    )
+    parser.add_argument("--no-packed", action="store_true", help="verify with the stock linear layers")
     parser.add_argument("--draft-vocab-size", type=int, default=8192, help="for --drafter random")
+    parser.add_argument(
+        "--oracle-accuracy", type=float, default=1.0,
+        help="for --drafter oracle: the fraction of reference steps it drafts right (< 1: a noisy oracle whose "
+        "confidence is this fraction at every step)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,6 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     dtype = getattr(torch, args.dtype)
     drafter = None if args.drafter in ("random", "oracle") else load_drafter(args.drafter, dtype)
@@ -127,11 +162,22 @@ def main() -> None:
         for e in examples
     ]  # fmt: skip
     eos = tokenizer.eos_token_id
-    k, new = args.num_draft_tokens, args.max_new_tokens
+    new = args.max_new_tokens
+    packed = not args.no_packed
     kwargs = {"max_new_tokens": new, "do_sample": False, "eos_token_id": eos, "pad_token_id": eos}
 
     def plain(ids, n=new):
         return target.generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": n})
+
+    def plain_packed(ids, n=new):
+        with packed_linears(target, packed):
+            return plain(ids, n)
+
+    def prompt_lookup(ids, n=new):
+        return target.generate(
+            ids, attention_mask=torch.ones_like(ids), prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+            **{**kwargs, "max_new_tokens": n},
+        )  # fmt: skip
 
     references = []
     if args.drafter == "oracle":  # plain greedy continuations (untimed); their tokens go into the draft vocab
@@ -140,113 +186,154 @@ def main() -> None:
         drafter = random_drafter(target, prompts + references, args.draft_vocab_size, args.seed)
         if args.drafter == "oracle":
             drafter.__class__ = OracleEagle3
+            drafter.accuracy = args.oracle_accuracy
     drafter.to(dtype)
+    costs = measure_costs(target, drafter, max_tokens=max(16, args.max_draft_tokens + 1), packed=packed)
+
+    def loop(k):
+        def run(ids, n=new):
+            return speculative_generate(
+                target, drafter, ids, max_new_tokens=n, num_draft_tokens=k, eos_token_id=eos,
+                profile=time.process_time, max_draft_tokens=args.max_draft_tokens, costs=costs, packed=packed,
+            )  # fmt: skip
+
+        return run
 
     def assisted(ids, n=new):
         return generate(
-            target, drafter, ids, num_draft_tokens=k, method="assisted", **{**kwargs, "max_new_tokens": n}
-        )
+            target, drafter, ids, num_draft_tokens="auto", method="assisted", max_draft_tokens=args.max_draft_tokens,
+            costs=costs, packed=packed, **{**kwargs, "max_new_tokens": n},
+        )  # fmt: skip
 
-    def loop(ids, n=new):
-        return speculative_generate(target, drafter, ids, max_new_tokens=n, num_draft_tokens=k, eos_token_id=eos,
-                                    profile=time.process_time)  # fmt: skip
+    methods = {"plain": plain}
+    if packed:
+        methods["plain, packed linears"] = plain_packed
+    methods[f"prompt lookup K={args.prompt_lookup_tokens}"] = prompt_lookup
+    for k in args.num_draft_tokens:
+        methods[f"loop K={k}"] = loop(k)
+    methods["loop K=auto"] = loop("auto")
+    if not args.no_assisted:
+        methods["assisted K=auto"] = assisted
 
     DrafterCandidateGenerator.clock = staticmethod(time.process_time)  # its drafter time in CPU seconds
     warm = torch.tensor([prompts[0]])
-    for fn in (plain, assisted, loop):
+    for fn in methods.values():
         fn(warm, 8)
 
     stats = {
-        m: {"tokens": 0, "seconds": 0.0, "cpu": 0.0, "forwards": 0, "matches": 0, "accepted": []}
-        for m in ("plain", "assisted", "loop")
+        m: {
+            "tokens": 0,
+            "seconds": 0.0,
+            "cpu": 0.0,
+            "forwards": 0,
+            "matches": 0,
+            "accepted": [],
+            "windows": [],
+        }
+        for m in methods
     }
-    phases = dict.fromkeys(("prefill", *PHASES), 0.0)
-    assisted_drafter_s = 0.0
+    phases = {m: dict.fromkeys(("prefill", *PHASES), 0.0) for m in methods if m.startswith("loop")}
+    reference_window = max([*args.num_draft_tokens, args.max_draft_tokens])
     for index, ids_list in enumerate(prompts):
         ids = torch.tensor([ids_list])
         if references:
-            drafter.set_reference(target, torch.tensor([references[index]]), k)
+            drafter.set_reference(target, torch.tensor([references[index]]), reference_window)
         outputs = {}
-        for name, fn in (("plain", plain), ("assisted", assisted), ("loop", loop)):
+        for name, fn in methods.items():
             start, cpu_start = time.perf_counter(), time.process_time()
             out = fn(ids)
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             tokens = sequences[0, ids.shape[1] :]
-            if name != "plain":
+            if hasattr(out, "new_tokens"):
                 tokens = tokens[: int(out.new_tokens[0])]
                 stats[name]["forwards"] += out.num_verify_forwards
                 stats[name]["accepted"] += out.accepted_lengths().tolist()
+                stats[name]["windows"] += out.window_sizes.tolist()
             outputs[name] = tokens.tolist()
             stats[name]["tokens"] += len(tokens)
             stats[name]["seconds"] += seconds
             stats[name]["cpu"] += cpu
-            if name == "loop":
+            if name in phases:
                 for phase, value in out.timings.items():
-                    phases[phase] += value
-            if name == "assisted":
-                assisted_drafter_s += out.timings["drafter"]
-        for name in ("assisted", "loop"):
+                    phases[name][phase] += value
+        for name in methods:
             stats[name]["matches"] += outputs[name] == outputs["plain"]
+    load_after = os.getloadavg()
 
     hw = hardware_info()
     print(
-        f"target={target_name or 'embedded'} drafter={args.drafter} K={k} chain dtype={args.dtype} batch=1 greedy "
+        f"target={target_name or 'embedded'} drafter={args.drafter}"
+        f"{f' accuracy={args.oracle_accuracy}' if args.drafter == 'oracle' else ''} chain dtype={args.dtype} batch=1 greedy "
         f"prompts={len(prompts)} ({'+'.join(args.prompt_sets)}) max_new_tokens={new} torch={versions()['torch']} "
-        f"threads={torch.get_num_threads()} cpu={hw['cpu']} cores={hw['cpu_cores']} gpu={hw['gpu']}"
+        f"threads={torch.get_num_threads()} cpu={hw['cpu']} cores={hw['cpu_cores']} gpu={hw['gpu']} "
+        f"packed={packed}"
+    )
+    print(f"load average before {tuple(round(x, 2) for x in load_before)}, after "
+          f"{tuple(round(x, 2) for x in load_after)}")  # fmt: skip
+    ratios = ", ".join(f"{r:.2f}" for r in costs.ratios()[:9])
+    print(
+        f"cost table (measure_costs, {'packed' if costs.packed else 'stock'} linears): c(n)/c(1) for n = 1..9: "
+        f"{ratios}; drafter step {costs.draft_step / costs.verify[0]:.3f}, commit {costs.commit / costs.verify[0]:.3f}"
+        " (in c(1))"
     )
     plain_tps = stats["plain"]["tokens"] / stats["plain"]["seconds"]
     plain_cps = stats["plain"]["tokens"] / stats["plain"]["cpu"]
     print(
-        "\n| method | new tokens | verify forwards | tau | mean k | wall s | tokens/s | speedup (wall) "
+        "\n| method | new tokens | verify forwards | tau | mean window | mean k | wall s | tokens/s | speedup (wall) "
         "| CPU s | tokens/CPU-s | speedup (CPU) | greedy match |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for name, s in stats.items():
         tps, cps = s["tokens"] / s["seconds"], s["tokens"] / s["cpu"]
-        forwards = s["forwards"] if name != "plain" else s["tokens"] - len(prompts)
-        tau = s["tokens"] / forwards if forwards else float("nan")
+        forwards = s["forwards"] if s["forwards"] else s["tokens"] - len(prompts)
+        exact = bool(s["windows"]) or name.startswith("plain")
+        tau = s["tokens"] / forwards if forwards and exact else float("nan")
         mean_k = sum(s["accepted"]) / len(s["accepted"]) if s["accepted"] else float("nan")
+        mean_window = sum(s["windows"]) / len(s["windows"]) if s["windows"] else float("nan")
         match = f"{s['matches']}/{len(prompts)}" if name != "plain" else "-"
         rows[name] = {
-            "tokens": s["tokens"], "verify_forwards": forwards, "tau": tau, "mean_accepted": mean_k,
-            "seconds": s["seconds"], "tokens_per_s": tps, "speedup": tps / plain_tps, "cpu_seconds": s["cpu"],
-            "tokens_per_cpu_s": cps, "speedup_cpu": cps / plain_cps, "greedy_match": match,
+            "tokens": s["tokens"], "verify_forwards": forwards if exact else None, "tau": tau,
+            "mean_window": mean_window, "mean_accepted": mean_k, "seconds": s["seconds"], "tokens_per_s": tps,
+            "speedup": tps / plain_tps, "cpu_seconds": s["cpu"], "tokens_per_cpu_s": cps,
+            "speedup_cpu": cps / plain_cps, "greedy_match": match,
         }  # fmt: skip
+        fmt = lambda x: "-" if x != x else f"{x:.2f}"  # noqa: E731
         print(
-            f"| {name} | {s['tokens']} | {forwards} | {tau:.2f} | {'-' if name == 'plain' else f'{mean_k:.2f}'} | "
-            f"{s['seconds']:.1f} | {tps:.1f} | {tps / plain_tps:.2f}x | {s['cpu']:.1f} | {cps:.1f} | "
-            f"{cps / plain_cps:.2f}x | {match} |"
+            f"| {name} | {s['tokens']} | {forwards if exact else '-'} | {fmt(tau)} | {fmt(mean_window)} | "
+            f"{fmt(mean_k)} | {s['seconds']:.1f} | {tps:.1f} | {tps / plain_tps:.2f}x | {s['cpu']:.1f} | {cps:.1f} "
+            f"| {cps / plain_cps:.2f}x | {match} |"
         )
 
     plain_step_ms = 1000 * stats["plain"]["cpu"] / max(stats["plain"]["tokens"], 1)
-    rounds = stats["loop"]["forwards"]
-    round_total = sum(phases[p] for p in PHASES)
     print(
-        f"\nLoop, per verification round ({rounds} rounds, K={k}; CPU time). One plain `generate` step "
-        f"(prefill amortised) costs {plain_step_ms:.1f} CPU-ms."
+        f"\nLoop, CPU-ms per verification round by phase (one plain `generate` step, prefill amortised, costs "
+        f"{plain_step_ms:.1f} CPU-ms); last column: the round in plain steps.\n"
     )
-    print("\n| phase | CPU-ms / round | share of round | in plain steps |")
-    print("|---|---|---|---|")
-    for phase in PHASES:
-        ms = 1000 * phases[phase] / max(rounds, 1)
-        print(f"| {phase} | {ms:.1f} | {phases[phase] / round_total:.0%} | {ms / plain_step_ms:.2f} |")
-    total_ms = 1000 * round_total / max(rounds, 1)
-    print(f"| total (excl. prefill) | {total_ms:.1f} | 100% | {total_ms / plain_step_ms:.2f} |")
-    print(f"| prefill (per prompt) | {1000 * phases['prefill'] / len(prompts):.1f} | - | - |")
-    a_rounds = stats["assisted"]["forwards"]
-    a_cpu = stats["assisted"]["cpu"]
-    print(
-        f"\nAssisted: {1000 * a_cpu / max(a_rounds, 1):.1f} CPU-ms per round (prefill included), of which the "
-        f"candidate generator (drafter commit + draft) {1000 * assisted_drafter_s / max(a_rounds, 1):.1f} CPU-ms "
-        f"({assisted_drafter_s / a_cpu:.0%}); the rest is the target forward and transformers' bookkeeping."
-    )
+    print("| method | rounds | " + " | ".join(PHASES) + " | total | in plain steps | prefill per prompt |")
+    print("|---|---|" + "---|" * (len(PHASES) + 3))
+    for name, values in phases.items():
+        rounds = max(stats[name]["forwards"], 1)
+        total = 1000 * sum(values[p] for p in PHASES) / rounds
+        cells = " | ".join(f"{1000 * values[p] / rounds:.1f}" for p in PHASES)
+        print(
+            f"| {name} | {stats[name]['forwards']} | {cells} | {total:.1f} | {total / plain_step_ms:.2f} | "
+            f"{1000 * values['prefill'] / len(prompts):.1f} |"
+        )
+    fixed = {n: r for n, r in rows.items() if n.startswith("loop K=") and n != "loop K=auto"}
+    if fixed:
+        best = max(fixed, key=lambda n: fixed[n]["speedup_cpu"])
+        auto = rows["loop K=auto"]["speedup_cpu"]
+        print(
+            f"\nauto K vs the best fixed K ({best}, CPU time): {auto:.2f}x vs {fixed[best]['speedup_cpu']:.2f}x "
+            f"= {100 * (auto / fixed[best]['speedup_cpu'] - 1):+.1f}%"
+        )
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"args": vars(args), "hardware": hw, "versions": versions(), "methods": rows,
-                       "loop_phases_s": phases, "loop_rounds": rounds, "assisted_drafter_s": assisted_drafter_s},
-                      handle, indent=1)  # fmt: skip
+                       "loop_phases_s": phases, "costs": costs.ratios(),
+                       "load": {"before": load_before, "after": load_after}}, handle, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

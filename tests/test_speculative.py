@@ -23,6 +23,7 @@ from ppow_trl.decoding import (
     speculative_generate,
     window_targets,
 )
+from ppow_trl.decoding.cost import CostTable
 from ppow_trl.models import (
     DrafterTargetMismatchError,
     Eagle3Drafter,
@@ -194,6 +195,65 @@ def test_random_drafter_greedy_equality(target):
         assert out.num_verify_forwards == 11 and abs(out.tau - 12 / 11) < 1e-9
 
 
+# Verification nearly free per extra token, drafting cheap: "auto" drafts whenever the drafter is believed.
+CHEAP = CostTable([1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16], draft_step=0.01, commit=0.01)
+
+
+def _decode(method, target, drafter, ids, new, **kwargs):
+    if method == "loop":
+        return speculative_generate(target, drafter, ids, max_new_tokens=new, **kwargs)
+    return generate(target, drafter, ids, method="assisted", max_new_tokens=new, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
+def test_auto_draft_length_is_lossless_and_uses_a_perfect_drafter_fully(kind, target):
+    new = 16
+    refs = [plain_greedy(target, ids, new) for ids in prompts()]
+    never = lambda r, j: torch.zeros_like(r, dtype=torch.bool)  # noqa: E731
+    perfect = make_oracle(kind, target, refs, window=4, skip=never)
+    partial = make_oracle(kind, target, refs, window=4)
+    for ids, ref in zip(prompts(), refs):
+        for method in ("loop", "assisted"):
+            auto = {"num_draft_tokens": "auto", "max_draft_tokens": 4, "costs": CHEAP}
+            out = _decode(method, target, perfect, ids, new, **auto)
+            assert torch.equal(out.sequences, ref), (method, out.window_sizes.tolist())
+            # the longest window every round but the last ones (cut at max_new_tokens by the assisted path)
+            assert bool((out.window_sizes[:-2] == 4).all()), (method, out.window_sizes.tolist())
+            assert out.num_verify_forwards == out.window_sizes.shape[0] == out.accepted.shape[0]
+            out = _decode(method, target, partial, ids, new, **auto)
+            assert torch.equal(out.sequences, ref), (method, out.window_sizes.tolist())
+            threshold = {"num_draft_tokens": 4, "draft_confidence_threshold": 0.5}
+            out = _decode(method, target, partial, ids, new, **threshold)
+            assert torch.equal(out.sequences, ref), (method, out.window_sizes.tolist())
+
+
+def test_auto_draft_length_skips_a_useless_drafter(target):
+    drafter = make_drafter("eagle3", target)
+    new = 40
+    for ids in prompts((5, 9)):
+        ref = plain_greedy(target, ids, new)
+        for method in ("loop", "assisted"):
+            out = _decode(method, target, drafter, ids, new, num_draft_tokens="auto", costs=CHEAP)
+            assert torch.equal(out.sequences, ref)
+            plain_rounds = float((out.window_sizes == 0).float().mean())
+            assert plain_rounds > 0.7, (method, out.window_sizes.tolist())
+    # batched loop with left padding: same outputs as one prompt at a time
+    singles = prompts((4, 9))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, ids in enumerate(singles):
+        batch[row, 9 - ids.shape[1] :], mask[row, 9 - ids.shape[1] :] = ids[0], 1
+    out = speculative_generate(
+        target, drafter, batch, mask, max_new_tokens=12, num_draft_tokens="auto", costs=CHEAP
+    )
+    for row, ids in enumerate(singles):
+        assert torch.equal(out.sequences[row, 9:], plain_greedy(target, ids, 12)[0, ids.shape[1] :])
+    with pytest.raises(ValueError, match="integer K"):
+        speculative_generate(
+            target, drafter, singles[0], num_draft_tokens="auto", draft_confidence_threshold=0.3
+        )
+
+
 def _pick_eos(refs: list[list[int]]) -> int:
     """A token that ends the rows at different times (some row never or later)."""
     for token in refs[0][2:]:
@@ -285,7 +345,8 @@ def _merge(dist: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
     return torch.zeros(int(buckets.max()) + 1).index_add_(0, buckets, dist.float())
 
 
-def test_speculative_sampling_keeps_the_target_distribution(target):
+@pytest.mark.parametrize("draft_length", ["fixed", "auto", "threshold"])
+def test_speculative_sampling_keeps_the_target_distribution(draft_length, target):
     """Empirical distribution of the first two generated tokens over many batched fixed-seed runs vs the
     exact target distribution (t2 is the first token a verification emits). The drafter proposes the
     target's own next-token distribution perturbed and restricted to its draft vocabulary, so drafts are
@@ -314,10 +375,16 @@ def test_speculative_sampling_keeps_the_target_distribution(target):
     q2_given = torch.zeros(VOCAB, VOCAB)
     q2_given[:, draft_target_ids] = torch.softmax(values / temperature, -1)
 
+    lengths = {
+        "fixed": {"num_draft_tokens": 2},
+        "auto": {"num_draft_tokens": "auto", "max_draft_tokens": 2, "costs": CHEAP},
+        "threshold": {"num_draft_tokens": 2, "draft_confidence_threshold": 0.05},
+    }
     out = speculative_generate(
-        target, drafter, prompt.repeat(samples, 1), max_new_tokens=2, num_draft_tokens=2,
-        temperature=temperature, generator=torch.Generator().manual_seed(1),
+        target, drafter, prompt.repeat(samples, 1), max_new_tokens=2, temperature=temperature,
+        generator=torch.Generator().manual_seed(1), **lengths[draft_length],
     )  # fmt: skip
+    assert int(out.window_sizes[0]) >= 1
     t1, t2 = out.sequences[:, -2], out.sequences[:, -1]
     first_round = out.accepted[0]
     assert 0.2 < float((first_round >= 1).float().mean()) < 0.9  # both branches are exercised

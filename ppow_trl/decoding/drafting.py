@@ -14,6 +14,7 @@ per-architecture work; this module only orchestrates it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -137,6 +138,20 @@ class ChainDrafter:
             raise RuntimeError("commit() target features before drafting")
         logits, ids = self.model.chain_logits(self.state, num_draft_tokens, self.temperature, self.generator)
         return self.model.draft_to_target(ids), self._probs(logits, ids)
+
+    @torch.no_grad()
+    def draft_steps(self, max_draft_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`draft` one step at a time, up to `max_draft_tokens`: yields (tokens (B,) target ids, draft_probs
+        (B, V_d), logits (B, V_d)) of steps 1, 2, ...; a step is computed only when asked for (for drafters
+        with a pass per step), so the caller can stop drafting on low confidence."""
+        if max_draft_tokens < 1:
+            raise ValueError(f"window_size (K) must be >= 1, got {max_draft_tokens}")
+        if self.state.last_hidden is None:
+            raise RuntimeError("commit() target features before drafting")
+        for logits, ids in self.model.chain_steps(
+            self.state, max_draft_tokens, self.temperature, self.generator
+        ):
+            yield self.model.draft_to_target(ids), self._probs(logits, ids), logits
 
     def _probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.temperature <= 0:

@@ -35,12 +35,16 @@ from transformers.generation.logits_process import (
 )
 
 from ppow_trl import _compat
+from ppow_trl.decoding.draft_length import DraftLengthPolicy
 from ppow_trl.decoding.drafting import ChainDrafter
+from ppow_trl.decoding.packed import packed_linears, use_packed_linears
 from ppow_trl.decoding.speculative import (
     SpeculativeOutput,
     check_drafter_for_target,
     check_num_draft_tokens,
+    draft_length_policy,
     draft_probs_mapper,
+    draft_with_policy,
     feature_layers,
     speculative_generate,
 )
@@ -86,9 +90,14 @@ class DrafterCandidateGenerator(CandidateGenerator):
         num_draft_tokens: int,
         generation_config: GenerationConfig,
         vocab_size: int,
+        policy: DraftLengthPolicy | None = None,
     ):
         self.model = unwrap_drafter(drafter)
         self.num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
+        if self.num_draft_tokens == "auto" and policy is None:
+            raise ValueError("num_draft_tokens='auto' needs a DraftLengthPolicy (see draft_length_policy)")
+        self.policy = policy  # None: K tokens every round
+        self.to_commit: list[tuple] = []  # verified rows not yet committed (committed before the next draft)
         self.do_sample = bool(generation_config.do_sample)
         temperature = generation_config.temperature if generation_config.temperature is not None else 1.0
         self.temperature = float(temperature) if self.do_sample else 0.0
@@ -146,14 +155,28 @@ class DrafterCandidateGenerator(CandidateGenerator):
         if attention_mask is not None and attention_mask.shape[1] == length:
             valid = attention_mask[:, length - n - 1 : length - 1].bool().to(self.model.device)
             features = features.masked_fill(~valid[..., None], 0.0)
-        self.chain.commit(features, tokens, positions.to(self.model.device), valid)
+        if valid is None:
+            valid = torch.ones_like(tokens, dtype=torch.bool)
+        self.to_commit.append((features, tokens, positions.to(self.model.device), valid))
 
-        window = min(self.num_draft_tokens, self.max_length - length - 1)
-        self.last_window = max(window, 0)
+        cap = self.max_length - length - 1
+        window = min(self.num_draft_tokens, cap) if self.policy is None else cap
+        self.last_window = 0
         if window <= 0:
             self.drafter_seconds += self.clock() - start
             return input_ids, None
-        draft_tokens, draft_probs = self.chain.draft(window)
+        if self.policy is None:
+            self._commit_queued()
+            draft_tokens, draft_probs = self.chain.draft(window)
+        else:
+            active = torch.ones(1, dtype=torch.bool, device=self.model.device)
+            draft_tokens, draft_probs = draft_with_policy(
+                self.chain, self.policy, active, 1, self._commit_queued, max_window=window
+            )
+            if draft_tokens.shape[1] == 0:
+                self.drafter_seconds += self.clock() - start
+                return input_ids, None
+        self.last_window = draft_tokens.shape[1]
         candidates = torch.cat([input_ids, draft_tokens.to(input_ids.device)], dim=1)
         logits = None
         if self.do_sample:
@@ -161,9 +184,16 @@ class DrafterCandidateGenerator(CandidateGenerator):
         self.drafter_seconds += self.clock() - start
         return candidates, logits
 
+    def _commit_queued(self) -> None:
+        if self.to_commit:
+            self.chain.commit(*(torch.cat(parts, dim=1) for parts in zip(*self.to_commit)))
+            self.to_commit.clear()
+
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         if not self.prefilled:  # the prefill forward is not a verification
             return
+        if self.policy is not None:
+            self.policy.end_round(self.last_window, torch.tensor([int(num_matches)]))
         self.num_verify_forwards += 1
         self.accepted.append(int(num_matches))
         self.window_sizes.append(self.last_window)
@@ -197,14 +227,19 @@ def assisted_decoding_with_drafter(
     synced_gpus: bool = False,
     streamer: Any = None,
     drafter: PreTrainedModel | None = None,
-    num_draft_tokens: int | None = None,
+    num_draft_tokens: int | str | None = None,
+    draft_confidence_threshold: float | None = None,
+    max_draft_tokens: int = 8,
+    costs: Any = None,
+    packed: bool | str = "auto",
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable: transformers' assisted decoding with a `DrafterCandidateGenerator`.
 
     Use as ``target.generate(ids, custom_generate=assisted_decoding_with_drafter, drafter=d,
     num_draft_tokens=K, max_new_tokens=N)``. Batch size 1 (a transformers limit). Returns the sequences, or a
-    `SpeculativeOutput` with statistics when ``return_dict_in_generate=True``.
+    `SpeculativeOutput` with statistics when ``return_dict_in_generate=True``. `num_draft_tokens="auto"`,
+    `draft_confidence_threshold`, `max_draft_tokens`, `costs` and `packed` as in `speculative_generate`.
     """
     attachment, drafter, num_draft_tokens = _attached(model, drafter, num_draft_tokens)
     drafter_model = check_drafter_for_target(model, drafter)
@@ -216,25 +251,36 @@ def assisted_decoding_with_drafter(
         )
     generators: list[DrafterCandidateGenerator] = []
     want_dict = bool(generation_config.return_dict_in_generate)
+    use_packed = use_packed_linears(model, packed)
+    policy = draft_length_policy(
+        model,
+        drafter_model,
+        num_draft_tokens,
+        draft_confidence_threshold,
+        max_draft_tokens,
+        costs,
+        use_packed,
+    )
 
     def candidate_generator(self, generation_config, *args, **kwargs) -> CandidateGenerator:
         generator = DrafterCandidateGenerator(
-            drafter_model, num_draft_tokens, generation_config, vocab_size_of(self)
+            drafter_model, num_draft_tokens, generation_config, vocab_size_of(self), policy=policy
         )
         generators.append(generator)
         return generator
 
-    result = _compat.assisted_decoding(
-        model,
-        candidate_generator,
-        input_ids,
-        logits_processor=logits_processor,
-        stopping_criteria=stopping_criteria,
-        generation_config=generation_config,
-        synced_gpus=synced_gpus,
-        streamer=streamer,
-        **model_kwargs,
-    )
+    with packed_linears(model, use_packed):
+        result = _compat.assisted_decoding(
+            model,
+            candidate_generator,
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            synced_gpus=synced_gpus,
+            streamer=streamer,
+            **model_kwargs,
+        )
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
     generator = generators[-1]
     output = SpeculativeOutput(
@@ -282,7 +328,11 @@ def speculative_decoding(
     synced_gpus: bool = False,
     streamer: Any = None,
     drafter: PreTrainedModel | None = None,
-    num_draft_tokens: int | None = None,
+    num_draft_tokens: int | str | None = None,
+    draft_confidence_threshold: float | None = None,
+    max_draft_tokens: int = 8,
+    costs: Any = None,
+    packed: bool | str = "auto",
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable running `speculative_generate` (any batch size, left padding).
@@ -315,6 +365,10 @@ def speculative_decoding(
         eos_token_id=eos,
         pad_token_id=None if pad is None else int(pad.reshape(-1)[0]),
         logits_warper=warper if do_sample else None,
+        draft_confidence_threshold=draft_confidence_threshold,
+        max_draft_tokens=max_draft_tokens,
+        costs=costs,
+        packed=packed,
     )
     if attachment is not None:
         attachment.last_output = output
@@ -335,7 +389,7 @@ def generate(
     drafter: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    num_draft_tokens: int = 5,
+    num_draft_tokens: int | str = 5,
     method: str = "auto",
     **generate_kwargs,
 ) -> SpeculativeOutput:
@@ -344,7 +398,10 @@ def generate(
     Args:
         target / drafter: the frozen target and a drafter built for it (checked: `drafter.check_target`).
         input_ids / attention_mask: (B, T0) prompts (left padding for B > 1).
-        num_draft_tokens: K, draft tokens per verification window.
+        num_draft_tokens: K, draft tokens per verification window, or "auto" (the window of each round chosen
+            from the drafter's confidence and the measured costs; see `speculative_generate`, which also
+            describes `draft_confidence_threshold`, `max_draft_tokens`, `costs` and `packed`, passed here
+            through `generate_kwargs`).
         method: "assisted" (transformers' assisted decoding with `DrafterCandidateGenerator`, batch 1),
             "loop" (`speculative_generate`, any batch size), "auto" (assisted for B == 1, else loop).
         **generate_kwargs: passed to `generate` (max_new_tokens, do_sample, temperature, eos_token_id, ...).

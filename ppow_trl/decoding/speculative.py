@@ -24,8 +24,11 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ppow_trl.decoding.cost import CostTable, measure_costs
+from ppow_trl.decoding.draft_length import DraftLengthPolicy, top_probability
 from ppow_trl.decoding.drafting import ChainDrafter
 from ppow_trl.decoding.kernels import verify_windows
+from ppow_trl.decoding.packed import packed_linears, use_packed_linears
 from ppow_trl.models.common import positions_from_mask, sample_token_ids, scatter_draft_probs, unwrap_drafter
 from ppow_trl.target import capture_features, vocab_size_of
 
@@ -74,10 +77,43 @@ class SpeculativeOutput:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check_num_draft_tokens(num_draft_tokens: Any) -> int:
+def check_num_draft_tokens(num_draft_tokens: Any) -> int | str:
+    if num_draft_tokens == "auto":
+        return num_draft_tokens
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens (K) must be an integer >= 1, got {num_draft_tokens!r}")
+        raise ValueError(f"num_draft_tokens (K) must be an integer >= 1 or 'auto', got {num_draft_tokens!r}")
     return num_draft_tokens
+
+
+def draft_length_policy(
+    target: PreTrainedModel,
+    model: PreTrainedModel,
+    num_draft_tokens: int | str,
+    confidence_threshold: float | None = None,
+    max_draft_tokens: int = 8,
+    costs: CostTable | None = None,
+    packed: bool = False,
+) -> DraftLengthPolicy | None:
+    """The per-round draft-length policy of `num_draft_tokens` ("auto", or K with a confidence threshold),
+    or None for a fixed K. "auto" prices windows with `costs` (default: `measure_costs`, cached)."""
+    num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
+    limit = getattr(model, "max_draft_tokens", None)
+    if num_draft_tokens != "auto":
+        if confidence_threshold is None:
+            return None
+        window = num_draft_tokens
+        return DraftLengthPolicy("threshold", window, threshold=float(confidence_threshold))
+    if confidence_threshold is not None:
+        raise ValueError(
+            "num_draft_tokens='auto' chooses its own windows; a confidence threshold needs an integer K"
+        )
+    check_num_draft_tokens(max_draft_tokens)
+    window = min(max_draft_tokens, limit) if limit else max_draft_tokens
+    if costs is None:
+        costs = measure_costs(target, model, max_tokens=max(16, window + 1), packed=packed)
+    return DraftLengthPolicy(
+        "auto", window, costs=costs.verify, draft_cost=costs.draft_step, commit_cost=costs.commit
+    )
 
 
 def check_drafter_for_target(target: PreTrainedModel, drafter: PreTrainedModel) -> PreTrainedModel:
@@ -150,6 +186,33 @@ def _check_prompts(
 
 
 # ------------------------------------------------------------------------------------------------ loop
+def draft_with_policy(
+    chain: ChainDrafter,
+    policy: DraftLengthPolicy,
+    active: torch.Tensor,
+    batch: int,
+    commit_queued: Callable[[], None],
+    max_window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draft one round step by step, as long as `policy` includes the steps: (tokens (B, k), probs (B, k, V_d)),
+    k = 0 for a plain step. Whether a step joins the window depends on the drafter's distribution at that
+    step only (never on the token drawn from it), which keeps speculative sampling lossless."""
+    tokens: list[torch.Tensor] = []
+    probs: list[torch.Tensor] = []
+    if policy.start_round(batch):
+        commit_queued()
+        limit = policy.max_window if max_window is None else min(max_window, policy.max_window)
+        for step, (token, prob, logits) in enumerate(chain.draft_steps(limit), start=1):
+            include, more = policy.include(top_probability(logits).masked_fill(~active, 0.0), step)
+            if include:
+                tokens.append(token)
+                probs.append(prob)
+            if not (include and more) or step >= limit:
+                break
+    if not tokens:
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=active.device)
+        return empty, torch.zeros(batch, 0, 1, device=active.device)
+    return torch.stack(tokens, 1), torch.stack(probs, 1)
 
 
 class _Timer:
@@ -225,7 +288,7 @@ def speculative_generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 64,
-    num_draft_tokens: int = 5,
+    num_draft_tokens: int | str = 5,
     temperature: float = 0.0,
     eos_token_id: int | list[int] | torch.Tensor | None = None,
     pad_token_id: int | None = None,
@@ -233,6 +296,10 @@ def speculative_generate(
     logits_warper: Callable[[torch.Tensor], torch.Tensor] | None = None,
     verify_backend: str = "auto",
     profile: bool | Callable[[], float] = False,
+    draft_confidence_threshold: float | None = None,
+    max_draft_tokens: int = 8,
+    costs: CostTable | None = None,
+    packed: bool | str = "auto",
 ) -> SpeculativeOutput:
     """Batched speculative decoding (chain drafting, K tokens per round) with a drafter; lossless.
 
@@ -241,7 +308,9 @@ def speculative_generate(
         drafter: an `Eagle3Drafter` / `MedusaDrafter` built for `target`.
         input_ids: (B, T0) prompts, left-padded; attention_mask (B, T0) 1 for real tokens (None = no padding).
         max_new_tokens: tokens to generate per row at most (EOS included).
-        num_draft_tokens: K, draft tokens per verification window.
+        num_draft_tokens: K, draft tokens per verification window, or "auto": each round drafts while the
+            drafter's confidence justifies it and verifies the window that maximises expected tokens per unit
+            of cost (`ppow_trl.decoding.draft_length`), 0 (a plain step) to `max_draft_tokens`.
         temperature: 0 = greedy (output equals greedy decoding token for token, up to floating-point
             differences between a (K+1)-token and a 1-token forward); > 0 = speculative sampling from
             softmax(logits / temperature), lossless (drafter samples at the same temperature).
@@ -254,6 +323,13 @@ def speculative_generate(
         profile: record seconds spent in prefill, drafting, target forwards, verification, drafter commits
             and bookkeeping in `SpeculativeOutput.timings` (True: wall clock; or a clock function such as
             `time.process_time`).
+        draft_confidence_threshold: with an integer K, stop drafting a round at the first draft token whose
+            drafter probability is below this (transformers' `assistant_confidence_threshold`).
+        max_draft_tokens: the longest window "auto" may verify.
+        costs: the cost table "auto" prices windows with (default: `measure_costs(target, drafter)`, cached).
+        packed: run the target's linear layers through oneDNN with prepacked weights (CPU fp32; True, False or
+            "auto" = where supported and the packed copy is small, `ppow_trl.decoding.packed`): a (K+1)-token
+            verification then costs ~1.1 one-token forwards instead of ~1.7 on CPU.
 
     Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens
     stay in the (shared, batched) target cache only when another row accepted more, and are masked out
@@ -261,9 +337,25 @@ def speculative_generate(
     sliding attention window, so sliding-window targets are exact at batch size 1 only.
     """
     model = check_drafter_for_target(target, drafter)
-    window = check_num_draft_tokens(num_draft_tokens)
+    use_packed = use_packed_linears(target, packed)
+    policy = draft_length_policy(
+        target, model, num_draft_tokens, draft_confidence_threshold, max_draft_tokens, costs, use_packed
+    )
+    window = policy.max_window if policy is not None else num_draft_tokens
     device = next(target.parameters()).device
     input_ids, mask = _check_prompts(target, input_ids, attention_mask, max_new_tokens, temperature, device)
+    with packed_linears(target, use_packed):
+        return _speculative_loop(
+            target, model, input_ids, mask, max_new_tokens, window, policy, temperature,
+            eos_token_id, pad_token_id, generator, logits_warper, verify_backend, profile, device,
+        )  # fmt: skip
+
+
+def _speculative_loop(
+    target, model, input_ids, mask, max_new_tokens, window, policy, temperature, eos_token_id, pad_token_id,
+    generator, logits_warper, verify_backend, profile, device,
+) -> SpeculativeOutput:  # fmt: skip
+    """The loop of `speculative_generate` (arguments checked there); `policy` None = K = `window` always."""
     batch = input_ids.shape[0]
     eos = (
         None
@@ -303,8 +395,9 @@ def speculative_generate(
     first = pick(warp(lm_head(out.last_hidden_state[:, -1]).float()))
     features = getattr(out, model.feature_name).masked_fill(~mask[..., None], 0.0)
     timer.lap("prefill")
-    chain.commit(features, torch.cat([input_ids[:, 1:], first[:, None]], dim=1), positions, mask)
-    timer.lap("drafter_commit")
+    # Rows verified but not yet committed to the drafter: committed in one call before the next draft (rounds
+    # that skip drafting add theirs to the queue).
+    to_commit = [(features, torch.cat([input_ids[:, 1:], first[:, None]], dim=1), positions, mask)]
 
     rows = _Rows(
         generated=torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
@@ -318,14 +411,26 @@ def speculative_generate(
     if eos is not None:
         rows.finished |= torch.isin(first, eos)
     attn = mask.clone()
-    steps = torch.arange(window + 1, device=device)
     accepted_log: list[torch.Tensor] = []
+    window_log: list[int] = []
     timer.lap("bookkeeping")
+
+    def commit_queued() -> None:
+        if to_commit:
+            chain.commit(*(torch.cat(parts, dim=1) for parts in zip(*to_commit)))
+            to_commit.clear()
+            timer.lap("drafter_commit")
 
     while not bool(rows.finished.all()):
         active = ~rows.finished
-        draft_tokens, draft_probs = chain.draft(window)
+        if policy is None:
+            commit_queued()
+            draft_tokens, draft_probs = chain.draft(window)
+        else:
+            draft_tokens, draft_probs = draft_with_policy(chain, policy, active, batch, commit_queued)
         timer.lap("drafter_draft")
+        window = draft_tokens.shape[1]
+        steps = torch.arange(window + 1, device=device)
         window_ids = torch.cat([rows.pending[:, None], draft_tokens], dim=1)
         window_pos = rows.cur_pos[:, None] + steps
         attn = torch.cat([attn, torch.ones(batch, window + 1, dtype=torch.bool, device=device)], dim=1)
@@ -336,11 +441,22 @@ def speculative_generate(
         )  # fmt: skip
         logits = warp(lm_head(out.last_hidden_state).float())
         timer.lap("target_forward")
-        probs = to_full_vocab(draft_probs) if sampling else None
-        result = verify_windows(
-            logits, draft_tokens, probs, 1.0 if sampling else 0.0, generator=generator, backend=verify_backend
-        )
-        accepted, bonus = result.accepted, result.next_token
+        if window == 0:  # a plain step
+            accepted, bonus = torch.zeros(batch, dtype=torch.long, device=device), pick(logits[:, 0])
+        else:
+            probs = to_full_vocab(draft_probs) if sampling else None
+            result = verify_windows(
+                logits,
+                draft_tokens,
+                probs,
+                1.0 if sampling else 0.0,
+                generator=generator,
+                backend=verify_backend,
+            )
+            accepted, bonus = result.accepted, result.next_token
+        if policy is not None:
+            policy.end_round(window, accepted[active])
+        window_log.append(window)
         timer.lap("verify")
 
         emitted, kept, count, hit_eos = _round_tokens(
@@ -361,14 +477,14 @@ def speculative_generate(
         attn = torch.cat([attn[:, : attn.shape[1] - window - 1], slot_valid[:, :used]], dim=1)
         has_holes = has_holes or not bool(slot_valid[:, :used].all())
         cur_features = getattr(out, model.feature_name)[:, :used]
-        timer.lap("bookkeeping")
-        chain.commit(
-            cur_features.masked_fill(~slot_valid[:, :used, None], 0.0),
-            emitted[:, :used],
-            window_pos[:, :used],
-            slot_valid[:, :used],
+        to_commit.append(
+            (
+                cur_features.masked_fill(~slot_valid[:, :used, None], 0.0),
+                emitted[:, :used],
+                window_pos[:, :used],
+                slot_valid[:, :used],
+            )
         )
-        timer.lap("drafter_commit")
         rows.cur_pos = torch.where(rows.finished, rows.cur_pos, rows.cur_pos + accepted + 1)
         rows.pending = torch.where(rows.finished, rows.pending, bonus)
         timer.lap("bookkeeping")
@@ -380,7 +496,7 @@ def speculative_generate(
     return SpeculativeOutput(
         sequences=torch.cat([input_ids, rows.generated[:, :longest]], dim=1),
         accepted=accepted_all,
-        window_sizes=torch.full((len(accepted_log),), window, dtype=torch.long),
+        window_sizes=torch.tensor(window_log, dtype=torch.long),
         num_verify_forwards=len(accepted_log),
         new_tokens=rows.num_generated.cpu(),
         timings=timer.times if profile else None,

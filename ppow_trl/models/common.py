@@ -13,6 +13,7 @@ A drafter class implements three methods and nothing outside the class dispatche
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -275,6 +276,16 @@ class DrafterMixin:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, K, V_d), draft ids (B, K)) of one window after the last committed row of each sequence."""
         raise NotImplementedError
+
+    def chain_steps(
+        self, state: ChainState, max_draft_tokens: int, temperature: float, generator: torch.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`chain_logits` one step at a time: yields (logits (B, V_d), draft ids (B,)) of steps 1, 2, ...
+        up to `max_draft_tokens`, so a caller can stop drafting early. This default drafts the whole window
+        at once; drafters whose later steps cost a pass each override it to compute a step only when asked."""
+        logits, ids = self.chain_logits(state, max_draft_tokens, temperature, generator)
+        for j in range(ids.shape[1]):
+            yield logits[:, j], ids[:, j]
 
     def check_target(self, target: PreTrainedModel) -> None:
         check_drafter_matches_target(self.config, target)

@@ -299,7 +299,15 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
         """K draft steps for N rows whose step-0 output is `hidden` (B, N, H): step j feeds back the previous
         pre-norm output and token at position row_pos + j, seeing `context` through `context_mask` (B, N, S)
         and its own earlier steps. Returns (logits (B, N, K, V_d), draft ids (B, N, K))."""
-        all_logits, all_ids, diagonal, prev = [], [], None, None
+        steps = list(
+            self._unroll_steps(hidden, row_pos, context, context_mask, k_len, temperature, forced, generator)
+        )
+        return torch.stack([s[0] for s in steps], 2), torch.stack([s[1] for s in steps], 2)
+
+    def _unroll_steps(self, hidden, row_pos, context, context_mask, k_len, temperature, forced, generator):
+        """`_unroll` one step at a time: yields (logits (B, N, V_d), draft ids (B, N)) of step j = 0, 1, ...;
+        step j + 1 is computed only when asked for."""
+        diagonal, prev = None, None
         for j in range(k_len):
             if j > 0:
                 hidden, k, v = self.step(
@@ -316,9 +324,7 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
                 logits, None if forced is None else forced[..., j], temperature, generator
             )
             prev = forced[..., j] if forced is not None else self.draft_to_target(ids)
-            all_logits.append(logits)
-            all_ids.append(ids)
-        return torch.stack(all_logits, 2), torch.stack(all_ids, 2)
+            yield logits, ids
 
     def commit_rows(self, state: ChainState, features, next_tokens, position_ids, valid) -> torch.Tensor:
         cache_valid = valid if state.cache_valid is None else torch.cat([state.cache_valid, valid], dim=1)
@@ -351,3 +357,13 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
             generator,
         )
         return logits[:, 0], ids[:, 0]
+
+    def chain_steps(
+        self, state: ChainState, max_draft_tokens: int, temperature: float, generator: torch.Generator | None
+    ):
+        steps = self._unroll_steps(
+            state.last_hidden[:, None], state.last_position[:, None], state.cache, state.cache_valid[:, None, :],
+            max_draft_tokens, temperature, None, generator,
+        )  # fmt: skip
+        for logits, ids in steps:
+            yield logits[:, 0], ids[:, 0]

@@ -1,0 +1,127 @@
+"""Draft length per round: the pure window functions, the policy a decoding loop runs, and packed linears."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppow_trl.decoding.draft_length import (
+    DraftLengthPolicy,
+    best_window,
+    expected_tokens,
+    round_costs,
+    threshold_window,
+    top_probability,
+    verify_cost,
+)
+from ppow_trl.decoding.packed import packed_linears, packing_supported, use_packed_linears
+
+COSTS = [1.0, 1.05, 1.1, 1.12, 1.15, 1.2, 1.3, 1.4, 1.5]  # c(n) for n = 1..9, plain step = 1
+
+
+def test_expected_tokens_and_costs():
+    p = torch.tensor([[0.5, 0.5, 0.5], [1.0, 0.0, 1.0]])
+    torch.testing.assert_close(
+        expected_tokens(p), torch.tensor([[1.0, 1.5, 1.75, 1.875], [1.0, 2.0, 2.0, 2.0]])
+    )
+    assert verify_cost(COSTS, 3) == 1.1
+    assert verify_cost(COSTS, 11) == pytest.approx(1.5 + 2 * 0.1)  # extrapolated with the last slope
+    with pytest.raises(ValueError):
+        verify_cost(COSTS, 0)
+    torch.testing.assert_close(
+        round_costs(COSTS, 0.1, 2), torch.tensor([1.0, 1.15, 1.3], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        round_costs(COSTS, 0.0, 1, rows=2), torch.tensor([1.05, 1.12], dtype=torch.float64)
+    )
+
+
+def test_best_window_useless_perfect_and_in_between():
+    k = 6
+    assert best_window(torch.zeros(k), COSTS, 0.05).item() == 0  # a useless drafter: a plain step
+    assert best_window(torch.ones(k), COSTS, 0.05).item() == k  # a perfect one: the longest window
+    # verification dearer per token than plain steps: even a perfect drafter does not pay
+    steep = [1.0 + 1.2 * n for n in range(9)]
+    assert best_window(torch.ones(k), steep, 0.05).item() == 0
+    # cheap first tokens, then dear ones: a short window
+    kinked = [1.0, 1.05, 1.1, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert best_window(torch.ones(k), kinked, 0.05).item() == 2
+    # confidence falling off: a middle window, per row
+    p = torch.tensor([[0.9, 0.9, 0.05, 0.9, 0.9, 0.9], [0.0] * 6])
+    assert best_window(p, COSTS, 0.05).tolist() == [2, 0]
+
+
+def test_threshold_window():
+    p = torch.tensor([[0.9, 0.5, 0.3, 0.9], [0.1, 0.9, 0.9, 0.9], [0.5, 0.5, 0.5, 0.5]])
+    assert threshold_window(p, 0.4).tolist() == [2, 0, 4]
+    assert top_probability(torch.tensor([[0.0, 0.0], [10.0, -10.0]])).tolist() == pytest.approx([0.5, 1.0])
+
+
+def _run_rounds(policy: DraftLengthPolicy, confidence: float, accept: float, rounds: int) -> list[int]:
+    """Simulate a drafter whose steps all have this confidence and are accepted with this probability."""
+    g = torch.Generator().manual_seed(0)
+    windows = []
+    for _ in range(rounds):
+        window = 0
+        if policy.start_round(1):
+            for step in range(1, policy.max_window + 1):
+                include, more = policy.include(torch.tensor([confidence]), step)
+                window = step if include else window
+                if not (include and more):
+                    break
+        accepted = 0
+        while accepted < window and float(torch.rand(1, generator=g)) < accept:
+            accepted += 1
+        policy.end_round(window, torch.tensor([accepted]))
+        windows.append(window)
+    return windows
+
+
+def test_policy_skips_a_useless_drafter_and_uses_a_perfect_one_fully():
+    useless = _run_rounds(DraftLengthPolicy("auto", 6, COSTS, 0.05, 0.05, probe_every=16), 0.6, 0.0, 200)
+    assert sum(w > 0 for w in useless[50:]) <= 150 / 16 + 1  # only the probes draft
+    perfect = _run_rounds(DraftLengthPolicy("auto", 6, COSTS, 0.05, 0.05), 1.0, 1.0, 50)
+    assert all(w == 6 for w in perfect)
+    # an over-confident drafter is believed less once its windows are rejected
+    policy = DraftLengthPolicy("auto", 6, COSTS, 0.05, 0.05)
+    overconfident = _run_rounds(policy, 0.95, 0.3, 100)
+    assert policy.calibration < 0.6 and sum(overconfident[-20:]) < sum(overconfident[:20])
+    # fixed threshold: the window is the leading steps at or above it
+    assert _run_rounds(DraftLengthPolicy("threshold", 5, threshold=0.5), 0.7, 0.5, 3) == [5, 5, 5]
+    assert _run_rounds(DraftLengthPolicy("threshold", 5, threshold=0.5), 0.3, 0.5, 3) == [0, 0, 0]
+
+
+def test_policy_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        DraftLengthPolicy("sometimes")
+    with pytest.raises(ValueError, match="maximum window"):
+        DraftLengthPolicy("auto", 0)
+    with pytest.raises(ValueError, match="threshold"):
+        DraftLengthPolicy("threshold", 4, threshold=1.5)
+    with pytest.raises(ValueError, match="positive"):
+        DraftLengthPolicy("auto", 4, costs=[1.0, 0.0])
+
+
+@pytest.mark.skipif(
+    not packing_supported(torch.nn.Linear(2, 2)), reason="no oneDNN packed linear in this build"
+)
+def test_packed_linears_match_the_default_path_and_restore_it():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 320, bias=False)
+    )
+    model.eval().requires_grad_(False)
+    x = torch.randn(2, 7, 64)
+    reference = model(x)
+    with packed_linears(model):
+        assert "forward" in model[0].__dict__
+        for rows in (1, 3, 7):
+            torch.testing.assert_close(model(x[:, :rows]), reference[:, :rows], rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            model[2].weight.mul_(2.0)  # a changed weight is repacked
+        torch.testing.assert_close(model(x)[..., :5], 2 * reference[..., :5], rtol=1e-5, atol=1e-5)
+    assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
+    assert use_packed_linears(model, "auto") and not use_packed_linears(model, False)
+    assert not use_packed_linears(model.double(), True)  # fp32 only
+    with pytest.raises(ValueError):
+        use_packed_linears(model, "yes")
