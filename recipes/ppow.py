@@ -5,8 +5,10 @@
 
 Every field of `DrafterModelArguments`, `ppow_trl.data.DataConfig` and `ppow_trl.training.PPOWConfig`
 can be set in the YAML file or on the command line; unknown keys are an error. `drafter_name_or_path`
-is the warm-started drafter (recipes/sft_drafter.py); the data settings should match the warm start's
-so the cached regenerated data is reused. Interrupted runs resume with `--resume_from_checkpoint true`
+is the warm-started drafter (recipes/sft_drafter.py) or a published one in the EAGLE-3 / speculators layout
+(directory or Hub id); the data settings should match the warm start's so the cached regenerated data is
+reused. `--push_to_hub --hub_model_id <id>` checks the Hub before training and uploads the drafter exported
+for vLLM / SGLang with its model card when training ends. Interrupted runs resume with `--resume_from_checkpoint true`
 (latest checkpoint in output_dir) or a checkpoint path.
 """
 
@@ -15,16 +17,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from transformers import AutoModel
 from trl import TrlParser
 
 from ppow_trl.data import build_training_data, make_feature_provider
 from ppow_trl.target import load_target
 from ppow_trl.training import PPOWConfig, PPOWTrainer
+from ppow_trl.training.card import hub_preflight, push_trained_drafter
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
     evaluate_and_save,
+    load_start_drafter,
     lora_config,
     train_save_evaluate,
 )
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
         raise ValueError(
             "PPOW starts from a warm-started drafter: pass --drafter_name_or_path (recipes/sft_drafter.py)"
         )
+    hub_token = hub_preflight(args)  # --push_to_hub: token and network checked before any training work
     target, tokenizer = load_target(
         model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
     )
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     # Results name the split they were measured on.
     shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")
-    drafter = AutoModel.from_pretrained(model_args.drafter_name_or_path)
+    drafter = load_start_drafter(model_args.drafter_name_or_path, target)  # ours or a published layout
     aux = drafter.config.aux_layer_ids or None
     trainer = PPOWTrainer(
         drafter,
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
     print(f"gamma (drafter step / target verification) = {trainer.gamma:.4f}")
     evaluate_and_save(trainer, "warm_start")
     train_save_evaluate(trainer, args.resume_from_checkpoint)
+    if hub_token is not None:
+        print(f"pushed the exported drafter: {push_trained_drafter(trainer, hub_token)}")
     return trainer
 
 

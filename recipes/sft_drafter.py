@@ -11,17 +11,21 @@ Pass `--drafter_name_or_path <saved drafter>` to continue training a drafter (co
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from transformers import set_seed
 from trl import TrlParser
 
 from ppow_trl.data import DataConfig, build_training_data, make_feature_provider
-from ppow_trl.models import DRAFTER_CLASSES
 from ppow_trl.models.build import build_drafter
 from ppow_trl.target import load_target
 from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
+from ppow_trl.training.card import hub_preflight, push_trained_drafter
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
+    load_start_drafter,
     lora_config,
     train_save_evaluate,
 )
@@ -38,13 +42,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[DrafterModelArguments, Da
 def main(
     model_args: DrafterModelArguments, data_config: DataConfig, args: DrafterSFTConfig
 ) -> DrafterSFTTrainer:
+    hub_token = hub_preflight(args)  # --push_to_hub: token and network checked before any training work
     target, tokenizer = load_target(
         model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
     )
     data = build_training_data(data_config, target, tokenizer)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    # The split (and its data fingerprint) next to the drafter, for results and the model card.
+    shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")
     set_seed(args.seed)
-    if model_args.drafter_name_or_path:
-        drafter = DRAFTER_CLASSES[args.drafter_type].from_pretrained(model_args.drafter_name_or_path)
+    if model_args.drafter_name_or_path:  # ours or a published layout (continued SFT)
+        drafter = load_start_drafter(model_args.drafter_name_or_path, target)
     elif args.drafter_type == "eagle3":
         drafter = build_drafter("eagle3", target, data.draft_vocab, aux_layer_ids=model_args.aux_layer_ids)
     else:
@@ -63,6 +71,8 @@ def main(
         peft_config=peft_config,
     )
     train_save_evaluate(trainer, args.resume_from_checkpoint)
+    if hub_token is not None:
+        print(f"pushed the exported drafter: {push_trained_drafter(trainer, hub_token)}")
     return trainer
 
 

@@ -18,6 +18,7 @@ first rejection (later tokens cannot change k; see `loss_positions`). The method
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -33,14 +34,43 @@ from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.decoding.cost import measure_gamma
 from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.decoding.kernels import verify_windows
+from ppow_trl.export.hub import PPOW_PAPER
 from ppow_trl.metrics import acceptance_metrics, per_position_acceptance
 from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, unwrap_drafter
 from ppow_trl.target import window_logits
 from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance
+from ppow_trl.training.card import DrafterCardMixin
 from ppow_trl.training.rewards import get_reward_funcs
 from ppow_trl.training.windowing import position_scores, sample_anchors, valid_anchors, window_scores
 
 logger = logging.getLogger(__name__)
+
+# GRPO fields PPOW has no use for: it drafts windows with the drafter itself (no text generation, no vLLM),
+# optimises its own clipped window loss with a KL to the target (no reference model, no GRPO loss variants)
+# and logs windows, not completions. Setting one of them to a non-default value is an error, not a no-op.
+IGNORED_GRPO_FIELDS = (
+    "use_vllm", "max_completion_length", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
+    "chat_template_kwargs", "cache_implementation", "mask_truncated_completions", "max_tool_calling_iterations",
+    "ds3_gather_for_generation", "use_transformers_continuous_batching", "transformers_continuous_batching_config",
+    "use_transformers_paged", "loss_type", "importance_sampling_level", "delta", "off_policy_mask_threshold",
+    "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy", "multi_objective_aggregation",
+    "cast_lm_head_to_fp32", "beta", "sync_ref_model", "log_completions", "num_completions_to_print",
+    "log_completions_hub_repo",
+)  # fmt: skip
+
+
+def ignored_grpo_fields_set(config) -> dict[str, tuple]:
+    """{name: (value, default)} of the GRPO fields PPOW ignores (`IGNORED_GRPO_FIELDS`, every `vllm_*` and the
+    SAPO/VESPO loss settings) that differ from their defaults."""
+    set_fields = {}
+    for f in dataclasses.fields(config):
+        if not (f.name in IGNORED_GRPO_FIELDS or f.name.startswith(("vllm_", "sapo_", "vespo_"))):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(config, f.name)
+        if value != default:
+            set_fields[f.name] = (value, default)
+    return set_fields
 
 
 @dataclass
@@ -163,10 +193,20 @@ class PPOWConfig(GRPOConfig):
             except ValueError:
                 raise ValueError(f"gamma must be a number or 'auto', got {self.gamma!r}") from None
         get_reward_funcs(self.reward_funcs)  # unknown names fail here, before any model loads
+        ignored = ignored_grpo_fields_set(self)
+        if ignored:
+            raise ValueError(
+                "PPOWConfig: these GRPO settings have no effect in PPOW and were set: "
+                + ", ".join(
+                    f"{name}={value!r} (default {default!r})" for name, (value, default) in ignored.items()
+                )
+                + ". PPOW drafts windows with the drafter (no text generation, no vLLM) and optimises its own "
+                "clipped window loss with a KL to the target (target_kl_coef): remove them."
+            )
         super().__post_init__()
 
 
-class PPOWTrainer(GRPOTrainer):
+class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
     """Fine-tune a warm-started drafter with PPOW's window-level rewards (see module docstring).
 
     Args:
@@ -182,6 +222,15 @@ class PPOWTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "ppow", "speculative-decoding"]
+    _name = "PPOW"
+    _paper = PPOW_PAPER
+    # The drafter model card written with every save (DrafterCardMixin), instead of GRPO's text-generation card.
+    _card_method = "PPOW"
+    _card_fields = (
+        "window_size", "num_generations", "anchors_per_sequence", "gamma", "reward_funcs", "proximity_eta",
+        "proximity_eps", "use_adaw", "target_kl_coef", "acceptance_mode", "temperature", "epsilon",
+        "learning_rate", "per_device_train_batch_size",
+    )  # fmt: skip
 
     def __init__(
         self,

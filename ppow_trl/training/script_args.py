@@ -58,7 +58,9 @@ class DrafterModelArguments(LoraArguments, TargetArguments):
     drafter_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A saved drafter to start from; None builds a new one from the target (warm start only)."
+            "help": "A drafter to start from: a directory or Hub id in this package's layout or a published one "
+            "(eagle3 / speculators / medusa layout, e.g. yuhuili/EAGLE3-LLaMA3.1-Instruct-8B; the embedding comes "
+            "from the target) or LoRA adapters on a saved drafter. None builds a new one (warm start only)."
         },
     )
     aux_layer_ids: list[int] | None = field(
@@ -91,6 +93,14 @@ def lora_config(model_args: DrafterModelArguments):
     )
 
 
+def load_start_drafter(name_or_path: str, target):
+    """The drafter a recipe starts from, in any layout `ppow_trl.export.load_drafter` reads, checked against
+    the target (a checkpoint for another target fails naming the fields that differ)."""
+    from ppow_trl.export import load_drafter
+
+    return load_drafter(name_or_path, target)
+
+
 def resume_arg(value: str | None) -> str | bool | None:
     """`--resume_from_checkpoint true` means the latest checkpoint in output_dir."""
     return True if isinstance(value, str) and value.lower() in ("true", "last", "latest") else value
@@ -109,3 +119,4 @@ def train_save_evaluate(trainer: Trainer, resume_from_checkpoint: str | None) ->
     trainer.train(resume_from_checkpoint=resume_arg(resume_from_checkpoint))
     trainer.save_model()
     evaluate_and_save(trainer)
+    trainer.create_model_card()  # the saved drafter's card, now with the final held-out evaluation

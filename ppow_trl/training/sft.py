@@ -36,6 +36,7 @@ from ppow_trl.metrics import acceptance_metrics
 from ppow_trl.models import DRAFTER_CLASSES, unwrap_drafter
 from ppow_trl.models.common import lora_for_drafter
 from ppow_trl.training.acceptance import teacher_forced_acceptance
+from ppow_trl.training.card import DrafterCardMixin
 from ppow_trl.training.losses import (
     LOSSES,
     TargetLabels,
@@ -128,7 +129,7 @@ def _check_dataset(dataset: Any, name: str) -> None:
             raise ValueError(f"{name} lacks column(s) {sorted(missing)}; build it with ppow_trl.data")
 
 
-class DrafterSFTTrainer(Trainer):
+class DrafterSFTTrainer(DrafterCardMixin, Trainer):
     """Trains a drafter to imitate a frozen target's next-token distribution (EAGLE-3 TTT / Medusa heads).
 
     Args:
@@ -146,6 +147,13 @@ class DrafterSFTTrainer(Trainer):
     """
 
     _tag_names = ["trl", "ppow-trl", "drafter-sft"]
+    # The drafter model card written with every save (DrafterCardMixin).
+    _card_method = "supervised warm start"
+    _card_fields = (
+        "drafter_type", "window_size", "loss", "step_weight_decay", "learning_rate", "max_steps",
+        "per_device_train_batch_size",
+    )  # fmt: skip
+    _card_window_field = "eval_window_size"
 
     def __init__(
         self,
