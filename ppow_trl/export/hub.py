@@ -296,7 +296,8 @@ def drafter_model_card(
     kind = "eagle3" if is_eagle3 else "medusa"
     k = int(num_speculative_tokens or (5 if is_eagle3 else config.num_heads))
     base_model = target_hub_id(config.target_name_or_path)
-    target_id = base_model or config.target_name_or_path or "<target>"
+    name_or_path = config.target_name_or_path
+    target_id = base_model or (name_or_path if name_or_path not in (None, "", "unknown") else "<target>")
     repo_id = repo_id or f"<your-username>/{(base_model or 'target').split('/')[-1].lower()}-{kind}-ppow"
     name = model_name or repo_id.split("/")[-1]
     tags = ["speculative-decoding", kind, "ppow", "drafter"]
