@@ -149,3 +149,28 @@ def test_export_recipe_push_fails_before_loading_anything(tmp_path):
                      "--push_to_hub", "--hub_model_id", "me/x"])  # fmt: skip
     with pytest.raises(ValueError, match="ppow, eagle3, speculators, medusa"):
         export_main(["--drafter", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--format", "onnx"])
+
+
+@pytest.mark.parametrize("fmt", ["eagle3", "speculators"])
+def test_evaluation_reads_an_exported_drafter_like_the_original(fmt, tiny_target, tiny_target_dir, tmp_path):
+    """recipes/evaluate_drafter.py takes a serving-layout drafter too: the target it records is loaded first
+    and completes it (embedding); decoding with it is the same as with the drafter it was exported from."""
+    from ppow_trl.evaluation import EvaluationConfig, evaluate
+
+    drafter = make_drafter("eagle3", tiny_target)
+    drafter.config.target_name_or_path = tiny_target_dir
+    drafter.save_pretrained(tmp_path / "ours")
+    export_main(["--drafter", str(tmp_path / "ours"), "--format", fmt, "--output_dir", str(tmp_path / fmt)])
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Write a short poem about the sea."}) + "\n")
+    results = {}
+    for name in ("ours", fmt):
+        config = EvaluationConfig(
+            drafter=str(tmp_path / name), prompt_sets=[str(prompts)], max_new_tokens=8, num_draft_tokens=3,
+            decoding="loop", baselines=[], output_dir=str(tmp_path / f"eval-{name}"), progress=False,
+            warmup_tokens=0, plots=False,
+        )  # fmt: skip
+        (results[name],) = evaluate(config)["results"]
+    assert results[fmt]["greedy_matches"] == results[fmt]["greedy_total"] == 1
+    assert results[fmt]["tau"] == results["ours"]["tau"]
+    assert results[fmt]["generations"] == results["ours"]["generations"]

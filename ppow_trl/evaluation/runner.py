@@ -85,6 +85,24 @@ def load_drafter(
     return drafter.eval().requires_grad_(False)
 
 
+def _serving_layout_target(name_or_path: str) -> str | None:
+    """For a drafter directory in a serving layout (eagle3 / speculators / medusa), the target it records
+    ("" when none); None for this package's own layout, which `load_drafter` reads without a target."""
+    from ppow_trl.export.formats import RECORD_KEY, DrafterFormatError, detect_format
+
+    path = Path(name_or_path).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    try:
+        if detect_format(config) == "ppow":
+            return None
+    except DrafterFormatError:
+        return None
+    verifier = (config.get("speculators_config") or {}).get("verifier") or {}
+    return (config.get(RECORD_KEY) or {}).get("target_name_or_path") or verifier.get("name_or_path") or ""
+
+
 def _default_target(drafter: PreTrainedModel) -> str:
     name = getattr(drafter.config, "target_name_or_path", None)
     return name if name and name != "unknown" else "embedded"
@@ -297,9 +315,21 @@ def evaluate(
 
     set_seed(config.seed)
     dtype = getattr(torch, config.dtype)
+    recorded = _serving_layout_target(config.drafter) if drafter is None else None
+    if recorded is not None:
+        # A serving layout: the target completes the drafter (its embedding), so it is loaded first.
+        if target is None or tokenizer is None:
+            if not (config.target or recorded):
+                raise ValueError(
+                    f"{config.drafter} is a serving-layout drafter that names no target: pass --target"
+                )
+            target, tokenizer = load_target(config.target or recorded, dtype=dtype, device=config.device)
+        from ppow_trl.export import load_drafter as import_drafter
+
+        drafter = import_drafter(config.drafter, target, dtype=dtype).requires_grad_(False)
     if drafter is None:
         drafter = load_drafter(config.drafter, dtype, config.device)
-    target_name = config.target or _default_target(drafter)
+    target_name = config.target or recorded or _default_target(drafter)
     if target is None or tokenizer is None:
         target, tokenizer = load_target(target_name, dtype=dtype, device=config.device)
     drafter.check_target(target)
