@@ -87,3 +87,32 @@ def test_ppow_with_lora_trains_adapters_checkpoints_resumes_and_exports_merged(
     for candidate in (loaded, from_adapters):
         tokens, logprobs, _ = draft(candidate, tiny_target)
         assert torch.equal(tokens, ref_tokens) and torch.equal(logprobs, ref_logprobs)
+
+
+def test_sft_with_lora_checkpoints_resumes_and_exports_merged(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
+
+    make_drafter("eagle3", tiny_target).save_pretrained(tmp_path / "base")
+
+    def trainer(max_steps):
+        args = DrafterSFTConfig(
+            output_dir=str(tmp_path / "sft"), max_steps=max_steps, per_device_train_batch_size=4, window_size=2,
+            save_strategy="steps", save_steps=2, report_to="none", use_cpu=True, learning_rate=1e-2,
+        )  # fmt: skip
+        return DrafterSFTTrainer(
+            AutoModel.from_pretrained(tmp_path / "base"), tiny_target, args, train_dataset=dataset,
+            processing_class=tiny_tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8),
+        )  # fmt: skip
+
+    first = trainer(2)
+    first.train()
+    checkpoint = tmp_path / "sft" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "README.md").is_file()
+    trained = {n: p.detach().clone() for n, p in first.model.named_parameters()}
+    again = trainer(2)
+    again.train(resume_from_checkpoint=str(checkpoint))
+    for name, param in again.model.named_parameters():
+        assert torch.equal(param, trained[name]), name
+    out = export_drafter(again.model, tmp_path / "export", "eagle3")
+    merged = unwrap_drafter(again.model.merge_and_unload()).eval()
+    assert torch.equal(draft(load_drafter(out, tiny_target), tiny_target)[1], draft(merged, tiny_target)[1])
