@@ -197,6 +197,8 @@ def test_random_drafter_greedy_equality(target):
 
 # Verification nearly free per extra token, drafting cheap: "auto" drafts whenever the drafter is believed.
 CHEAP = CostTable([1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16], draft_step=0.01, commit=0.01)
+# Costs of the order measured on CPU with packed linears (c(n) in plain steps).
+MEASURED = CostTable([1.0, 1.15, 1.17, 1.17, 1.2, 1.25, 1.4, 1.45, 1.5], draft_step=0.06, commit=0.05)
 
 
 def _decode(method, target, drafter, ids, new, **kwargs):
@@ -233,10 +235,10 @@ def test_auto_draft_length_skips_a_useless_drafter(target):
     for ids in prompts((5, 9)):
         ref = plain_greedy(target, ids, new)
         for method in ("loop", "assisted"):
-            out = _decode(method, target, drafter, ids, new, num_draft_tokens="auto", costs=CHEAP)
+            out = _decode(method, target, drafter, ids, new, num_draft_tokens="auto", costs=MEASURED)
             assert torch.equal(out.sequences, ref)
-            plain_rounds = float((out.window_sizes == 0).float().mean())
-            assert plain_rounds > 0.7, (method, out.window_sizes.tolist())
+            later = out.window_sizes[out.window_sizes.shape[0] // 3 :]  # once the drafter has shown itself
+            assert float((later == 0).float().mean()) > 0.8, (method, out.window_sizes.tolist())
     # batched loop with left padding: same outputs as one prompt at a time
     singles = prompts((4, 9))
     batch = torch.zeros(2, 9, dtype=torch.long)

@@ -11,7 +11,8 @@ expectation (the target always adds one) and costs c(k+1) plus the k draft steps
 on the drafter's distributions q_1..q_j, never on the token drawn at the step being decided, so speculative
 sampling stays lossless: whether d_j joins the window is decided from q_j (computed from the already-included
 d_1..d_{j-1}) before d_j counts. A window of 0 (a plain step) is allowed; when the drafter has been useless
-for a while the policy skips drafting entirely and only probes it every `probe_every` rounds.
+for a while the policy skips drafting entirely and only probes it, after 1, 2, 4, ... up to `probe_every`
+skipped rounds.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ class DraftLengthPolicy:
     drafter's confidence is calibrated by the ratio of accepted draft tokens to their predicted number over
     recent rounds, so an over-confident drafter is not believed for long; when even the first step is not
     worth drafting, the round is a plain step and the drafter is probed (one token forced into the window)
-    every `probe_every` rounds.
+    after 1, 2, 4, ... skipped rounds, at most `probe_every`. The calibration starts from a prior of
+    `prior_tokens` predicted tokens at face value (fading like the data), so one unlucky round does not silence a
+    good drafter.
     """
 
     mode: str = "auto"
@@ -110,6 +113,7 @@ class DraftLengthPolicy:
     commit_cost: float = 0.0
     threshold: float = 0.4
     probe_every: int = 16
+    prior_tokens: float = 1.0
     decay: float = 0.9
     rate: float = field(default=1.0, init=False)
     calibration: float = field(default=1.0, init=False)
@@ -117,6 +121,7 @@ class DraftLengthPolicy:
     _observed: float = field(default=0.0, init=False)
     _first: float = field(default=1.0, init=False)
     _skipped: int = field(default=0, init=False)
+    _skip_limit: int = field(default=1, init=False)
     _round: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +138,7 @@ class DraftLengthPolicy:
         self.costs = (table / table[0]).tolist()
         self.draft_cost = float(self.draft_cost) / float(table[0])
         self.commit_cost = float(self.commit_cost) / float(table[0])
+        self._predicted = self._observed = float(self.prior_tokens)  # the prior fades with the data
 
     # ------------------------------------------------------------------------------------ pricing
     def _cost(self, window: int, rows: int) -> float:
@@ -160,11 +166,11 @@ class DraftLengthPolicy:
             self._best_extension(float(rows), float(rows), p_first, 0, rows) - self.rate * self.commit_cost
         )
         if drafting > plain:
-            self._skipped = 0
+            self._skipped, self._skip_limit = 0, 1
             return True
         self._skipped += 1
-        if self._skipped >= self.probe_every:
-            self._skipped = 0
+        if self._skipped >= self._skip_limit:  # probe; the next probe waits twice as long
+            self._skipped, self._skip_limit = 0, min(2 * self._skip_limit, self.probe_every)
             self._round["probe"] = True
             return True
         return False
@@ -206,7 +212,6 @@ class DraftLengthPolicy:
         if window > 0 and self.mode == "auto":
             self._predicted = self.decay * self._predicted + self._round.get("raw", 0.0)
             self._observed = self.decay * self._observed + float(accepted.sum())
-            if self._predicted > 1e-6:
-                self.calibration = min(max(self._observed / self._predicted, 0.02), 1.5)
+            self.calibration = min(max(self._observed / max(self._predicted, 1e-9), 0.02), 1.5)
         rate = (float(accepted.sum()) + accepted.numel()) / max(cost, 1e-9)
         self.rate = max(1.0 / self._cost(0, 1), self.decay * self.rate + (1 - self.decay) * rate)
