@@ -11,12 +11,12 @@ logits replaced, wherever the drafted prefix is still correct, by a one-hot on p
 lookup keyed on the logits it computes, so it still pays the full drafter compute): the ceiling any drafter
 of this size can reach, measuring the decoding machinery at high acceptance. Not a trained drafter. Same
 prompts (first user turn, chat-templated), greedy, fp32 by default, one warm-up of every method first; each
-prompt runs, in this order: plain `generate` (stock, and with `ppow_trl.decoding.packed` unless
+prompt runs, in this order: plain `generate` (stock, and with `ppow_trl.packed` unless
 `--no-packed`: the speedups are against the stock one); transformers' prompt lookup (`--prompt-lookup-tokens`);
 ppow_trl's loop (`speculative_generate`, profiled per phase) at every fixed K of `--num-draft-tokens` and with
 `num_draft_tokens="auto"` (up to `--max-draft-tokens`); and, unless `--no-assisted`, transformers' assisted
 decoding with the drafter's candidate generator and auto K. The loop and the assisted path verify through
-`ppow_trl.decoding.packed` (oneDNN, prepacked weights) unless `--no-packed`; plain `generate` and prompt lookup
+`ppow_trl.packed` (oneDNN, prepacked weights) unless `--no-packed`; plain `generate` and prompt lookup
 run the stock model. Prints markdown tables; `--output` also writes them as JSON.
 
 Both wall-clock and process CPU time are recorded. On a shared machine, wall-clock rates swing with other
@@ -42,10 +42,10 @@ from ppow_trl.data.draft_vocab import build_draft_vocab
 from ppow_trl.decoding import DrafterCandidateGenerator, generate, speculative_generate
 from ppow_trl.decoding.cost import measure_costs
 from ppow_trl.decoding.drafting import draft_windows, window_targets
-from ppow_trl.decoding.packed import packed_linears
 from ppow_trl.evaluation import hardware_info, load_drafter, versions
 from ppow_trl.models import Eagle3Drafter
 from ppow_trl.models.build import build_drafter
+from ppow_trl.packed import packed_linears
 from ppow_trl.target import capture_features, load_target
 
 PHASES = ("drafter_draft", "drafter_commit", "target_forward", "verify", "bookkeeping")

@@ -13,7 +13,7 @@ Modes (each patches every `nn.Linear` of the target for the duration of its meas
 - `default`: `F.linear` (MKL sgemm on this build);
 - `pad16`: the rows of every matmul padded to 16 (16 rows were measured fastest per row before);
 - `mkl_packed`: MKL's packed sgemm with the weight packed once (`torch.ops.mkl._mkl_linear`);
-- `onednn_packed`: oneDNN's inner product with the weight packed once: `ppow_trl.decoding.packed`, what the
+- `onednn_packed`: oneDNN's inner product with the weight packed once: `ppow_trl.packed`, what the
   decoding loops use.
 `--clock cpu` uses the thread's CPU time (meaningful with `--threads 1`: descheduled time is not counted,
 which makes it the stable measure when other jobs load the machine); `wall` is perf_counter.
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ppow_trl.decoding.packed import packed_linears
 from ppow_trl.evaluation import hardware_info, versions
+from ppow_trl.packed import packed_linears
 from ppow_trl.target import load_target
 
 MODES = ("default", "pad16", "mkl_packed", "onednn_packed")

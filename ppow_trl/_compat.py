@@ -7,6 +7,8 @@ ppow-trl hooks into a few internals that these libraries do not promise to keep:
   (`requires_model_outputs`, `model_kwargs_overrides`, `get_candidates(model_outputs=..., n_last_matches=...)`);
 * the EOS/pad tensors transformers prepares on a `GenerationConfig` (`_eos_token_tensor`, `_pad_token_tensor`)
   that a `custom_generate` callable receives;
+* torch's oneDNN prepacked linear operators (`torch.ops.mkldnn._reorder_linear_weight`,
+  `_linear_pointwise`), used by `ppow_trl.packed` with a fallback to the default matmul;
 * TRL's `GRPOTrainer`: the rollout and loss hooks `PPOWTrainer` overrides (`_generate_and_score_completions`,
   `_compute_loss`) and the `_metrics` store its `log` reads.
 
@@ -126,3 +128,26 @@ def check_grpo_hooks(trainer_class: type) -> None:
 def grpo_metrics(trainer: Any) -> dict[str, dict[str, list[float]]]:
     """GRPOTrainer's per-mode metric lists (`{"train"|"eval": {name: [values]}}`), averaged into its logs."""
     return _require("trl", trainer, "_metrics")
+
+
+# ----------------------------------------------------------------------------------------------- torch
+def mkldnn_packed_linear_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear operators (`ppow_trl.packed` uses them and
+    falls back to the default matmul where they are missing)."""
+    import torch
+
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def mkldnn_pack_linear_weight(weight: Any, batch_hint: int) -> Any:
+    """A linear weight reordered once into oneDNN's blocked layout (what torch.compile's CPU freezing emits)."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+
+
+def mkldnn_packed_linear(x: Any, packed_weight: Any, bias: Any) -> Any:
+    """x @ W.T + b through oneDNN with a weight from `mkldnn_pack_linear_weight`."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")

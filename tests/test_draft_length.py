@@ -14,7 +14,7 @@ from ppow_trl.decoding.draft_length import (
     top_probability,
     verify_cost,
 )
-from ppow_trl.decoding.packed import packed_linears, packing_supported, use_packed_linears
+from ppow_trl.packed import packed_linears, packing_supported, use_packed_linears
 
 COSTS = [1.0, 1.05, 1.1, 1.12, 1.15, 1.2, 1.3, 1.4, 1.5]  # c(n) for n = 1..9, plain step = 1
 

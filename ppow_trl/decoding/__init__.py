@@ -8,6 +8,8 @@ measured cost table c(n) + drafter step, shared with PPOW's gamma), `draft_lengt
 prepacked weights on CPU).
 """
 
+from ppow_trl.packed import packed_linears
+
 from .cost import CostTable, measure_costs
 from .draft_length import DraftLengthPolicy
 from .drafting import ChainDrafter, draft_windows, window_targets
@@ -20,7 +22,6 @@ from .hf import (
     speculative_decoding,
 )
 from .kernels import verify_windows
-from .packed import packed_linears
 from .speculative import SpeculativeOutput, speculative_generate
 from .verify import VerifyResult, verify_greedy, verify_sampling
 

@@ -8,7 +8,7 @@ back instead of measuring again. Decoding (`num_draft_tokens="auto"`) prices win
 `gamma: auto` is `measure_gamma` = one drafter step / c(K+1) from the same table, so the reward and the
 decoder price a window the same way.
 
-The target forward is timed as decoding runs it: through `ppow_trl.decoding.packed.packed_linears` where
+The target forward is timed as decoding runs it: through `ppow_trl.packed.packed_linears` where
 that applies (CPU fp32, see `use_packed_linears`).
 """
 
@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ppow_trl.decoding.drafting import ChainDrafter
-from ppow_trl.decoding.packed import packed_linears, use_packed_linears
+from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import cache_root, capture_features
 
 __all__ = ["CostTable", "measure_costs", "measure_gamma"]

@@ -37,7 +37,6 @@ from transformers.generation.logits_process import (
 from ppow_trl import _compat
 from ppow_trl.decoding.draft_length import DraftLengthPolicy
 from ppow_trl.decoding.drafting import ChainDrafter
-from ppow_trl.decoding.packed import packed_linears, use_packed_linears
 from ppow_trl.decoding.speculative import (
     SpeculativeOutput,
     check_drafter_for_target,
@@ -49,6 +48,7 @@ from ppow_trl.decoding.speculative import (
     speculative_generate,
 )
 from ppow_trl.models.common import unwrap_drafter
+from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import vocab_size_of
 
 __all__ = [

@@ -28,8 +28,8 @@ from ppow_trl.decoding.cost import CostTable, measure_costs
 from ppow_trl.decoding.draft_length import DraftLengthPolicy, top_probability
 from ppow_trl.decoding.drafting import ChainDrafter
 from ppow_trl.decoding.kernels import verify_windows
-from ppow_trl.decoding.packed import packed_linears, use_packed_linears
 from ppow_trl.models.common import positions_from_mask, sample_token_ids, scatter_draft_probs, unwrap_drafter
+from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import capture_features, vocab_size_of
 
 __all__ = ["SpeculativeOutput", "speculative_generate"]
@@ -328,7 +328,7 @@ def speculative_generate(
         max_draft_tokens: the longest window "auto" may verify.
         costs: the cost table "auto" prices windows with (default: `measure_costs(target, drafter)`, cached).
         packed: run the target's linear layers through oneDNN with prepacked weights (CPU fp32; True, False or
-            "auto" = where supported and the packed copy is small, `ppow_trl.decoding.packed`): a (K+1)-token
+            "auto" = where supported and the packed copy is small, `ppow_trl.packed`): a (K+1)-token
             verification then costs ~1.1 one-token forwards instead of ~1.7 on CPU.
 
     Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens

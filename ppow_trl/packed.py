@@ -16,9 +16,9 @@ a no-op. The packed copies double the memory of the weights, so `use_packed_line
 loops call) enables it by default only for targets whose linear weights take at most
 `DEFAULT_MAX_PACKED_BYTES`.
 
-The packing uses two private torch operators (`torch.ops.mkldnn._reorder_linear_weight`,
-`torch.ops.mkldnn._linear_pointwise`; what torch.compile's CPU freezing emits); if they are missing or fail
-once, the default path is used.
+The packing uses two private torch operators (through `ppow_trl._compat`; what torch.compile's CPU
+freezing emits); if they are missing or fail once, the default path is used. Used by decoding (verification)
+and by the data stage (batched regeneration), hence its place beside `target.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from ppow_trl._compat import mkldnn_pack_linear_weight, mkldnn_packed_linear, mkldnn_packed_linear_available
 
 __all__ = ["DEFAULT_MAX_PACKED_BYTES", "packed_linears", "packing_supported", "use_packed_linears"]
 
@@ -40,7 +42,7 @@ def packing_supported(model: torch.nn.Module) -> bool:
     """True where packing applies: a CPU float32 model and a torch build with oneDNN's packed linear."""
     if _state["broken"] or not torch.backends.mkldnn.is_available():
         return False
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if not mkldnn_packed_linear_available():
         return False
     try:
         param = next(model.parameters())
@@ -70,7 +72,7 @@ def _packed_weight(module: torch.nn.Linear) -> torch.Tensor:
     key = (weight.data_ptr(), weight._version, tuple(weight.shape))
     cached = module.__dict__.get(_ATTR)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT))
+        cached = (key, mkldnn_pack_linear_weight(weight.detach(), _PACK_BATCH_HINT))
         module.__dict__[_ATTR] = cached
     return cached[1]
 
@@ -84,7 +86,7 @@ def _packed_forward(module: torch.nn.Linear):
         try:
             flat = x.reshape(-1, x.shape[-1])
             bias = None if module.bias is None else module.bias.detach()
-            out = torch.ops.mkldnn._linear_pointwise(flat, _packed_weight(module), bias, "none", [], "")
+            out = mkldnn_packed_linear(flat, _packed_weight(module), bias)
         except (RuntimeError, AttributeError):  # an unsupported build or shape: the default path from now on
             _state["broken"] = True
             return default(x)
