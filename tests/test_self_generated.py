@@ -276,12 +276,12 @@ def test_sharegpt_truncated_array_and_missing_wheel():
 
 
 # ------------------------------------------------------------------------------------------ data recipe
-def _regenerate_command(target_dir: str, out: Path, cache_prompts: int = 24) -> list[str]:
+def _regenerate_command(target_dir: str, out: Path, cache_prompts: int = 96) -> list[str]:
     return [
         sys.executable, str(REPO / "recipes" / "regenerate.py"),
         "--target_name_or_path", target_dir, "--output_dir", str(out),
         "--dataset_name", "self_generated", "--self_generated_prompts", str(cache_prompts),
-        "--prompt_max_new_tokens", "12", "--prompt_batch_size", "4", "--prompt_shard_size", "4",
+        "--prompt_max_new_tokens", "24", "--prompt_batch_size", "16", "--prompt_shard_size", "16",
         "--filter_min_chars", "1", "--decontaminate", "false", "--min_kept_fraction", "0",
         "--near_duplicate_threshold", "1.0", "--max_new_tokens", "48", "--regen_batch_size", "2",
         "--shard_size", "1", "--eval_fraction", "0.25", "--draft_vocab_size", "32",
@@ -289,9 +289,12 @@ def _regenerate_command(target_dir: str, out: Path, cache_prompts: int = 24) -> 
 
 
 @pytest.fixture(scope="module")
-def writer_target_dir(tmp_path_factory, writer_target, tiny_tokenizer) -> str:
+def writer_target_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """A target whose sampled user turns end often but whose greedy answers run to max_new_tokens (EOS's
+    row is slightly weaker than the frequent token's): every answer shard takes real time, so the kill below
+    lands mid-run."""
     path = tmp_path_factory.mktemp("writer_target")
-    writer_target.save_pretrained(path)
+    _ending_target(tiny_tokenizer, 0.95).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return str(path)
 
@@ -312,7 +315,10 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.safetensors")}
     prompts_done = {p.name: p.stat().st_mtime_ns for p in out.glob("prompts/*/shard-*.jsonl")}
     total = int(next(iter(done)).split("-of-")[1].split(".")[0])
-    assert 2 <= len(done) < total and not (out / "ppow_data.json").exists()  # killed mid-run
+    assert 2 <= len(done) < total and not (out / "ppow_data.json").exists(), (
+        len(done),
+        total,
+    )  # killed mid-run
 
     finished = subprocess.run(
         _regenerate_command(writer_target_dir, out), env=env, cwd=REPO, capture_output=True
@@ -324,7 +330,7 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
     assert not list(out.rglob("*.tmp"))
 
     card = json.loads((out / "ppow_data.json").read_text())
-    assert card["report"]["prompt_filters"]["written"] == 24 and "regenerate.py" in card["command"]
+    assert card["report"]["prompt_filters"]["written"] == 96 and "regenerate.py" in card["command"]
     readme = (out / "README.md").read_text()
     assert (
         card["report"]["data_fingerprint"] in readme and "| unfinished |" in readme or "drop reason" in readme
