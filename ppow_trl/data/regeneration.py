@@ -426,21 +426,44 @@ def _write_follow_ups(
         c.ids + tokenizer(c.pending + f.user_header, add_special_tokens=False)["input_ids"]
         for c in conversations
     ]
-    order = sorted(range(len(conversations)), key=lambda i: len(prompts[i]))
+    turns = write_user_turns(target, tokenizer, prompts, f.generation, s.eos_ids, batch_size, f.stop_fraction)
+    for conv, (text, ended) in zip(conversations, turns):
+        if malformed_reason(text.strip(), ended, f.filters) is None:
+            conv.turns.append(text.strip())
+            stats["follow_up_turns"] += 1
+        else:
+            conv.active = False
+            stats["follow_up_rejected"] += 1
+
+
+def write_user_turns(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    generation: GenerationConfig,
+    eos_ids: list[int],
+    batch_size: int,
+    stop_fraction: float,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[str, bool]]:
+    """Sample a user turn after each prompt (token ids ending in a user header), in batches of similar
+    length: each turn's text (end-of-turn token removed) and whether it ended."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    written: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         outputs = batched_generate(
-            target, [prompts[i] for i in batch], f.generation, s.pad_id, s.eos_ids, f.stop_fraction
+            target, [prompts[i] for i in batch], generation, generation.pad_token_id, eos_ids, stop_fraction
         )
-        for i, generated in zip(batch, outputs):
-            ended = bool(generated) and generated[-1] in s.eos_ids
-            text = tokenizer.decode(generated[:-1] if ended else generated, skip_special_tokens=False).strip()
-            if malformed_reason(text, ended, f.filters) is None:
-                conversations[i].turns.append(text)
-                stats["follow_up_turns"] += 1
-            else:
-                conversations[i].active = False
-                stats["follow_up_rejected"] += 1
+        written.update(zip(batch, outputs))
+        if on_batch is not None:
+            on_batch(len(batch))
+    turns = []
+    for i in range(len(prompts)):
+        ended = bool(written[i]) and written[i][-1] in eos_ids
+        body = written[i][:-1] if ended else written[i]
+        turns.append((tokenizer.decode(body, skip_special_tokens=False), ended))
+    return turns
 
 
 @contextlib.contextmanager

@@ -26,12 +26,12 @@ from .config import DataConfig
 from .filters import ContaminationIndex, FilterSettings, filter_prompts
 from .regeneration import (
     DEFAULT_SYSTEM,
-    batched_generate,
     eos_token_ids,
     pad_token_id,
     pre_query_prefix,
     prompt_generation_config,
     target_identity,
+    write_user_turns,
 )
 from .sources import PromptExample
 
@@ -218,28 +218,15 @@ def _write_shard(
 ) -> list[dict[str, Any]]:
     texts = [prefixes[r.task] + (r.opening or "") for r in requests]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    order = sorted(range(len(requests)), key=lambda k: len(ids[k]))  # similar lengths share a batch
-    written: dict[int, list[int]] = {}
     device = next(target.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed * 1_000_003 + shard)
-        for start in range(0, len(order), config.prompt_batch_size):
-            batch = order[start : start + config.prompt_batch_size]
-            outputs = batched_generate(
-                target,
-                [ids[k] for k in batch],
-                generation,
-                generation.pad_token_id,
-                eos_ids,
-                config.prompt_stop_fraction,
-            )
-            written.update(zip(batch, outputs))
-            bar.update(len(batch))
+        turns = write_user_turns(
+            target, tokenizer, ids, generation, eos_ids, config.prompt_batch_size, config.prompt_stop_fraction,
+            bar.update,
+        )  # fmt: skip
     rows = []
-    for k, request in enumerate(requests):
-        generated = written[k]
-        ended = bool(generated) and generated[-1] in eos_ids
-        body = tokenizer.decode(generated[:-1] if ended else generated, skip_special_tokens=False)
+    for request, (body, ended) in zip(requests, turns):
         rows.append(
             {
                 "index": request.index,
