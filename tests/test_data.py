@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -24,6 +28,7 @@ from ppow_trl.data import (
     split_prompts,
     strip_generation,
 )
+from ppow_trl.data.cache import claim_shard
 from ppow_trl.data.regeneration import make_generation_config
 from ppow_trl.target import eos_token_ids
 from tests.conftest import build_tiny_target
@@ -217,6 +222,42 @@ def test_loss_mask_marks_exactly_the_generated_tokens(varied_target, tiny_tokeni
                 f"<|im_start|>user\n{example.turns[1]}<|im_end|>\n<|im_start|>assistant\n"
             )
             assert between.startswith("\n" if g1[-1] == EOS else "<|im_end|>\n")
+
+
+def test_parallel_workers_split_the_shards_and_take_over_a_dead_ones(
+    varied_target, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """Shards claimed by a live worker are left to it (this worker waits for them); a claim whose worker died
+    is taken over; the result equals a single worker's."""
+    reference = regenerate(
+        varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "a"), progress=False
+    )
+    config = make_config(tmp_path / "b")
+    directory = config.cache_path / "regen" / reference.fingerprint
+    directory.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])  # a live "worker"
+    threading.Thread(target=other.wait, daemon=True).start()  # reaped when it ends, so its pid goes away
+    claim = directory / ".shard-00001-of-00003.safetensors.claim"
+    claim.write_text(f"{socket.gethostname()} {other.pid}")
+    monkeypatch.setattr(regen_module, "SHARD_WAIT_SECONDS", 0.2)
+    generate_shard, generated = regen_module._generate_shard, []
+
+    def spy(target, tokenizer, examples, *args):
+        generated.append([e.id for e in examples])
+        return generate_shard(target, tokenizer, examples, *args)
+
+    monkeypatch.setattr(regen_module, "_generate_shard", spy)
+    start = time.perf_counter()
+    result = regenerate(varied_target, tiny_tokenizer, PROMPTS, config, progress=False)
+    assert time.perf_counter() - start >= 2.5  # it waited for the live claim to go stale
+    assert generated == [["a", "b"], ["e"], ["c", "d"]]  # the claimed shard last, once its worker was gone
+    assert columns(result.dataset) == columns(reference.dataset)
+    assert not list(directory.glob(".*.claim"))
+    with (
+        claim_shard(directory / "x.safetensors") as first,
+        claim_shard(directory / "x.safetensors") as second,
+    ):
+        assert first and not second
 
 
 def test_resume_after_interruption_and_cache(varied_target, tiny_tokenizer, tmp_path, monkeypatch):

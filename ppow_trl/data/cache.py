@@ -3,7 +3,8 @@
 Every cached stage (prompt writing, regeneration, corpus chunks, offline features) lives in a folder named
 by a fingerprint of everything that determines its content; a `manifest.json` records those inputs, and
 results are written shard by shard (temporary name, then rename), so a killed run redoes only the shard
-it was writing.
+it was writing. Several workers may fill one folder at once (the same command started twice on a machine, or
+on machines sharing the disk): each claims a shard before writing it (`claim_shard`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,45 @@ def read_token_shard(path: Path) -> tuple[dict[str, list], dict[str, Any]]:
         "num_turns": tensors["num_turns"].tolist(),
     }
     return columns, json.loads(metadata["stats"])
+
+
+def _claim_is_stale(claim: Path) -> bool:
+    """A claim left by a worker of this machine that no longer runs."""
+    try:
+        host, pid = claim.read_text().split()
+    except (OSError, ValueError):
+        return False  # being written right now, or unreadable: leave it
+    if host != socket.gethostname():
+        return False  # another machine's worker: it cannot be checked from here
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@contextmanager
+def claim_shard(path: Path) -> Iterator[bool]:
+    """Claim the right to write shard `path`: yields True when this process holds the claim (and releases it
+    afterwards), False when another live worker holds it. A claim left by a killed worker of this machine is
+    taken over."""
+    claim = path.with_name(f".{path.name}.claim")
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_is_stale(claim):
+                claim.unlink(missing_ok=True)
+                continue
+            yield False
+            return
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{socket.gethostname()} {os.getpid()}")
+        try:
+            yield True
+        finally:
+            claim.unlink(missing_ok=True)
+        return
+    yield False

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,15 @@ from transformers import (
 
 from ..packed import packed_linears, use_packed_linears
 from ..target import eos_token_ids, target_name
-from .cache import check_manifest, fingerprint_of, read_token_shard, sha, shard_path, write_token_shard
+from .cache import (
+    check_manifest,
+    claim_shard,
+    fingerprint_of,
+    read_token_shard,
+    sha,
+    shard_path,
+    write_token_shard,
+)
 from .config import DataConfig
 from .filters import FilterSettings, malformed_reason
 from .sources import SELF_GENERATED, PromptExample
@@ -42,6 +51,7 @@ from .sources import SELF_GENERATED, PromptExample
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+SHARD_WAIT_SECONDS = 10.0  # how often a worker with nothing left to claim checks on the others
 _PROBE_USER, _PROBE_ANSWER = "PPOW-PROBE-USER", "PPOW-PROBE-ANSWER"
 _VOLATILE_CONFIG_KEYS = (
     "_name_or_path",
@@ -534,18 +544,25 @@ def regenerate(
                 bar.set_postfix(new_tokens=generated[0], refresh=False)
                 bar.update(turns)
 
-            for i in missing:
-                with _shard_rng(config, i, target):
-                    conversations, stats = _generate_shard(
-                        target, tokenizer, chunks[i], settings, config.regen_batch_size, on_batch
-                    )
-                columns = {
-                    "input_ids": [c.ids for c in conversations],
-                    "loss_mask": [c.mask for c in conversations],
-                    "prompt_id": [c.example.id for c in conversations],
-                    "num_turns": [c.turns_done for c in conversations],
-                }
-                write_token_shard(paths[i], columns, stats)
+            while missing:
+                for i in missing:
+                    with claim_shard(paths[i]) as mine:
+                        if not mine or paths[i].is_file():  # another worker writes (or wrote) it
+                            continue
+                        with _shard_rng(config, i, target):
+                            conversations, stats = _generate_shard(
+                                target, tokenizer, chunks[i], settings, config.regen_batch_size, on_batch
+                            )
+                        columns = {
+                            "input_ids": [c.ids for c in conversations],
+                            "loss_mask": [c.mask for c in conversations],
+                            "prompt_id": [c.example.id for c in conversations],
+                            "num_turns": [c.turns_done for c in conversations],
+                        }
+                        write_token_shard(paths[i], columns, stats)
+                missing = [i for i in missing if not paths[i].is_file()]
+                if missing:  # held by other workers: wait for them (or for their claims to go stale)
+                    time.sleep(SHARD_WAIT_SECONDS)
     else:
         logger.info("Loading regenerated data from the cache %s", directory)
     return _load(directory, paths, fingerprint)
