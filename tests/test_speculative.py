@@ -24,6 +24,7 @@ from ppow_trl.decoding import (
     window_targets,
 )
 from ppow_trl.decoding.cost import CostTable
+from ppow_trl.decoding.speculative import draft_length_policy
 from ppow_trl.models import (
     DrafterTargetMismatchError,
     Eagle3Drafter,
@@ -254,6 +255,25 @@ def test_auto_draft_length_skips_a_useless_drafter(target):
         speculative_generate(
             target, drafter, singles[0], num_draft_tokens="auto", draft_confidence_threshold=0.3
         )
+
+
+def test_auto_policy_is_kept_per_drafter_across_calls(target):
+    """What "auto" learns about a drafter (here: that it is useless) carries over to the next generation, so
+    a short answer does not pay for relearning it; another drafter starts fresh."""
+    drafter = make_drafter("eagle3", target)
+    ids = prompts((5,))[0]
+    ref = plain_greedy(target, ids, 24)
+    runs = [
+        speculative_generate(target, drafter, ids, max_new_tokens=24, num_draft_tokens="auto", costs=MEASURED)
+        for _ in range(2)
+    ]
+    assert all(torch.equal(run.sequences, ref) for run in runs)
+    drafted = [int((run.window_sizes > 0).sum()) for run in runs]
+    assert drafted[1] < drafted[0], drafted
+    policy = draft_length_policy(target, drafter, "auto", costs=MEASURED)
+    assert policy is draft_length_policy(target, drafter, "auto", costs=MEASURED)
+    fresh = draft_length_policy(target, make_drafter("eagle3", target), "auto", costs=MEASURED)
+    assert fresh is not policy and fresh.calibration == 1.0
 
 
 def _pick_eos(refs: list[list[int]]) -> int:

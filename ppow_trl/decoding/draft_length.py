@@ -140,6 +140,12 @@ class DraftLengthPolicy:
         self.commit_cost = float(self.commit_cost) / float(table[0])
         self._predicted = self._observed = float(self.prior_tokens)  # the prior fades with the data
 
+    def new_call(self) -> DraftLengthPolicy:
+        """Start a new generation: drop the round in flight, keep what was learned about the drafter (its
+        calibration, the achieved rate and the probing back-off)."""
+        self._round = {}
+        return self
+
     # ------------------------------------------------------------------------------------ pricing
     def _cost(self, window: int, rows: int) -> float:
         return verify_cost(self.costs, rows * (window + 1))

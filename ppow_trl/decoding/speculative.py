@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,8 @@ def draft_length_policy(
     packed: bool = False,
 ) -> DraftLengthPolicy | None:
     """The per-round draft-length policy of `num_draft_tokens` ("auto", or K with a confidence threshold),
-    or None for a fixed K. "auto" prices windows with `costs` (default: `measure_costs`, cached)."""
+    or None for a fixed K. "auto" prices windows with `costs` (default: `measure_costs`, cached); its policy
+    is kept per drafter (in memory), so each call starts from the calibration earlier calls learned."""
     num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
     limit = getattr(model, "max_draft_tokens", None)
     if num_draft_tokens != "auto":
@@ -111,9 +113,18 @@ def draft_length_policy(
     window = min(max_draft_tokens, limit) if limit else max_draft_tokens
     if costs is None:
         costs = measure_costs(target, model, max_tokens=max(16, window + 1), packed=packed)
-    return DraftLengthPolicy(
-        "auto", window, costs=costs.verify, draft_cost=costs.draft_step, commit_cost=costs.commit
-    )
+    # One policy per drafter and cost table, kept across calls: a 64-token answer is ~25 rounds, too few to
+    # learn the drafter's calibration from scratch every time.
+    learned = _LEARNED_POLICIES.setdefault(model, {})
+    key = (window, tuple(costs.verify), costs.draft_step, costs.commit)
+    if key not in learned:
+        learned[key] = DraftLengthPolicy(
+            "auto", window, costs=costs.verify, draft_cost=costs.draft_step, commit_cost=costs.commit
+        )
+    return learned[key].new_call()
+
+
+_LEARNED_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_drafter_for_target(target: PreTrainedModel, drafter: PreTrainedModel) -> PreTrainedModel:
