@@ -54,7 +54,13 @@ def main(
     if model_args.drafter_name_or_path:  # ours or a published layout (continued SFT)
         drafter = load_start_drafter(model_args.drafter_name_or_path, target)
     elif args.drafter_type == "eagle3":
-        drafter = build_drafter("eagle3", target, data.draft_vocab, aux_layer_ids=model_args.aux_layer_ids)
+        drafter = build_drafter(
+            "eagle3",
+            target,
+            data.draft_vocab,
+            init_layer=model_args.init_layer_from_target,
+            aux_layer_ids=model_args.aux_layer_ids,
+        )
     else:
         drafter = build_drafter("medusa", target, data.draft_vocab, num_heads=args.medusa_num_heads)
     aux = drafter.config.aux_layer_ids or None  # the layers an EAGLE-3 drafter reads; Medusa reads none

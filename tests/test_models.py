@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
+from ppow_trl.data.draft_vocab import build_draft_vocab
 from ppow_trl.models import (
     DrafterTargetMismatchError,
     Eagle3Drafter,
@@ -13,7 +14,8 @@ from ppow_trl.models import (
     MedusaDrafter,
     MedusaDrafterConfig,
 )
-from ppow_trl.models.common import scatter_draft_probs
+from ppow_trl.models.build import build_drafter
+from ppow_trl.models.common import causal_context_mask, positions_from_mask, scatter_draft_probs, shift_left
 from ppow_trl.target import capture_features
 from tests.conftest import build_tiny_target
 
@@ -67,6 +69,31 @@ def test_init_from_target_copies_embedding_and_head_rows(tiny_target):
     assert not drafter.embed_tokens.weight.requires_grad
     rows = drafter.target_ids_of_draft_vocab()
     assert torch.equal(drafter.lm_head.weight, tiny_target.lm_head.weight[rows])
+
+
+def test_layer_initialised_from_the_target_reproduces_its_last_layer(tiny_target):
+    """With the feature entering the target's last layer as the deepest aux feature, a drafter whose layer,
+    fc, norm and head start from the target computes exactly the target's next-token logits."""
+    last = tiny_target.config.num_hidden_layers - 1
+    vocab = build_draft_vocab(torch.arange(tiny_target.config.vocab_size).flip(0), 100)
+    drafter = build_drafter("eagle3", tiny_target, vocab, init_layer=True, aux_layer_ids=[1, 2, last])
+    random = build_drafter("eagle3", tiny_target, vocab, aux_layer_ids=[1, 2, last])
+    ids = torch.randint(3, tiny_target.config.vocab_size, (2, 9))
+    features = capture_features(tiny_target, ids, aux_layer_ids=[1, 2, last])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+
+    def logits_of(d):
+        feats = d.project_features(features.aux_hidden_states)
+        out, _, _ = d.step(
+            shift_left(ids), feats, positions_from_mask(valid), None, causal_context_mask(valid)
+        )
+        return d.draft_logits(out)
+
+    expected = features.logits[..., drafter.target_ids_of_draft_vocab()]
+    torch.testing.assert_close(logits_of(drafter), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits_of(random), expected, atol=1e-2)
+    with pytest.raises(ValueError, match="EAGLE-3"):
+        build_drafter("medusa", tiny_target, vocab, init_layer=True, num_heads=2)
 
 
 @pytest.mark.parametrize("kind", ["eagle3", "medusa"])

@@ -267,6 +267,34 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
     def output_heads(self) -> list[nn.Linear]:
         return [self.lm_head]
 
+    @torch.no_grad()
+    def init_layer_from_target(self, target: PreTrainedModel) -> None:
+        """Start the decoder layer from the target's last decoder layer and `fc` as a selection of the
+        deepest captured feature, so the untrained drafter already computes "one more target layer on top
+        of a deep feature" instead of noise. The embedding half of q/k/v starts at zero (the layer first
+        reads the feature, as the target layer does); the residual stays the feature."""
+        tc = target.config
+        if self.config.target_hidden_size != self.config.hidden_size:
+            raise ValueError("init_layer_from_target needs a drafter as wide as its target")
+        last = target.base_model.layers[-1]
+        h = self.config.hidden_size
+        attn = self.midlayer.self_attn
+        for mine, theirs in (
+            (attn.q_proj, last.self_attn.q_proj),
+            (attn.k_proj, last.self_attn.k_proj),
+            (attn.v_proj, last.self_attn.v_proj),
+        ):
+            if mine.weight.shape != (theirs.weight.shape[0], 2 * h):
+                raise ValueError(f"drafter attention {tuple(mine.weight.shape)} does not match the target's")
+            mine.weight.zero_()
+            mine.weight[:, h:].copy_(theirs.weight)
+        attn.o_proj.weight.copy_(last.self_attn.o_proj.weight)
+        self.midlayer.mlp.load_state_dict(last.mlp.state_dict())
+        self.midlayer.hidden_norm.weight.copy_(last.input_layernorm.weight)
+        self.midlayer.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+        self.fc.weight.zero_()
+        self.fc.weight[:, -tc.hidden_size :].copy_(torch.eye(h, dtype=self.fc.weight.dtype))
+
     # --- drafting (the interface of DrafterMixin) -------------------------------------------------
     def window_logits(
         self, features, input_ids, valid, anchors, window_size, num_windows, temperature, tokens, generator

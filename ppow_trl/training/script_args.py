@@ -67,6 +67,13 @@ class DrafterModelArguments(LoraArguments, TargetArguments):
         default=None,
         metadata={"help": "EAGLE-3 feature layers (HF hidden_states indices); None = [2, L//2, L-3]."},
     )
+    init_layer_from_target: bool = field(
+        default=False,
+        metadata={
+            "help": "New EAGLE-3 drafters: start the decoder layer from the target's last layer and fc from the "
+            "deepest feature layer (the LM head and final norm always start from the target's)."
+        },
+    )
 
 
 @dataclass
