@@ -20,7 +20,8 @@ RESULT_FIELDS = {
     "generated_tokens", "verify_forwards", "tau", "tau_windows", "mean_accepted_length", "alpha",
     "accepted_length_histogram", "num_rounds", "plain_tokens", "plain_seconds", "speculative_seconds",
     "drafter_seconds", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup", "greedy_matches",
-    "greedy_total", "mismatched_ids", "baselines", "generations", "settings", "hardware",
+    "greedy_total", "mismatched_ids", "baselines", "generations", "settings", "hardware", "mean_window",
+    "num_draft_tokens",
 }  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -161,3 +162,23 @@ def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     assert result["method"] == "Eagle3Drafter (loop)" and result["baselines"] == {}
     assert result["greedy_matches"] == result["greedy_total"] == 1
     assert (tmp_path / "o" / "results.json").is_file() and not (tmp_path / "o" / PLOT_FILES[0]).exists()
+
+
+def test_evaluation_with_auto_draft_length(saved_drafter, tmp_path):
+    """The default: each round picks its own window (possibly a plain step), reported with its mean, the
+    per-position columns sized by the longest verified window, and output identical to plain greedy."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Write a short poem about the sea."}])
+    config = EvaluationConfig(
+        drafter=saved_drafter, prompt_sets=[prompts], max_new_tokens=12, baselines=["prompt_lookup"],
+        output_dir=str(tmp_path / "o"), progress=False, warmup_tokens=0, plots=False,
+    )  # fmt: skip
+    assert config.num_draft_tokens == "auto"
+    (result,) = evaluate(config)["results"]
+    assert result["settings"]["num_draft_tokens"] == "auto" and 0 <= result["mean_window"] <= 8
+    assert len(result["alpha"]) == result["window_size"] >= 1
+    assert result["greedy_matches"] == result["greedy_total"] == 1
+    table = (tmp_path / "o" / "results.md").read_text()
+    assert "K=auto" in table and "| mean window |" in table
+    assert EvaluationConfig(drafter=saved_drafter, num_draft_tokens="4").num_draft_tokens == 4
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        EvaluationConfig(drafter=saved_drafter, num_draft_tokens="many")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ppow_trl.decoding.speculative import check_num_draft_tokens
+
 BASELINES = ("plain", "prompt_lookup")
 DECODINGS = ("assisted", "loop")
 
@@ -37,8 +39,19 @@ class EvaluationConfig:
         default=2, metadata={"help": "User turns per conversation at most (None = all)."}
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per turn at most."})
-    num_draft_tokens: int = field(
-        default=5, metadata={"help": "K: draft tokens per verification window (chain drafting)."}
+    num_draft_tokens: str = field(
+        default="auto",
+        metadata={
+            "help": "Draft tokens per verification window (chain drafting): an integer K, or 'auto' (each round "
+            "drafts while the drafter's confidence pays for the window's measured verification cost, up to 8, "
+            "and may verify a plain step; docs/metrics.md)."
+        },
+    )
+    prompt_lookup_num_tokens: int = field(
+        default=2,
+        metadata={
+            "help": "Window of the prompt_lookup baseline (its best on this project's CPU measurements)."
+        },
     )
     temperatures: list[float] = field(
         default_factory=lambda: [0.0],
@@ -87,8 +100,11 @@ class EvaluationConfig:
             self.temperatures = [float(self.temperatures)]
         if not self.drafter:
             raise ValueError("EvaluationConfig.drafter is required (a drafter directory or Hub id)")
-        if isinstance(self.num_draft_tokens, bool) or self.num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens (K) must be >= 1, got {self.num_draft_tokens}")
+        if isinstance(self.num_draft_tokens, str) and self.num_draft_tokens.strip().isdigit():
+            self.num_draft_tokens = int(self.num_draft_tokens)
+        self.num_draft_tokens = check_num_draft_tokens(self.num_draft_tokens)
+        if self.prompt_lookup_num_tokens < 1:
+            raise ValueError(f"prompt_lookup_num_tokens must be >= 1, got {self.prompt_lookup_num_tokens}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.prompt_sets:

@@ -126,7 +126,9 @@ def summarise(
 ) -> dict[str, Any]:
     """One result of the report: a prompt set at one temperature, from the per-turn `records` of the runner
     (each with the "plain", "spec" and optional "lookup" generations of one prompt turn)."""
-    k = config.num_draft_tokens
+    windows = [w for r in records for w in r["spec"]["window_sizes"]]
+    # The longest window verified sizes the per-position columns (auto draft length varies per round).
+    k = config.num_draft_tokens if config.num_draft_tokens != "auto" else max(windows, default=1)
     greedy = temperature == 0
     spec_tokens, plain_tokens = _tokens(records, "spec"), _tokens(records, "plain")
     spec_seconds, plain_seconds = _total(records, "spec", "seconds"), _total(records, "plain", "seconds")
@@ -138,6 +140,8 @@ def summarise(
         "method": f"{drafter_name} ({config.decoding})",
         "drafting": "chain",
         "window_size": k,
+        "num_draft_tokens": config.num_draft_tokens,
+        "mean_window": sum(windows) / len(windows) if windows else float("nan"),
         "num_prompts": len(examples),
         "num_generations": len(records),
         "generated_tokens": spec_tokens,
@@ -156,7 +160,7 @@ def summarise(
         "generations": _generation_rows(records),
         "settings": {
             "max_new_tokens": config.max_new_tokens,
-            "num_draft_tokens": k,
+            "num_draft_tokens": config.num_draft_tokens,
             "temperature": temperature,
             "decoding": config.decoding,
             "batch_size": 1,
@@ -185,25 +189,29 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a markdown table (one row per prompt set, temperature and method)."""
     results = report["results"]
-    k = results[0]["window_size"] if results else 0
+    k = max((r["window_size"] for r in results), default=0)
     alpha_cols = " | ".join(f"a{j}" for j in range(1, k + 1))
+    requested = report["settings"]["num_draft_tokens"]
+    window = f"K={requested}" if requested != "auto" else f"K=auto (per round, longest verified {k})"
     lines = [
-        f"Drafter `{report['drafter']}` on target `{report['target']}`: chain drafting, K={k}, batch size 1, "
+        f"Drafter `{report['drafter']}` on target `{report['target']}`: chain drafting, {window}, batch size 1, "
         f"{report['settings']['dtype']}, max_new_tokens={report['settings']['max_new_tokens']}; "
         f"hardware: {hardware_line(report['hardware'])}.",
         "",
         "tau = generated tokens / verification forwards (bonus token counted, prefill excluded); "
         "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j.",
         "",
-        f"| prompt set | T | method | gens | tokens | tau | mean k | {alpha_cols} | tok/s | speedup | greedy match |",
-        "|" + "---|" * (10 + k),
+        f"| prompt set | T | method | gens | tokens | tau | mean window | mean k | {alpha_cols} | tok/s | speedup "
+        "| greedy match |",
+        "|" + "---|" * (11 + k),
     ]
     for r in results:
-        alphas = " | ".join(_fmt(a) for a in r["alpha"])
+        alphas = " | ".join(_fmt(a) for a in r["alpha"] + [float("nan")] * (k - len(r["alpha"])))
         match = f"{r['greedy_matches']}/{r['greedy_total']}" if r["greedy_total"] is not None else "-"
         lines.append(
             f"| {r['prompt_set']} | {r['temperature']:g} | {r['method']} | {r['num_generations']} | "
-            f"{r['generated_tokens']} | {_fmt(r['tau'])} | {_fmt(r['mean_accepted_length'])} | {alphas} | "
+            f"{r['generated_tokens']} | {_fmt(r['tau'])} | {_fmt(r['mean_window'])} | "
+            f"{_fmt(r['mean_accepted_length'])} | {alphas} | "
             f"{_fmt(r['speculative_tokens_per_s'], 1)} | {_fmt(r['speedup'])}x | {match} |"
         )
         blank = " | ".join("-" for _ in range(k))
@@ -213,7 +221,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 bmatch = f"{b['greedy_matches']}/{r['greedy_total']}"
             lines.append(
                 f"| {r['prompt_set']} | {r['temperature']:g} | {name} | {r['num_generations']} | "
-                f"{b['generated_tokens']} | {_fmt(b['tau'])} | - | {blank} | {_fmt(b['tokens_per_s'], 1)} | "
+                f"{b['generated_tokens']} | {_fmt(b['tau'])} | - | - | {blank} | {_fmt(b['tokens_per_s'], 1)} | "
                 f"{_fmt(b['speedup'])}x | {bmatch} |"
             )
     return "\n".join(lines) + "\n"
@@ -228,12 +236,17 @@ def write_plots(report: dict[str, Any], output_dir: str | Path) -> list[Path]:
 
     output_dir = Path(output_dir)
     results = report["results"]
-    k = results[0]["window_size"] if results else 1
+    k = max((r["window_size"] for r in results), default=1)
     paths = [output_dir / name for name in PLOT_FILES]
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
-        ax.plot(range(1, k + 1), r["alpha"], marker="o", label=f"{r['prompt_set']} T={r['temperature']:g}")
+        ax.plot(
+            range(1, len(r["alpha"]) + 1),
+            r["alpha"],
+            marker="o",
+            label=f"{r['prompt_set']} T={r['temperature']:g}",
+        )
     ax.set_xlabel("draft position j")
     ax.set_ylabel("alpha_j = P(accept j | 1..j-1 accepted)")
     ax.set_ylim(0, 1.02)
@@ -252,7 +265,7 @@ def write_plots(report: dict[str, Any], output_dir: str | Path) -> list[Path]:
         counts = torch.tensor(r["accepted_length_histogram"], dtype=torch.float64)
         freq = (counts / counts.sum()).tolist() if counts.sum() > 0 else counts.tolist()
         ax.bar(
-            [x + i * width for x in range(k + 1)], freq, width=width,
+            [x + i * width for x in range(len(freq))], freq, width=width,
             label=f"{r['prompt_set']} T={r['temperature']:g}",
         )  # fmt: skip
     ax.set_xlabel("accepted draft tokens k per round")

@@ -211,7 +211,11 @@ class _Evaluator:
         self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int
     ) -> dict[str, Any]:
         return self._target_generate(
-            ids, temperature, max_new_tokens, seed, prompt_lookup_num_tokens=self.config.num_draft_tokens
+            ids,
+            temperature,
+            max_new_tokens,
+            seed,
+            prompt_lookup_num_tokens=self.config.prompt_lookup_num_tokens,
         )
 
     def speculative(
