@@ -20,12 +20,13 @@ against MT-Bench and HumanEval.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
 import platform
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,6 +39,8 @@ from ppow_trl.data.filters import ContaminationIndex, FilterSettings, filter_pro
 from ppow_trl.data.regeneration import make_generation_config, pad_token_id, render
 from ppow_trl.data.self_generated import write_prompts
 from ppow_trl.target import eos_token_ids, load_target
+
+print = functools.partial(print, flush=True)  # noqa: A001 -- rows appear as they are measured
 
 
 def _load() -> str:
@@ -75,7 +78,9 @@ def throughput(args: argparse.Namespace) -> None:
     ]
     eos, pad = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
     generation = make_generation_config(DataConfig(max_new_tokens=args.max_new_tokens), eos, pad)
-    batched_generate(target, prompts[:2], replace(generation, max_new_tokens=4), pad, eos)  # warm-up
+    warm_up = copy.deepcopy(generation)
+    warm_up.max_new_tokens = 4
+    batched_generate(target, prompts[:2], warm_up, pad, eos)
     reference = [batched_generate(target, [p], generation, pad, eos)[0] for p in prompts[: args.check]]
 
     print(f"\n{len(prompts)} answers, greedy, max_new_tokens={args.max_new_tokens}\n")
