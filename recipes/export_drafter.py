@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from trl import TrlParser
 
 from ppow_trl.export import (
@@ -59,6 +60,13 @@ class ExportArguments:
             "layers = HF hidden_states indices) or 'sglang' (outputs of decoder layers)."
         },
     )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cast the weights before writing, e.g. 'bfloat16' (half the size; the drafter is read back in "
+            "the dtype it is run in). Default: the trained dtype."
+        },
+    )
     run_dir: str | None = field(
         default=None,
         metadata={"help": "Training output folder whose records feed the card (default: --drafter)."},
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
         if name is None:
             raise ValueError(f"{args.drafter} is a serving-layout drafter: pass --target_name_or_path")
         target, _ = load_target(name)
-    drafter = load_drafter(args.drafter, target)
+    drafter = load_drafter(args.drafter, target, dtype=getattr(torch, args.dtype) if args.dtype else None)
     run_dir = Path(args.run_dir or args.drafter)
     card_kwargs = run_card_inputs(run_dir) if run_dir.is_dir() else {}
     out = export_drafter(

@@ -5,6 +5,7 @@ LoRA merging and the errors on bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -400,3 +401,29 @@ def test_serving_checkpoint_needs_the_target_and_unknown_configs_are_named(tiny_
     )
     with pytest.raises(DrafterFormatError, match="readable: ppow, eagle3, speculators, medusa"):
         load_drafter(tmp_path / "x", tiny_target)
+
+
+def test_export_recipe_casts_to_bfloat16_for_a_small_shipped_file(tiny_target, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    from safetensors import safe_open
+
+    drafter = make_drafter("eagle3", tiny_target)
+    drafter.save_pretrained(tmp_path / "trained")
+    script = Path(__file__).resolve().parents[1] / "recipes" / "export_drafter.py"
+    spec = importlib.util.spec_from_file_location("export_drafter_recipe", script)
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, recipe)  # its dataclass resolves its module while loading
+    spec.loader.exec_module(recipe)
+    out = recipe.main(
+        ["--drafter", str(tmp_path / "trained"), "--format", "eagle3", "--dtype", "bfloat16",
+         "--output_dir", str(tmp_path / "shipped")]
+    )  # fmt: skip
+    with safe_open(out / "model.safetensors", "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert "embed_tokens.weight" not in dtypes
+    assert {d for name, d in dtypes.items() if name not in ("d2t", "t2d")} == {"BF16"}
+    loaded = load_drafter(out, tiny_target)  # read back in fp32, the weights bf16-rounded
+    expected = drafter.fc.weight.to(torch.bfloat16).float()
+    assert loaded.fc.weight.dtype == torch.float32 and torch.equal(loaded.fc.weight, expected)
