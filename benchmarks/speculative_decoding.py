@@ -42,7 +42,8 @@ from ppow_trl.data.draft_vocab import build_draft_vocab
 from ppow_trl.decoding import DrafterCandidateGenerator, generate, speculative_generate
 from ppow_trl.decoding.cost import measure_costs
 from ppow_trl.decoding.drafting import draft_windows, window_targets
-from ppow_trl.evaluation import hardware_info, load_drafter, versions
+from ppow_trl.evaluation import hardware_info, versions
+from ppow_trl.export import load_drafter
 from ppow_trl.models import Eagle3Drafter
 from ppow_trl.models.build import build_drafter
 from ppow_trl.packed import packed_linears
@@ -118,9 +119,7 @@ def main() -> None:
     parser.add_argument(
         "--drafter", default="random", help="saved drafter dir / Hub id, 'random' or 'oracle'"
     )
-    parser.add_argument(
-        "--target", default=None, help="default: the drafter's recorded target, else embedded"
-    )
+    parser.add_argument("--target", default=None, help="the target (default: embedded)")
     parser.add_argument("--prompt-sets", nargs="+", default=["mt_bench", "humaneval"])
     parser.add_argument("--prompts-per-set", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -147,9 +146,13 @@ def main() -> None:
     load_before = os.getloadavg()
 
     dtype = getattr(torch, args.dtype)
-    drafter = None if args.drafter in ("random", "oracle") else load_drafter(args.drafter, dtype)
-    target_name = args.target or (getattr(drafter.config, "target_name_or_path", None) if drafter else None)
-    target, tokenizer = load_target(target_name or "embedded", dtype=dtype)
+    target, tokenizer = load_target(args.target or "embedded", dtype=dtype)
+    drafter = None
+    if args.drafter not in (
+        "random",
+        "oracle",
+    ):  # any layout export.load_drafter reads, checked against the target
+        drafter = load_drafter(args.drafter, target, dtype=dtype).requires_grad_(False)
     examples = [
         e for s in args.prompt_sets for e in load_prompts(s, max_prompts=args.prompts_per_set, max_turns=1)
     ]
@@ -263,7 +266,7 @@ def main() -> None:
 
     hw = hardware_info()
     print(
-        f"target={target_name or 'embedded'} drafter={args.drafter}"
+        f"target={args.target or 'embedded'} drafter={args.drafter}"
         f"{f' accuracy={args.oracle_accuracy}' if args.drafter == 'oracle' else ''} chain dtype={args.dtype} batch=1 greedy "
         f"prompts={len(prompts)} ({'+'.join(args.prompt_sets)}) max_new_tokens={new} torch={versions()['torch']} "
         f"threads={torch.get_num_threads()} cpu={hw['cpu']} cores={hw['cpu_cores']} gpu={hw['gpu']} "
