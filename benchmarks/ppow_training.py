@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 import ppow as ppow_recipe  # noqa: E402
 import sft_drafter  # noqa: E402
-from transformers import AutoModel  # noqa: E402
 
+from ppow_trl.export import load_drafter  # noqa: E402
 from ppow_trl.metrics import paired_tau_difference  # noqa: E402
 from ppow_trl.models.common import unwrap_drafter  # noqa: E402
 from ppow_trl.training.acceptance import dataset_acceptance  # noqa: E402
@@ -63,7 +63,7 @@ def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir
     window = trainer.args.eval_window_size or trainer.args.window_size
     key = (window, trainer.eval_dataset._fingerprint)  # runs may differ in their eval data (e.g. max_turns)
     if key not in warm_k:  # the warm start's windows, scored once per eval set
-        warm_k[key] = held_out_k(AutoModel.from_pretrained(cli.warm_start), trainer, window)
+        warm_k[key] = held_out_k(load_drafter(cli.warm_start, trainer.target), trainer, window)
     k_old, rows = warm_k[key]
     k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, window)
     delta, se = paired_tau_difference(k_new, k_old, rows)
@@ -81,7 +81,7 @@ def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warm-start", required=True, help="saved warm-started drafter")
-    parser.add_argument("--ppow-config", default="recipes/configs/smollm2-135m/ppow_eagle3.yaml")
+    parser.add_argument("--ppow-config", default="recipes/configs/smollm2-135m/ppow_eagle3_from_scratch.yaml")
     parser.add_argument("--sft-config", default="recipes/configs/smollm2-135m/sft_eagle3.yaml")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
