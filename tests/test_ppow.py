@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from ppow_trl.models.common import unwrap_drafter
 from ppow_trl.training.ppow import PPOWConfig, PPOWTrainer
 from tests.conftest import build_tiny_target
 from tests.ppow_fixtures import tiny_greedy_dataset, tiny_ppow_config
@@ -150,6 +151,12 @@ def test_train_logs_checkpoints_and_resumes(tiny_target, tiny_tokenizer, dataset
     assert resumed.state.global_step == 4
     metrics = resumed.evaluate(dataset.select(range(4)))
     assert {"eval_tau", "eval_alpha_1"} <= set(metrics) and metrics["eval_tau"] >= 1.0
+    assert "eval_tau_gain_over_start" not in metrics  # the first evaluation is the reference
+    with torch.no_grad():  # a changed drafter: later evaluations report the paired gain over the first
+        unwrap_drafter(resumed.model).lm_head.weight.mul_(-1.0)
+    later = resumed.evaluate(dataset.select(range(4)))
+    gain, se = later["eval_tau_gain_over_start"], later["eval_tau_gain_over_start_se"]
+    assert gain == pytest.approx(later["eval_tau"] - metrics["eval_tau"], abs=1e-6) and se >= 0
 
 
 def test_bad_input_is_refused_with_clear_errors(tiny_target, tiny_tokenizer, dataset, tmp_path):

@@ -35,7 +35,7 @@ from ppow_trl.decoding.cost import measure_gamma
 from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.decoding.kernels import verify_windows
 from ppow_trl.export.hub import PPOW_PAPER
-from ppow_trl.metrics import acceptance_metrics, per_position_acceptance
+from ppow_trl.metrics import acceptance_metrics, paired_tau_difference, per_position_acceptance
 from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, unwrap_drafter
 from ppow_trl.target import window_logits
 from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance
@@ -288,6 +288,9 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             measure_gamma(target, base, args.window_size) if args.gamma == "auto" else float(args.gamma)
         )
         logger.info("PPOW gamma = %.4f (%s)", self.gamma, "measured" if args.gamma == "auto" else "given")
+        self._start_windows: tuple[torch.Tensor, torch.Tensor] | None = (
+            None  # k and rows of the first evaluation
+        )
 
     # ------------------------------------------------------------------------------------ rollout
     def _anchor_generators(self, indices: torch.Tensor) -> list[torch.Generator]:
@@ -592,7 +595,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         self.model.eval()  # GRPOTrainer.log files metrics under "eval" by this flag
         try:
             window_size = self.args.eval_window_size or self.args.window_size
-            accepted, _ = dataset_acceptance(
+            accepted, rows = dataset_acceptance(
                 unwrap_drafter(self.model),
                 self.feature_provider,
                 dataset,
@@ -602,6 +605,13 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
                 device=self.accelerator.device,
             )
             metrics = acceptance_metrics(accepted, window_size)
+            # The first evaluation (the recipe scores the starting drafter before training) is the reference
+            # later ones are compared with window by window: a paired difference is far less noisy than tau.
+            if self._start_windows is None:
+                self._start_windows = (accepted, rows)
+            elif torch.equal(self._start_windows[1], rows):
+                gain, se = paired_tau_difference(accepted, self._start_windows[0], rows)
+                metrics.update(tau_gain_over_start=gain, tau_gain_over_start_se=se)
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
             self.log(dict(metrics))
         finally:
