@@ -28,6 +28,7 @@ from ppow_trl.training.losses import (
     step_weights,
     target_labels,
 )
+from ppow_trl.training.script_args import train_save_evaluate
 from tests.conftest import build_tiny_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,6 +255,22 @@ def test_resume_continues_the_same_run(tmp_path, sft_target, sft_data, tiny_toke
     assert isinstance(continued.model, Eagle3Drafter)
     saved = load_file(checkpoint / "model.safetensors")
     torch.testing.assert_close(continued.model.fc.weight, saved["fc.weight"])
+
+
+def test_resume_true_starts_fresh_then_continues(tmp_path, sft_target, sft_data, tiny_tokenizer):
+    """`--resume_from_checkpoint true` is one command for a long run: from nothing it starts, after a stop it
+    continues from the latest checkpoint."""
+    args = dict(max_steps=4, save_steps=2, save_strategy="steps", logging_steps=1, eval_strategy="no")
+    first = make_trainer("eagle3", sft_target, sft_data, make_args(tmp_path, **args), tiny_tokenizer)
+    train_save_evaluate(first, "true")  # no checkpoint yet
+    assert first.state.global_step == 4 and (tmp_path / "out" / "checkpoint-4").is_dir()
+    longer = make_trainer(
+        "eagle3", sft_target, sft_data, make_args(tmp_path, **{**args, "max_steps": 6}), tiny_tokenizer
+    )
+    steps, training_step = [], longer.training_step
+    longer.training_step = lambda *a, **k: steps.append(1) or training_step(*a, **k)
+    train_save_evaluate(longer, "true")
+    assert longer.state.global_step == 6 and len(steps) == 2  # only the two new steps ran
 
 
 def test_lora_trains_only_the_adapters(tmp_path, sft_target, sft_data, tiny_tokenizer):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -10,6 +12,8 @@ from transformers import Trainer
 from trl import ModelConfig
 
 from ppow_trl.data import DataConfig
+
+logger = logging.getLogger(__name__)
 
 # TRL's own LoRA options (declaration, default and help text), not a copy of them.
 _LORA_FIELDS = (
@@ -122,8 +126,17 @@ def evaluate_and_save(trainer: Trainer, prefix: str = "eval") -> None:
 
 
 def train_save_evaluate(trainer: Trainer, resume_from_checkpoint: str | None) -> None:
-    """Train (resuming when asked), save the drafter to output_dir, then evaluate it on held-out data."""
-    trainer.train(resume_from_checkpoint=resume_arg(resume_from_checkpoint))
+    """Train (resuming when asked), save the drafter to output_dir, then evaluate it on held-out data.
+    `true` resumes from the latest checkpoint in output_dir and starts fresh when there is none yet, so one
+    command both starts and continues a long run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = resume_arg(resume_from_checkpoint)
+    output_dir = trainer.args.output_dir
+    if resume is True and not (os.path.isdir(output_dir) and get_last_checkpoint(output_dir)):
+        logger.info("no checkpoint in %s yet: starting from the beginning", output_dir)
+        resume = None
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     evaluate_and_save(trainer)
     trainer.create_model_card()  # the saved drafter's card, now with the final held-out evaluation
