@@ -48,7 +48,7 @@ def mean_k(trainer: PPOWTrainer, batch: dict, temperature: float, samples: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--drafter", required=True)
-    parser.add_argument("--config", default="recipes/configs/smollm2-135m/ppow_eagle3.yaml")
+    parser.add_argument("--config", default="recipes/configs/smollm2-135m/ppow_eagle3_from_scratch.yaml")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from trl import TrlParser
 
+from ppow_trl.evaluation import EvaluationConfig
 from ppow_trl.target import load_target
 from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
 from ppow_trl.training.ppow import PPOWConfig, PPOWTrainer
@@ -34,6 +35,25 @@ def test_target_yamls_parse_with_the_paper_settings(path):
         assert args.window_size == 10 and args.num_generations == 8 and args.gamma in ("0.12", "auto")
         assert model_args.target_quantization == ("4bit" if "4bit" in path.name else None)
         assert model_args.drafter_name_or_path
+
+
+EMBEDDED_YAMLS = sorted((CONFIGS / "smollm2-135m").glob("[!r]*.yaml"))  # the recipes' configs but regenerate
+
+
+@pytest.mark.parametrize("path", EMBEDDED_YAMLS, ids=lambda p: p.name)
+def test_embedded_target_yamls_parse_with_their_recipes(path):
+    if path.name.startswith("evaluate"):
+        (config,) = TrlParser(EvaluationConfig).parse_args_and_config(["--config", str(path)])
+        assert config.num_draft_tokens == "auto" and "plain" in config.baselines
+        return
+    config_class = PPOWConfig if path.name.startswith("ppow") else DrafterSFTConfig
+    model_args, data_args, args = TrlParser(
+        (DrafterModelArguments, DataArguments, config_class)
+    ).parse_args_and_config(["--config", str(path)])
+    assert model_args.target_name_or_path == "embedded" and args.max_steps > 0
+    if path.name == "ppow_eagle3.yaml":  # the demo starts from the shipped warm start, on fresh data
+        assert model_args.drafter_name_or_path == "drafters/smollm2-135m-eagle3"
+        assert data_args.dataset_name == "self_generated" and args.seed != 0
 
 
 def bitsandbytes_cpu_skip_reason() -> str | None:
