@@ -23,7 +23,8 @@ PLOT_FILES = ("acceptance_per_position.png", "accepted_length_histogram.png")
 DEFINITIONS = {
     "tau": "generated tokens / target verification forwards (prefill excluded), chain drafting",
     "alpha_j": "P(draft token j accepted | tokens 1..j-1 accepted)",
-    "speedup": "speculative tokens/s / plain generate tokens/s, same process, batch size 1, after warm-up",
+    "speedup": "speculative tokens/s / plain generate tokens/s, same process, same linear-layer kernels (packed "
+    "oneDNN on CPU fp32), batch size 1, after warm-up",
     "greedy_matches": "generations whose greedy speculative output equals plain greedy token for token",
     "accepted_length_histogram": "counts of k = 0..K over rounds that verified a full window of K tokens",
     "mean_accepted_length": "mean k over rounds that verified at least one draft token",

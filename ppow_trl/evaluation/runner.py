@@ -31,6 +31,7 @@ from ppow_trl.data.sources import load_prompts
 from ppow_trl.decoding import generate
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.evaluation.report import DEFINITIONS, hardware_line, summarise, write_report
+from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import eos_token_ids, load_target
 
 SPLIT_PREFIX = "split:"
@@ -195,9 +196,15 @@ class _Evaluator:
         _sync(self.device)
         start = time.perf_counter()
         try:
-            out = self.target.generate(
-                ids, attention_mask=torch.ones_like(ids), **extra, **self.kwargs(temperature, max_new_tokens)
-            )
+            # The same linear-layer kernels speculative decoding runs with (`ppow_trl.packed`, CPU fp32), so the
+            # speedup measures speculation, not a faster matmul path.
+            with packed_linears(self.target, use_packed_linears(self.target)):
+                out = self.target.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    **extra,
+                    **self.kwargs(temperature, max_new_tokens),
+                )
             _sync(self.device)
         finally:
             counter.remove()
