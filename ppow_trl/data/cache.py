@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,8 +107,11 @@ def _claim_is_stale(claim: Path) -> bool:
     """A claim left by a worker of this machine that no longer runs."""
     try:
         host, pid = claim.read_text().split()
-    except (OSError, ValueError):
-        return False  # being written right now, or unreadable: leave it
+    except (OSError, ValueError):  # being written right now, or its writer died in between
+        try:
+            return time.time() - claim.stat().st_mtime > 60
+        except OSError:
+            return False
     if host != socket.gethostname():
         return False  # another machine's worker: it cannot be checked from here
     try:
