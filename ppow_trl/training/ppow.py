@@ -288,9 +288,8 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             measure_gamma(target, base, args.window_size) if args.gamma == "auto" else float(args.gamma)
         )
         logger.info("PPOW gamma = %.4f (%s)", self.gamma, "measured" if args.gamma == "auto" else "given")
-        self._start_windows: tuple[torch.Tensor, torch.Tensor] | None = (
-            None  # k and rows of the first evaluation
-        )
+        # k and dataset rows of the first evaluation, the reference of `eval_tau_gain_over_start`
+        self._start_windows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------ rollout
     def _anchor_generators(self, indices: torch.Tensor) -> list[torch.Generator]:

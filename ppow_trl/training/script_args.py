@@ -112,9 +112,17 @@ def load_start_drafter(name_or_path: str, target):
     return load_drafter(name_or_path, target)
 
 
-def resume_arg(value: str | None) -> str | bool | None:
-    """`--resume_from_checkpoint true` means the latest checkpoint in output_dir."""
-    return True if isinstance(value, str) and value.lower() in ("true", "last", "latest") else value
+def resume_arg(value: str | None, output_dir: str) -> str | bool | None:
+    """`--resume_from_checkpoint true` means the latest checkpoint in output_dir, or a fresh start when there is
+    none yet, so one command both starts and continues a long run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not (isinstance(value, str) and value.lower() in ("true", "last", "latest")):
+        return value
+    if os.path.isdir(output_dir) and get_last_checkpoint(output_dir):
+        return True
+    logger.info("no checkpoint in %s yet: starting from the beginning", output_dir)
+    return None
 
 
 def evaluate_and_save(trainer: Trainer, prefix: str = "eval") -> None:
@@ -126,17 +134,9 @@ def evaluate_and_save(trainer: Trainer, prefix: str = "eval") -> None:
 
 
 def train_save_evaluate(trainer: Trainer, resume_from_checkpoint: str | None) -> None:
-    """Train (resuming when asked), save the drafter to output_dir, then evaluate it on held-out data.
-    `true` resumes from the latest checkpoint in output_dir and starts fresh when there is none yet, so one
-    command both starts and continues a long run."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    resume = resume_arg(resume_from_checkpoint)
-    output_dir = trainer.args.output_dir
-    if resume is True and not (os.path.isdir(output_dir) and get_last_checkpoint(output_dir)):
-        logger.info("no checkpoint in %s yet: starting from the beginning", output_dir)
-        resume = None
-    trainer.train(resume_from_checkpoint=resume)
+    """Train (resuming when asked, see `resume_arg`), save the drafter to output_dir, then evaluate it on
+    held-out data."""
+    trainer.train(resume_from_checkpoint=resume_arg(resume_from_checkpoint, trainer.args.output_dir))
     trainer.save_model()
     evaluate_and_save(trainer)
     trainer.create_model_card()  # the saved drafter's card, now with the final held-out evaluation
