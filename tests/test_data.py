@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+import ppow_trl.data.cache as cache_module
 import ppow_trl.data.regeneration as regen_module
 from ppow_trl.data import (
     DataConfig,
@@ -237,9 +238,10 @@ def test_parallel_workers_split_the_shards_and_take_over_a_dead_ones(
     directory.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])  # a live "worker"
     threading.Thread(target=other.wait, daemon=True).start()  # reaped when it ends, so its pid goes away
-    claim = directory / ".shard-00001-of-00003.safetensors.claim"
+    (shard_1,) = reference.directory.glob("shard-00001-*")  # named by content: the same name in both folders
+    claim = directory / f".{shard_1.name}.claim"
     claim.write_text(f"{socket.gethostname()} {other.pid}")
-    monkeypatch.setattr(regen_module, "SHARD_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(cache_module, "SHARD_WAIT_SECONDS", 0.2)
     generate_shard, generated = regen_module._generate_shard, []
 
     def spy(target, tokenizer, examples, *args):
@@ -276,7 +278,9 @@ def test_resume_after_interruption_and_cache(varied_target, tiny_tokenizer, tmp_
         regenerate(varied_target, tiny_tokenizer, PROMPTS, config, progress=False)
     monkeypatch.setattr(regen_module, "write_token_shard", write_shard)
     directory = config.cache_path / "regen" / reference.fingerprint
-    assert [p.name for p in sorted(directory.glob("shard-*"))] == ["shard-00000-of-00003.safetensors"]
+    assert [p.name for p in directory.glob("shard-*")] == [
+        p.name for p in reference.directory.glob("shard-00000-*")
+    ]
 
     generate_shard = regen_module._generate_shard
 
@@ -303,7 +307,12 @@ def test_resume_after_interruption_and_cache(varied_target, tiny_tokenizer, tmp_
     with pytest.raises(AssertionError, match="must not run"):
         regenerate(varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "b", max_new_tokens=6))
     with pytest.raises(AssertionError, match="must not run"):
-        regenerate(varied_target, tiny_tokenizer, PROMPTS[:4], config, progress=False)
+        regenerate(varied_target, tiny_tokenizer, PROMPTS[1:], config, progress=False)
+    # a prefix in whole shards is the same shards: linked from the cached folder, not regenerated
+    prefix = regenerate(varied_target, tiny_tokenizer, PROMPTS[:4], config, progress=False)
+    assert prefix.directory != directory and columns(prefix.dataset) == columns(
+        reference.dataset.select(range(4))
+    )
     # a manifest that does not match the settings is refused
     manifest = directory / "manifest.json"
     stored = json.loads(manifest.read_text())

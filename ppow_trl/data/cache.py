@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,46 @@ def shard_path(
     directory: Path, index: int, count: int, prefix: str = "shard", suffix: str = "safetensors"
 ) -> Path:
     return directory / f"{prefix}-{index:05d}-of-{count:05d}.{suffix}"
+
+
+def content_shard_path(directory: Path, index: int, content: Any, suffix: str) -> Path:
+    """Shard `index` named by a checksum of what it holds, so a dataset that grows (more prompts appended)
+    keeps the names of its unchanged shards and `reuse_shard` can find them in a sibling cache folder."""
+    return directory / f"shard-{index:05d}-{sha(content)[:12]}.{suffix}"
+
+
+def reuse_shard(path: Path) -> bool:
+    """Link `path` to an identical shard in a sibling cache folder (the same stage's cache for a smaller or
+    overlapping dataset); True when one was found. Names come from `content_shard_path`, so equal names mean
+    equal content."""
+    for twin in path.parent.parent.glob(f"*/{path.name}"):
+        if twin.parent == path.parent:
+            continue
+        tmp = _temporary(path)
+        try:
+            os.link(twin, tmp)
+        except OSError:  # another filesystem, or links not allowed: copy
+            tmp.write_bytes(twin.read_bytes())
+        os.replace(tmp, path)
+        return True
+    return False
+
+
+SHARD_WAIT_SECONDS = 10.0  # how often a worker with nothing left to claim checks on the others
+
+
+def fill_shards(paths: list[Path], missing: list[int], write: Callable[[int], None]) -> None:
+    """Write the `missing` shards with `write(i)` (which must create `paths[i]`), sharing them with any other
+    worker filling the same folder: each shard is claimed first, and shards claimed by others are waited for
+    (a claim left by a killed worker goes stale and is taken over)."""
+    while missing:
+        for i in missing:
+            with claim_shard(paths[i]) as mine:
+                if mine and not paths[i].is_file():  # else another worker writes (or wrote) it
+                    write(i)
+        missing = [i for i in missing if not paths[i].is_file()]
+        if missing:
+            time.sleep(SHARD_WAIT_SECONDS)
 
 
 def _temporary(path: Path) -> Path:

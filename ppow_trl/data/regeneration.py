@@ -8,6 +8,8 @@ Results are written in shards of `shard_size` conversations under
 `<cache_dir>/regen/<fingerprint>/`; the fingerprint covers the target (name, config, a checksum of a
 few weight tensors), the tokenizer and chat template, the prompts, the generation settings and the
 length policy. An interrupted run regenerates only the missing shards; a finished one loads in seconds.
+Shards are named by their content, so a prompt list that grows (more prompts appended) reuses the shards it
+shares with a cached, smaller one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,11 +38,12 @@ from ..packed import packed_linears, use_packed_linears
 from ..target import eos_token_ids, target_name
 from .cache import (
     check_manifest,
-    claim_shard,
+    content_shard_path,
+    fill_shards,
     fingerprint_of,
     read_token_shard,
+    reuse_shard,
     sha,
-    shard_path,
     write_token_shard,
 )
 from .config import DataConfig
@@ -50,8 +52,7 @@ from .sources import SELF_GENERATED, PromptExample
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-SHARD_WAIT_SECONDS = 10.0  # how often a worker with nothing left to claim checks on the others
+CACHE_VERSION = 2
 _PROBE_USER, _PROBE_ANSWER = "PPOW-PROBE-USER", "PPOW-PROBE-ANSWER"
 _VOLATILE_CONFIG_KEYS = (
     "_name_or_path",
@@ -510,8 +511,15 @@ def regenerate(
     directory = config.cache_path / "regen" / fingerprint
     check_manifest(directory, fingerprint, inputs)
     chunks = [examples[i : i + config.shard_size] for i in range(0, len(examples), config.shard_size)]
-    paths = [shard_path(directory, i, len(chunks)) for i in range(len(chunks))]
-    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    settings_only = {key: value for key, value in inputs.items() if key != "prompts"}
+    paths = [
+        content_shard_path(
+            directory, i, [settings_only, [[e.id, e.turns, e.source] for e in chunk]], "safetensors"
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    # a dataset grown from a cached one (more prompts appended) reuses its unchanged shards
+    missing = [i for i, path in enumerate(paths) if not path.is_file() and not reuse_shard(path)]
     if missing:
         eos_ids = eos_token_ids(target, tokenizer)
         pad_id = pad_token_id(tokenizer)
@@ -544,25 +552,20 @@ def regenerate(
                 bar.set_postfix(new_tokens=generated[0], refresh=False)
                 bar.update(turns)
 
-            while missing:
-                for i in missing:
-                    with claim_shard(paths[i]) as mine:
-                        if not mine or paths[i].is_file():  # another worker writes (or wrote) it
-                            continue
-                        with _shard_rng(config, i, target):
-                            conversations, stats = _generate_shard(
-                                target, tokenizer, chunks[i], settings, config.regen_batch_size, on_batch
-                            )
-                        columns = {
-                            "input_ids": [c.ids for c in conversations],
-                            "loss_mask": [c.mask for c in conversations],
-                            "prompt_id": [c.example.id for c in conversations],
-                            "num_turns": [c.turns_done for c in conversations],
-                        }
-                        write_token_shard(paths[i], columns, stats)
-                missing = [i for i in missing if not paths[i].is_file()]
-                if missing:  # held by other workers: wait for them (or for their claims to go stale)
-                    time.sleep(SHARD_WAIT_SECONDS)
+            def write(i: int) -> None:
+                with _shard_rng(config, i, target):
+                    conversations, stats = _generate_shard(
+                        target, tokenizer, chunks[i], settings, config.regen_batch_size, on_batch
+                    )
+                columns = {
+                    "input_ids": [c.ids for c in conversations],
+                    "loss_mask": [c.mask for c in conversations],
+                    "prompt_id": [c.example.id for c in conversations],
+                    "num_turns": [c.turns_done for c in conversations],
+                }
+                write_token_shard(paths[i], columns, stats)
+
+            fill_shards(paths, missing, write)
     else:
         logger.info("Loading regenerated data from the cache %s", directory)
     return _load(directory, paths, fingerprint)

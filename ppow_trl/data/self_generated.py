@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cache import check_manifest, fingerprint_of, sha, shard_path, write_text_atomic
+from .cache import check_manifest, content_shard_path, fill_shards, fingerprint_of, sha, write_text_atomic
 from .config import DataConfig
 from .filters import ContaminationIndex, FilterSettings, filter_prompts
 from .regeneration import (
@@ -37,7 +37,7 @@ from .sources import PromptExample
 
 logger = logging.getLogger(__name__)
 
-PROMPT_CACHE_VERSION = 1
+PROMPT_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,9 @@ def plan_requests(config: DataConfig) -> list[PromptRequest]:
 def prompt_inputs(
     target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: DataConfig
 ) -> dict[str, Any]:
-    """Everything that determines the written prompts (hashed into the cache fingerprint)."""
+    """Everything that determines how prompts are written (hashed into the cache fingerprint). Not their
+    count: request i and shard i do not depend on it, so raising `self_generated_prompts` writes only the
+    new shards, and prompt ids (which name the cache folder) stay the same."""
     return {
         "version": PROMPT_CACHE_VERSION,
         "target": target_identity(target),
@@ -165,7 +167,6 @@ def prompt_inputs(
         "tasks": {name: [t.system, list(t.openings)] for name, t in TASK_TYPES.items()},
         "mix": config.prompt_task_mix,
         "seed_fraction": config.prompt_seed_fraction,
-        "count": config.self_generated_prompts,
         "temperature": config.prompt_temperature,
         "top_p": config.prompt_top_p,
         "max_new_tokens": config.prompt_max_new_tokens,
@@ -188,7 +189,10 @@ def write_prompts(
     chunks = [
         requests[i : i + config.prompt_shard_size] for i in range(0, len(requests), config.prompt_shard_size)
     ]
-    paths = [shard_path(directory, i, len(chunks), suffix="jsonl") for i in range(len(chunks))]
+    paths = [
+        content_shard_path(directory, i, [[r.index, r.task, r.opening] for r in chunk], "jsonl")
+        for i, chunk in enumerate(chunks)
+    ]
     missing = [i for i, path in enumerate(paths) if not path.is_file()]
     if missing:
         eos_ids, pad_id = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
@@ -196,11 +200,14 @@ def write_prompts(
         prefixes = {name: pre_query_prefix(tokenizer, task.system) for name, task in TASK_TYPES.items()}
         total = sum(len(chunks[i]) for i in missing)
         with tqdm(total=total, desc="writing prompts", unit="prompt", disable=not progress) as bar:
-            for i in missing:
+
+            def write(i: int) -> None:
                 rows = _write_shard(
                     target, tokenizer, chunks[i], prefixes, generation, eos_ids, config, i, bar
                 )
                 write_text_atomic(paths[i], "".join(json.dumps(row) + "\n" for row in rows))
+
+            fill_shards(paths, missing, write)  # shared with other workers started on the same folder
     rows = [json.loads(line) for path in paths for line in path.read_text(encoding="utf-8").splitlines()]
     return rows, directory
 
