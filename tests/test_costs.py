@@ -45,3 +45,11 @@ def test_measure_gamma_prices_a_window_like_the_table(tmp_path, monkeypatch):
     table = measure_costs(target, drafter, max_tokens=16, context_length=16)
     assert gamma == table.gamma(3) > 0
     assert CostTable([1.0, 2.0], draft_step=0.5).gamma(1) == 0.25
+
+
+def test_verify_shape_pads_to_a_cheaper_token_count():
+    # c(2) above c(3) and c(4), as small-M kernels make it on a 2-core CPU; c(5) 2% below c(4): not worth it
+    table = CostTable([1.0, 1.14, 1.02, 1.05, 1.03, 1.3])
+    assert [table.verify_shape(n) for n in range(1, 8)] == [1, 3, 3, 4, 5, 6, 7]
+    assert table.padded_verify() == [1.0, 1.02, 1.02, 1.05, 1.03, 1.3]
+    assert CostTable([1.0, 1.1, 1.2]).padded_verify() == [1.0, 1.1, 1.2]  # monotone: nothing padded

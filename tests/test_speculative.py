@@ -257,6 +257,34 @@ def test_auto_draft_length_skips_a_useless_drafter(target):
         )
 
 
+def test_windows_are_verified_at_the_cheaper_padded_shape(target, monkeypatch):
+    """With a cost table where 2 tokens cost more than 3, a K=1 window is verified in a 3-token forward (a
+    filler token after it, dropped with its KV): greedy output unchanged; at batch size 2 nothing is padded."""
+    new = 12
+    refs = [plain_greedy(target, ids, new) for ids in prompts()]
+    drafter = make_oracle("eagle3", target, refs, window=2)
+    lengths = []
+    forward = type(target.model).forward
+
+    def spy(self, input_ids=None, *args, **kwargs):
+        lengths.append(input_ids.shape)
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(target.model), "forward", spy)
+    slow_two = CostTable([1.0, 1.3, 1.05, 1.4], draft_step=0.01, commit=0.01)
+    for ids, ref in zip(prompts(), refs):
+        lengths.clear()
+        out = speculative_generate(
+            target, drafter, ids, max_new_tokens=new, num_draft_tokens=1, costs=slow_two
+        )
+        assert torch.equal(out.sequences, ref)
+        assert [tuple(s) for s in lengths[1:]] == [(1, 3)] * out.num_verify_forwards  # after the prefill
+    lengths.clear()
+    speculative_generate(target, drafter, torch.cat(prompts((5, 5))), max_new_tokens=4, num_draft_tokens=1,
+                         costs=slow_two)  # fmt: skip
+    assert {tuple(s) for s in lengths[1:]} == {(2, 2)}
+
+
 def test_auto_policy_is_kept_per_drafter_across_calls(target):
     """What "auto" learns about a drafter (here: that it is useless) carries over to the next generation, so
     a short answer does not pay for relearning it; another drafter starts fresh."""

@@ -55,6 +55,22 @@ class CostTable:
 
         return verify_cost(self.verify, num_tokens)
 
+    def verify_shape(self, num_tokens: int, margin: float = 0.03) -> int:
+        """How many tokens a forward that verifies `num_tokens` should run: the cheapest measured count
+        m >= n when c(m) is at least `margin` below c(n) (the window is followed by m - n filler tokens whose
+        outputs and KV are dropped), else n. Small-M kernel paths make some counts dearer than larger ones (on
+        a 2-core CPU with oneDNN: c(2) > c(3))."""
+        if num_tokens >= len(self.verify):
+            return num_tokens
+        cheapest = min(range(num_tokens, len(self.verify) + 1), key=lambda m: (self.verify[m - 1], m))
+        return (
+            cheapest if self.verify[cheapest - 1] < (1 - margin) * self.verify[num_tokens - 1] else num_tokens
+        )
+
+    def padded_verify(self) -> list[float]:
+        """c(n) for n = 1..len(verify) when each forward runs `verify_shape(n)` tokens."""
+        return [self.c(self.verify_shape(n)) for n in range(1, len(self.verify) + 1)]
+
     def ratios(self) -> list[float]:
         """c(n)/c(1) for n = 1..len(verify)."""
         return [v / self.verify[0] for v in self.verify]

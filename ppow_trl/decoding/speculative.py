@@ -94,10 +94,12 @@ def draft_length_policy(
     max_draft_tokens: int = 8,
     costs: CostTable | None = None,
     packed: bool = False,
+    padded: bool = False,
 ) -> DraftLengthPolicy | None:
     """The per-round draft-length policy of `num_draft_tokens` ("auto", or K with a confidence threshold),
-    or None for a fixed K. "auto" prices windows with `costs` (default: `measure_costs`, cached); its policy
-    is kept per drafter (in memory), so each call starts from the calibration earlier calls learned."""
+    or None for a fixed K. "auto" prices windows with `costs` (default: `measure_costs`, cached), at their
+    padded cost when the decoding loop pads verification forwards (`padded`, `CostTable.verify_shape`); its
+    policy is kept per drafter (in memory), so each call starts from the calibration earlier calls learned."""
     num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
     limit = getattr(model, "max_draft_tokens", None)
     if num_draft_tokens != "auto":
@@ -116,10 +118,11 @@ def draft_length_policy(
     # One policy per drafter and cost table, kept across calls: a 64-token answer is ~25 rounds, too few to
     # learn the drafter's calibration from scratch every time.
     learned = _LEARNED_POLICIES.setdefault(model, {})
-    key = (window, tuple(costs.verify), costs.draft_step, costs.commit)
+    table = costs.padded_verify() if padded else costs.verify
+    key = (window, tuple(table), costs.draft_step, costs.commit)
     if key not in learned:
         learned[key] = DraftLengthPolicy(
-            "auto", window, costs=costs.verify, draft_cost=costs.draft_step, commit_cost=costs.commit
+            "auto", window, costs=table, draft_cost=costs.draft_step, commit_cost=costs.commit
         )
     return learned[key].new_call()
 
@@ -338,6 +341,9 @@ def speculative_generate(
             drafter probability is below this (transformers' `assistant_confidence_threshold`).
         max_draft_tokens: the longest window "auto" may verify.
         costs: the cost table "auto" prices windows with (default: `measure_costs(target, drafter)`, cached).
+            At batch size 1, with a table (given, or measured for "auto"), each verification forward runs at
+            `costs.verify_shape(K+1)` tokens: padded with filler tokens (outputs and KV dropped) where the
+            table says a longer forward is cheaper.
         packed: run the target's linear layers through oneDNN with prepacked weights (CPU fp32; True, False or
             "auto" = where supported and the packed copy is small, `ppow_trl.packed`): a (K+1)-token
             verification then costs ~1.1 one-token forwards instead of ~1.7 on CPU.
@@ -349,24 +355,45 @@ def speculative_generate(
     """
     model = check_drafter_for_target(target, drafter)
     use_packed = use_packed_linears(target, packed)
-    policy = draft_length_policy(
-        target, model, num_draft_tokens, draft_confidence_threshold, max_draft_tokens, costs, use_packed
-    )
-    window = policy.max_window if policy is not None else num_draft_tokens
     device = next(target.parameters()).device
     input_ids, mask = _check_prompts(target, input_ids, attention_mask, max_new_tokens, temperature, device)
+    if costs is None and check_num_draft_tokens(num_draft_tokens) == "auto":
+        costs = measure_costs(target, model, max_tokens=max(16, max_draft_tokens + 1), packed=use_packed)
+    padded = costs is not None and input_ids.shape[0] == 1  # the table is measured at batch size 1
+    policy = draft_length_policy(
+        target,
+        model,
+        num_draft_tokens,
+        draft_confidence_threshold,
+        max_draft_tokens,
+        costs,
+        use_packed,
+        padded,
+    )
+    window = policy.max_window if policy is not None else num_draft_tokens
     with packed_linears(target, use_packed):
         return _speculative_loop(
             target, model, input_ids, mask, max_new_tokens, window, policy, temperature,
             eos_token_id, pad_token_id, generator, logits_warper, verify_backend, profile, device,
+            costs.verify_shape if padded else None,
         )  # fmt: skip
+
+
+def _pad_right(values: torch.Tensor, count: int, step: int = 0) -> torch.Tensor:
+    """(B, n) -> (B, n + count): the last column repeated (`step` added per column: positions)."""
+    if not count:
+        return values
+    last = values[:, -1:]
+    extra = last + step * torch.arange(1, count + 1, device=values.device) if step else last.expand(-1, count)
+    return torch.cat([values, extra.to(values.dtype)], dim=1)
 
 
 def _speculative_loop(
     target, model, input_ids, mask, max_new_tokens, window, policy, temperature, eos_token_id, pad_token_id,
-    generator, logits_warper, verify_backend, profile, device,
+    generator, logits_warper, verify_backend, profile, device, verify_shape,
 ) -> SpeculativeOutput:  # fmt: skip
-    """The loop of `speculative_generate` (arguments checked there); `policy` None = K = `window` always."""
+    """The loop of `speculative_generate` (arguments checked there); `policy` None = K = `window` always;
+    `verify_shape` (None: no padding) maps a window's token count to the count its forward runs."""
     batch = input_ids.shape[0]
     eos = (
         None
@@ -445,12 +472,17 @@ def _speculative_loop(
         window_ids = torch.cat([rows.pending[:, None], draft_tokens], dim=1)
         window_pos = rows.cur_pos[:, None] + steps
         attn = torch.cat([attn, torch.ones(batch, window + 1, dtype=torch.bool, device=device)], dim=1)
+        filler = (verify_shape(window + 1) if verify_shape else window + 1) - window - 1
         timer.lap("bookkeeping")
         out = capture_features(
-            target, window_ids, attn.long() if has_holes else None, layers, with_logits=False,
-            position_ids=window_pos, cache=cache, use_cache=True,
+            target, _pad_right(window_ids, filler), _pad_right(attn, filler).long() if has_holes else None,
+            layers, with_logits=False, position_ids=_pad_right(window_pos, filler, step=1), cache=cache,
+            use_cache=True,
         )  # fmt: skip
-        logits = warp(lm_head(out.last_hidden_state).float())
+        if filler:  # the filler's outputs and KV go; causal attention kept them out of the window's
+            cache.crop(-filler)
+        hidden = out.last_hidden_state[:, : window + 1]
+        logits = warp(lm_head(hidden).float())
         timer.lap("target_forward")
         if window == 0:  # a plain step
             accepted, bonus = torch.zeros(batch, dtype=torch.long, device=device), pick(logits[:, 0])
