@@ -40,12 +40,13 @@ demo-from-scratch: setup
 		--drafter $(OUT)/ppow-eagle3-from-scratch --output_dir $(OUT)/eval-from-scratch
 
 # Rebuild the shipped warm start (hours on a 2-core CPU; every stage resumes where it stopped):
-# self-generated data -> supervised EAGLE-3 training -> bf16 export in the eagle3 serving layout.
+# self-generated data -> supervised EAGLE-3 training in two stages -> bf16 export in the eagle3 serving layout.
 warmstart: setup
 	$(RUN) recipes/regenerate.py --config $(CONFIGS)/regenerate_self_generated.yaml
 	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3_large.yaml --resume_from_checkpoint true
-	$(RUN) recipes/export_drafter.py --drafter $(OUT)/sft-eagle3-large --format eagle3 --dtype bfloat16 \
-		--output_dir $(WARMSTART)
+	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3_large_continued.yaml --resume_from_checkpoint true
+	$(RUN) recipes/export_drafter.py --drafter $(OUT)/sft-eagle3-large-continued --format eagle3 \
+		--dtype bfloat16 --output_dir $(WARMSTART)
 
 test: setup
 	$(RUN) -m pytest -q tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -260,6 +261,25 @@ def test_parallel_workers_split_the_shards_and_take_over_a_dead_ones(
         claim_shard(directory / "x.safetensors") as second,
     ):
         assert first and not second
+
+
+def test_fill_shards_reports_shards_other_workers_wrote(tmp_path, monkeypatch):
+    """Shards another live worker claimed are waited for and reported (for progress bars), not written."""
+    monkeypatch.setattr(cache_module, "SHARD_WAIT_SECONDS", 0.05)
+    paths = [tmp_path / f"shard-{i}.txt" for i in range(3)]
+    claim = tmp_path / ".shard-1.txt.claim"
+    claim.write_text(f"{socket.gethostname()} {os.getpid()}")  # held by a live process (this one's pid)
+
+    def other_worker() -> None:
+        time.sleep(0.3)
+        paths[1].write_text("theirs")
+        claim.unlink()
+
+    threading.Thread(target=other_worker).start()
+    written, elsewhere = [], []
+    cache_module.fill_shards(paths, [0, 1, 2], lambda i: (written.append(i), paths[i].write_text("mine")),
+                             elsewhere.append)  # fmt: skip
+    assert written == [0, 2] and elsewhere == [1] and paths[1].read_text() == "theirs"
 
 
 def test_resume_after_interruption_and_cache(varied_target, tiny_tokenizer, tmp_path, monkeypatch):

@@ -66,16 +66,28 @@ def reuse_shard(path: Path) -> bool:
 SHARD_WAIT_SECONDS = 10.0  # how often a worker with nothing left to claim checks on the others
 
 
-def fill_shards(paths: list[Path], missing: list[int], write: Callable[[int], None]) -> None:
+def fill_shards(
+    paths: list[Path],
+    missing: list[int],
+    write: Callable[[int], None],
+    written_elsewhere: Callable[[int], None] | None = None,
+) -> None:
     """Write the `missing` shards with `write(i)` (which must create `paths[i]`), sharing them with any other
     worker filling the same folder: each shard is claimed first, and shards claimed by others are waited for
-    (a claim left by a killed worker goes stale and is taken over)."""
+    (a claim left by a killed worker goes stale and is taken over). `written_elsewhere(i)` is called for each
+    shard another worker wrote (e.g. to advance a progress bar)."""
+    mine_done: set[int] = set()
     while missing:
         for i in missing:
             with claim_shard(paths[i]) as mine:
                 if mine and not paths[i].is_file():  # else another worker writes (or wrote) it
                     write(i)
-        missing = [i for i in missing if not paths[i].is_file()]
+                    mine_done.add(i)
+        still = [i for i in missing if not paths[i].is_file()]
+        if written_elsewhere is not None:
+            for i in set(missing) - set(still) - mine_done:
+                written_elsewhere(i)
+        missing = still
         if missing:
             time.sleep(SHARD_WAIT_SECONDS)
 

@@ -543,7 +543,8 @@ def regenerate(
             config.max_new_tokens,
         )
         turns_each = (config.max_turns or 1) if follow_ups else 0
-        total_turns = sum(max(len(e.turns), turns_each) for i in missing for e in chunks[i])
+        turns_of = [sum(max(len(e.turns), turns_each) for e in chunk) for chunk in chunks]
+        total_turns = sum(turns_of[i] for i in missing)
         with tqdm(total=total_turns, desc="regenerating", unit="turn", disable=not progress) as bar:
             generated = [0]
 
@@ -565,7 +566,7 @@ def regenerate(
                 }
                 write_token_shard(paths[i], columns, stats)
 
-            fill_shards(paths, missing, write)
+            fill_shards(paths, missing, write, lambda i: bar.update(turns_of[i]))
     else:
         logger.info("Loading regenerated data from the cache %s", directory)
     return _load(directory, paths, fingerprint)

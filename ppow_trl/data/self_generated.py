@@ -207,7 +207,8 @@ def write_prompts(
                 )
                 write_text_atomic(paths[i], "".join(json.dumps(row) + "\n" for row in rows))
 
-            fill_shards(paths, missing, write)  # shared with other workers started on the same folder
+            # shared with other workers started on the same folder
+            fill_shards(paths, missing, write, lambda i: bar.update(len(chunks[i])))
     rows = [json.loads(line) for path in paths for line in path.read_text(encoding="utf-8").splitlines()]
     return rows, directory
 
