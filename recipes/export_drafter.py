@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> Path:
         target=target,
         num_speculative_tokens=args.num_speculative_tokens,
         layer_id_convention=args.layer_id_convention,
-        card_kwargs={**card_kwargs, "repo_id": args.hub_model_id} if args.hub_model_id else card_kwargs,
+        # the usage snippets name the Hub id, else the exported folder (runnable as it is)
+        card_kwargs={**card_kwargs, "repo_id": args.hub_model_id or args.output_dir},
     )
     print(f"exported the drafter in the {args.format!r} layout to {out}")
     if args.push_to_hub:

@@ -58,6 +58,10 @@ def test_card_metadata_sections_and_serving_lines(tiny_target):
     )
     assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path me/tiny-eagle3" in card
     assert "generate(target, drafter, ids, num_draft_tokens=10" in card
+    # a supervised warm start is not named or tagged PPOW; without a repo id the snippets hold a placeholder
+    warm = drafter_model_card(drafter, format="eagle3", training={"method": "supervised warm start"})
+    assert "# smollm2-135m-instruct-eagle3\n" in warm and "ppow" not in metadata(warm)["tags"]
+    assert 'load_drafter("<your-username>/smollm2-135m-instruct-eagle3", target)' in warm
     assert "2605.14978" in card
 
 
@@ -132,6 +136,7 @@ def test_export_recipe_writes_every_layout(fmt, tiny_target, tiny_target_dir, tm
     )
     card = (out / "README.md").read_text()
     assert "| 1.234 |" in card
+    assert f'load_drafter("{tmp_path / "out"}", target)' in card  # no Hub id: the snippets name the folder
     loaded = load_drafter(out, tiny_target)
     assert type(loaded) is type(drafter)
     # a serving layout converts back (the target comes from the command line)

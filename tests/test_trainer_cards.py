@@ -53,7 +53,9 @@ def test_sft_trainer_writes_a_drafter_card(tiny_target, tiny_tokenizer, dataset,
     trainer = DrafterSFTTrainer(make_drafter("eagle3", tiny_target), tiny_target, args, train_dataset=dataset)
     trainer.train()
     trainer.save_model()
-    assert_drafter_card((tmp_path / "README.md").read_text(), "Supervised warm start")
+    text = (tmp_path / "README.md").read_text()
+    assert_drafter_card(text, "Supervised warm start")
+    assert "| wall time (this run) | `" in text and "| command | `python " in text
 
 
 def test_ppow_config_refuses_grpo_fields_ppow_ignores(tmp_path):

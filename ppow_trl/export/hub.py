@@ -282,7 +282,7 @@ def drafter_model_card(
     Args:
         drafter: the drafter (a LoRA-wrapped drafter is described by its base; exports merge the adapters).
         format: the layout of the folder the card describes (`ppow_trl.export.FORMATS`).
-        repo_id: the Hub id used in the usage snippets (default: a placeholder).
+        repo_id: the Hub id (or local folder) used in the usage snippets (default: a placeholder).
         num_speculative_tokens: K in the usage snippets (default 5, Medusa: its heads).
         training: how it was trained: `method` ("PPOW", "supervised warm start", ...), `data` (a dict with
             `data_fingerprint` and counts) and any settings to list (K, G, gamma, steps, learning rate, ...).
@@ -298,9 +298,11 @@ def drafter_model_card(
     base_model = target_hub_id(config.target_name_or_path)
     name_or_path = config.target_name_or_path
     target_id = base_model or (name_or_path if name_or_path not in (None, "", "unknown") else "<target>")
-    repo_id = repo_id or f"<your-username>/{(base_model or 'target').split('/')[-1].lower()}-{kind}-ppow"
-    name = model_name or repo_id.split("/")[-1]
-    tags = ["speculative-decoding", kind, "ppow", "drafter"]
+    ppow_trained = (training or {}).get("method") == "PPOW"
+    suffix = f"{kind}-ppow" if ppow_trained else kind
+    repo_id = repo_id or f"<your-username>/{(base_model or 'target').split('/')[-1].lower()}-{suffix}"
+    name = model_name or repo_id.rstrip("/").split("/")[-1]
+    tags = ["speculative-decoding", kind, *(["ppow"] if ppow_trained else []), "drafter"]
     if format == "speculators":
         tags.append("speculators")
     metadata = ModelCardData(base_model=base_model, library_name=LIBRARY_NAME, tags=tags)

@@ -3,14 +3,18 @@
 Both trainers write README.md next to every saved drafter (checkpoints and the final save) and in place of
 TRL's own card (`create_model_card`), which describes a text-generation model: its quickstart would launch a
 drafter as if it were a language model. The card (`ppow_trl.export.drafter_model_card`) records how the
-drafter was trained (the trainer's settings, LoRA, the data fingerprint from `split.json` when the recipe
-copied it into the output folder), the latest held-out evaluation, and how to serve it. A card that cannot be
+drafter was trained (the trainer's settings, LoRA, the command, the wall time, the data fingerprint from
+`split.json` when the recipe copied it into the output folder), the latest held-out evaluation, and how to
+serve it. A card that cannot be
 written logs a warning and never fails a save.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,10 @@ class DrafterCardMixin:
         if isinstance(getattr(self, "gamma", None), float):
             training["gamma (used)"] = round(self.gamma, 4)
         training["optimizer steps"] = self.state.global_step
+        started = getattr(self, "_card_train_started", None)
+        if started is not None:  # a resumed run counts from its resume
+            training["wall time (this run)"] = f"{(time.perf_counter() - started) / 60:.1f} min"
+        training["command"] = "python " + shlex.join(sys.argv)
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config:
             lora = next(iter(peft_config.values()))
@@ -63,6 +71,10 @@ class DrafterCardMixin:
             write_drafter_card(self.model, directory, model_name=model_name, **self._card_kwargs())
         except Exception as err:  # a card must never break a save
             logger.warning("could not write the drafter model card in %s: %s", directory, err)
+
+    def train(self, *args, **kwargs):
+        self._card_train_started = time.perf_counter()
+        return super().train(*args, **kwargs)
 
     def create_model_card(self, model_name: str | None = None, *args, **kwargs) -> None:
         """The drafter card instead of TRL's / transformers' text-generation card."""
