@@ -7,6 +7,7 @@ import torch
 
 from ppow_trl.decoding.draft_length import (
     DraftLengthPolicy,
+    _solve_calibration,
     best_window,
     expected_tokens,
     round_costs,
@@ -86,6 +87,13 @@ def test_policy_skips_a_useless_drafter_and_uses_a_perfect_one_fully():
     policy = DraftLengthPolicy("auto", 6, COSTS, 0.05, 0.05)
     overconfident = _run_rounds(policy, 0.95, 0.3, 100)
     assert policy.calibration < 0.6 and sum(overconfident[-50:]) < 4 * 50
+    # an under-confident drafter (says 0.15, accepted 0.6 per step) is believed more: a = 4 per step
+    policy = DraftLengthPolicy("auto", 6, COSTS, 0.05, 0.05)
+    underconfident = _run_rounds(policy, 0.15, 0.6, 200)
+    assert 3.0 < policy.calibration <= 5.0 and sum(underconfident[-100:]) >= 2 * 100, policy.calibration
+    # the factor solves sum_j a^j reach_j = observed (not the ratio of the sums once windows are longer)
+    assert _solve_calibration([1.0, 0.1], 3 * 1.0 + 9 * 0.1) == pytest.approx(3.0)
+    assert _solve_calibration([1.0, 0.5], 100.0) == 5.0 and _solve_calibration([1.0], 0.0) == 0.02
     # fixed threshold: the window is the leading steps at or above it
     assert _run_rounds(DraftLengthPolicy("threshold", 5, threshold=0.5), 0.7, 0.5, 3) == [5, 5, 5]
     assert _run_rounds(DraftLengthPolicy("threshold", 5, threshold=0.5), 0.3, 0.5, 3) == [0, 0, 0]

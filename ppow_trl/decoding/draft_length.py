@@ -86,6 +86,26 @@ def top_probability(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1).amax(-1)
 
 
+def _solve_calibration(
+    reach: Sequence[float], observed: float, low: float = 0.02, high: float = 5.0
+) -> float:
+    """The a in [low, high] with sum_j a^j * reach[j-1] = observed: the per-step factor that, applied to every
+    step's confidence, predicts the accepted draft tokens seen (a chain's step j counts a^j, so the ratio of
+    the sums is not it once windows are longer than one). Bisection; the sum grows with a."""
+
+    def predicted(a: float) -> float:
+        return sum(r * a ** (j + 1) for j, r in enumerate(reach))
+
+    if predicted(low) >= observed:
+        return low
+    if predicted(high) <= observed:
+        return high
+    for _ in range(40):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if predicted(mid) < observed else (low, mid)
+    return 0.5 * (low + high)
+
+
 @dataclass
 class DraftLengthPolicy:
     """Per-round draft length for a decoding loop (see the module docstring).
@@ -98,8 +118,10 @@ class DraftLengthPolicy:
     "auto" prices tokens at r, a running estimate of the tokens per unit cost achieved (never below a plain
     step's 1/c(1)): a window of k tokens is worth E_k - r * (c(k+1) + drafting) (Dinkelbach's rule for the best
     rate; costs already paid are left out), later steps' probabilities predicted by the current one. The
-    drafter's confidence is calibrated by the ratio of accepted draft tokens to their predicted number over
-    recent rounds, so an over-confident drafter is not believed for long; when even the first step is not
+    drafter's confidence is calibrated by one factor a per step (p_j = a * confidence_j, capped at 1), solved
+    so that the accepted draft tokens of recent rounds equal their prediction (an over-confident drafter is not
+    believed for long; an under-confident one, such as a drafter trained on the target's soft distribution
+    and verified greedily, is believed more); when even the first step is not
     worth drafting, the round is a plain step and the drafter is probed (one token forced into the window)
     after 1, 2, 4, ... skipped rounds, at most `probe_every`. The calibration starts from a prior of
     `prior_tokens` predicted tokens at face value (fading like the data), so one unlucky round does not silence a
@@ -117,7 +139,7 @@ class DraftLengthPolicy:
     decay: float = 0.9
     rate: float = field(default=1.0, init=False)
     calibration: float = field(default=1.0, init=False)
-    _predicted: float = field(default=0.0, init=False)
+    _reach: list = field(default_factory=list, init=False)  # decayed sum of prod_{i<=j} confidence_i, per j
     _observed: float = field(default=0.0, init=False)
     _first: float = field(default=1.0, init=False)
     _skipped: int = field(default=0, init=False)
@@ -138,7 +160,9 @@ class DraftLengthPolicy:
         self.costs = (table / table[0]).tolist()
         self.draft_cost = float(self.draft_cost) / float(table[0])
         self.commit_cost = float(self.commit_cost) / float(table[0])
-        self._predicted = self._observed = float(self.prior_tokens)  # the prior fades with the data
+        # the prior (one step of `prior_tokens` predicted tokens, all accepted) fades with the data
+        self._reach = [float(self.prior_tokens)] + [0.0] * (self.max_window - 1)
+        self._observed = float(self.prior_tokens)
 
     def new_call(self) -> DraftLengthPolicy:
         """Start a new generation: drop the round in flight, keep what was learned about the drafter (its
@@ -163,7 +187,7 @@ class DraftLengthPolicy:
     # ------------------------------------------------------------------------------------ the loop's calls
     def start_round(self, rows: int = 1) -> bool:
         """Whether to draft at all this round (False: a plain step)."""
-        self._round = {"rows": rows, "expected": float(rows), "reach": None, "raw": 0.0, "probe": False}
+        self._round = {"rows": rows, "expected": float(rows), "reach": None, "raw": [], "probe": False}
         if self.mode == "threshold":
             return True
         p_first = min(self._first * self.calibration, 1.0)
@@ -203,7 +227,7 @@ class DraftLengthPolicy:
             return False, False
         raw_reach = conf if step == 1 else state["raw_reach"] * conf
         state.update(
-            reach=reach, expected=expected, raw_reach=raw_reach, raw=state["raw"] + float(raw_reach.sum())
+            reach=reach, expected=expected, raw_reach=raw_reach, raw=[*state["raw"], float(raw_reach.sum())]
         )
         more = step < self.max_window and extend_value > include_value and not forced
         return True, more
@@ -216,8 +240,11 @@ class DraftLengthPolicy:
         if cost is None:
             cost = self._cost(window, rows) + (window * self.draft_cost + self.commit_cost if window else 0.0)
         if window > 0 and self.mode == "auto":
-            self._predicted = self.decay * self._predicted + self._round.get("raw", 0.0)
+            raw = self._round.get("raw", [])
+            self._reach = [
+                self.decay * r + (raw[j] if j < len(raw) else 0.0) for j, r in enumerate(self._reach)
+            ]
             self._observed = self.decay * self._observed + float(accepted.sum())
-            self.calibration = min(max(self._observed / max(self._predicted, 1e-9), 0.02), 1.5)
+            self.calibration = _solve_calibration(self._reach, self._observed)
         rate = (float(accepted.sum()) + accepted.numel()) / max(cost, 1e-9)
         self.rate = max(1.0 / self._cost(0, 1), self.decay * self.rate + (1 - self.decay) * rate)
