@@ -21,7 +21,7 @@ RESULT_FIELDS = {
     "accepted_length_histogram", "num_rounds", "plain_tokens", "plain_seconds", "speculative_seconds",
     "drafter_seconds", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup", "greedy_matches",
     "greedy_total", "mismatched_ids", "baselines", "generations", "settings", "hardware", "mean_window",
-    "num_draft_tokens",
+    "num_draft_tokens", "teacher_forced_tau", "teacher_forced_window", "teacher_forced_windows",
 }  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -95,8 +95,13 @@ def test_evaluation_report_has_every_field_and_valid_plots(saved_drafter, tmp_pa
     greedy, sampled = stored["results"]
     assert greedy["greedy_matches"] == greedy["greedy_total"] == 3 and greedy["mismatched_ids"] == []
     assert sampled["greedy_matches"] is None
+    # teacher-forced tau over the target's own greedy answers: one window drafting each answer token first
+    assert greedy["teacher_forced_windows"] == sum(g["plain_tokens"] for g in greedy["generations"]) > 0
+    assert 1.0 <= greedy["teacher_forced_tau"] <= 1.0 + greedy["teacher_forced_window"] == 6.0
+    assert sampled["teacher_forced_tau"] is None and sampled["teacher_forced_windows"] == 0
     table = (out / "results.md").read_text()
     assert "| prompt set | T | method |" in table and "prompt_lookup" in table and "3/3" in table
+    assert "teacher-forced tau (K=5)" in table and f"| {greedy['teacher_forced_tau']:.3f} |" in table
 
     import matplotlib.image
 

@@ -53,6 +53,14 @@ class EvaluationConfig:
             "help": "Window of the prompt_lookup baseline (its best on this project's CPU measurements)."
         },
     )
+    teacher_forced_window: int = field(
+        default=5,
+        metadata={
+            "help": "K of the teacher-forced greedy chain tau over the target's own greedy answers to the prompts "
+            "(the drafter proposes K tokens at every answer position; what real decoding would accept at a fixed "
+            "K on the same text); 0 = off."
+        },
+    )
     temperatures: list[float] = field(
         default_factory=lambda: [0.0],
         metadata={"help": "Decoding temperatures; 0 = greedy (with the lossless check), e.g. 0 1."},
@@ -105,6 +113,8 @@ class EvaluationConfig:
         self.num_draft_tokens = check_num_draft_tokens(self.num_draft_tokens)
         if self.prompt_lookup_num_tokens < 1:
             raise ValueError(f"prompt_lookup_num_tokens must be >= 1, got {self.prompt_lookup_num_tokens}")
+        if self.teacher_forced_window < 0:
+            raise ValueError(f"teacher_forced_window must be >= 0, got {self.teacher_forced_window}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.prompt_sets:

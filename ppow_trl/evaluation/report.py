@@ -124,9 +124,11 @@ def summarise(
     temperature: float,
     examples: list,
     records: list[dict],
+    teacher_forced: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """One result of the report: a prompt set at one temperature, from the per-turn `records` of the runner
-    (each with the "plain", "spec" and optional "lookup" generations of one prompt turn)."""
+    (each with the "plain", "spec" and optional "lookup" generations of one prompt turn) and the teacher-forced
+    k of every window over the target's own answers (greedy only)."""
     windows = [w for r in records for w in r["spec"]["window_sizes"]]
     # The longest window verified sizes the per-position columns (auto draft length varies per round).
     k = config.num_draft_tokens if config.num_draft_tokens != "auto" else max(windows, default=1)
@@ -148,6 +150,11 @@ def summarise(
         "generated_tokens": spec_tokens,
         "verify_forwards": forwards,
         "tau": spec_tokens / forwards if forwards else float("nan"),
+        "teacher_forced_tau": 1.0 + float(teacher_forced.float().mean())
+        if teacher_forced is not None
+        else None,
+        "teacher_forced_window": config.teacher_forced_window if teacher_forced is not None else None,
+        "teacher_forced_windows": int(teacher_forced.numel()) if teacher_forced is not None else 0,
         **_acceptance(records, k),
         "plain_tokens": plain_tokens,
         "plain_seconds": plain_seconds,
@@ -200,11 +207,13 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"hardware: {hardware_line(report['hardware'])}.",
         "",
         "tau = generated tokens / verification forwards (bonus token counted, prefill excluded); "
-        "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j.",
+        "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j; "
+        "teacher-forced tau = 1 + mean accepted draft tokens of a fixed-K greedy window at every position of the "
+        "target's own greedy answers.",
         "",
         f"| prompt set | T | method | gens | tokens | tau | mean window | mean k | {alpha_cols} | tok/s | speedup "
-        "| greedy match |",
-        "|" + "---|" * (11 + k),
+        f"| greedy match | teacher-forced tau (K={report['settings'].get('teacher_forced_window', '-')}) |",
+        "|" + "---|" * (12 + k),
     ]
     for r in results:
         alphas = " | ".join(_fmt(a) for a in r["alpha"] + [float("nan")] * (k - len(r["alpha"])))
@@ -213,7 +222,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {r['prompt_set']} | {r['temperature']:g} | {r['method']} | {r['num_generations']} | "
             f"{r['generated_tokens']} | {_fmt(r['tau'])} | {_fmt(r['mean_window'])} | "
             f"{_fmt(r['mean_accepted_length'])} | {alphas} | "
-            f"{_fmt(r['speculative_tokens_per_s'], 1)} | {_fmt(r['speedup'])}x | {match} |"
+            f"{_fmt(r['speculative_tokens_per_s'], 1)} | {_fmt(r['speedup'])}x | {match} | "
+            f"{_fmt(r.get('teacher_forced_tau'), 3)} |"
         )
         blank = " | ".join("-" for _ in range(k))
         for name, b in r["baselines"].items():
@@ -223,7 +233,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['prompt_set']} | {r['temperature']:g} | {name} | {r['num_generations']} | "
                 f"{b['generated_tokens']} | {_fmt(b['tau'])} | - | - | {blank} | {_fmt(b['tokens_per_s'], 1)} | "
-                f"{_fmt(b['speedup'])}x | {bmatch} |"
+                f"{_fmt(b['speedup'])}x | {bmatch} | - |"
             )
     return "\n".join(lines) + "\n"
 

@@ -27,12 +27,15 @@ from typing import Any
 import torch
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from ppow_trl.data.features import TargetFeatureProvider
 from ppow_trl.data.sources import load_prompts
 from ppow_trl.decoding import generate
+from ppow_trl.decoding.speculative import feature_layers
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.evaluation.report import DEFINITIONS, hardware_line, summarise, write_report
 from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import eos_token_ids, load_target
+from ppow_trl.training.acceptance import dataset_acceptance
 
 SPLIT_PREFIX = "split:"
 
@@ -284,7 +287,7 @@ class _Evaluator:
         from tqdm.auto import tqdm
 
         config = self.config
-        records = []
+        records, answered = [], []
         bar = tqdm(examples, desc=f"{name} T={temperature:g}", disable=not config.progress, unit="prompt")
         for index, example in enumerate(bar):
             messages: list[dict[str, str]] = []
@@ -308,7 +311,24 @@ class _Evaluator:
                     }
                 )
                 messages.append({"role": "assistant", "content": self.decode_answer(plain["tokens"])})
-        return summarise(self.config, type(self.drafter).__name__, name, temperature, examples, records)
+                answered.append((ids[0].tolist(), plain["tokens"]))
+        teacher_forced = self.teacher_forced(answered) if temperature == 0 else None
+        return summarise(
+            self.config, type(self.drafter).__name__, name, temperature, examples, records, teacher_forced
+        )
+
+    def teacher_forced(self, answered: list[tuple[list[int], list[int]]]) -> torch.Tensor | None:
+        """k of the drafter's greedy chain window (K = `teacher_forced_window`) at every position of the
+        target's own greedy answers, the prompts as context (one target forward per answer)."""
+        window = self.config.teacher_forced_window
+        rows = [{"input_ids": p + a, "loss_mask": [0] * len(p) + [1] * len(a)} for p, a in answered if a]
+        if not window or not rows:
+            return None
+        provider = TargetFeatureProvider.online(self.target, feature_layers(self.drafter), with_logits=False)
+        k, _ = dataset_acceptance(
+            self.drafter, provider, rows, window, self.pad, batch_size=1, device=self.device
+        )
+        return k
 
 
 def evaluate(
