@@ -7,6 +7,8 @@ ppow-trl hooks into a few internals that these libraries do not promise to keep:
   (`requires_model_outputs`, `model_kwargs_overrides`, `get_candidates(model_outputs=..., n_last_matches=...)`);
 * the EOS/pad tensors transformers prepares on a `GenerationConfig` (`_eos_token_tensor`, `_pad_token_tensor`)
   that a `custom_generate` callable receives;
+* the per-layer key/value tensors of transformers' `DynamicCache` (`cache.layers[i].keys` / `.values`), where
+  a draft tree's accepted branch is moved into place;
 * torch's oneDNN prepacked linear operators (`torch.ops.mkldnn._reorder_linear_weight`,
   `_linear_pointwise`), used by `ppow_trl.packed` with a fallback to the default matmul;
 * TRL's `GRPOTrainer`: the rollout and loss hooks `PPOWTrainer` overrides (`_generate_and_score_completions`,
@@ -109,6 +111,18 @@ def generation_special_tokens(generation_config: Any) -> tuple[Any, Any]:
             f"install '{supported_range('transformers')}'"
         )
     return generation_config._eos_token_tensor, getattr(generation_config, "_pad_token_tensor", None)
+
+
+def copy_cache_slots(cache: Any, rows: Any, source: Any, destination: int) -> None:
+    """In every layer of a `DynamicCache`, copy the keys/values at sequence slot `source[i]` of batch row
+    `rows[i]` to slot `destination` (the accepted branch of a draft tree takes the slot of the first draft
+    token before the cache is cropped)."""
+    check_version("transformers")
+    layers = _require("transformers", cache, "layers")
+    for layer in layers:
+        for name in ("keys", "values"):
+            tensor = _require("transformers", layer, name)
+            tensor[rows, :, destination] = tensor[rows, :, source]
 
 
 # --------------------------------------------------------------------------------------------------- TRL

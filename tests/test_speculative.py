@@ -127,9 +127,13 @@ def drafter_with_vocab(kind, target, token_ids, size=120, seed=0):
     return drafter.eval()
 
 
-def make_oracle(kind, target, sequences, window, skip=lambda r, j: (7 * r + 3 * j) % 11 == 5):
+def make_oracle(
+    kind, target, sequences, window, skip=lambda r, j: (7 * r + 3 * j) % 11 == 5, runner_up: bool = False
+):
     """A drafter that drafts the true continuation of `sequences` (list of (1, T) tensors) except at
-    (row r, step j) with skip(r, j) or where the true token is outside its draft vocabulary."""
+    (row r, step j) with skip(r, j) or where the true token is outside its draft vocabulary. With `runner_up`,
+    a skipped step ranks the true token second (behind the next draft-vocabulary id) instead of drafting
+    at random."""
     drafter = drafter_with_vocab(kind, target, torch.cat([s.flatten() for s in sequences]))
     keys, values = [], []
     for ids in sequences:
@@ -145,8 +149,15 @@ def make_oracle(kind, target, sequences, window, skip=lambda r, j: (7 * r + 3 * 
         rows, steps = torch.meshgrid(torch.arange(ids.shape[1]), torch.arange(window), indexing="ij")
         use = in_range[0] & (draft_ids >= 0) & ~skip(rows, steps)
         oracle = torch.full_like(logits, -10.0).scatter(-1, draft_ids.clamp(min=0)[..., None], 10.0)
+        fallback = logits
+        if runner_up:
+            wrong = (draft_ids.clamp(min=0) + 1) % logits.shape[-1]
+            fallback = oracle.scatter(-1, draft_ids.clamp(min=0)[..., None], 9.0).scatter(
+                -1, wrong[..., None], 10.0
+            )
+            fallback = torch.where((draft_ids >= 0)[..., None], fallback, logits)
         keys.append(logits.reshape(-1, logits.shape[-1]))
-        values.append(torch.where(use[..., None], oracle, logits).reshape(-1, logits.shape[-1]))
+        values.append(torch.where(use[..., None], oracle, fallback).reshape(-1, logits.shape[-1]))
     drafter.__class__ = OracleEagle3 if kind == "eagle3" else OracleMedusa
     drafter.lookup = _Lookup(torch.cat(keys), torch.cat(values))
     return drafter
@@ -283,6 +294,44 @@ def test_windows_are_verified_at_the_cheaper_padded_shape(target, monkeypatch):
     speculative_generate(target, drafter, torch.cat(prompts((5, 5))), max_new_tokens=4, num_draft_tokens=1,
                          costs=slow_two)  # fmt: skip
     assert {tuple(s) for s in lengths[1:]} == {(2, 2)}
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
+def test_draft_tree_is_lossless_and_rescues_a_rejected_first_token(kind, target):
+    """Width 2: where the drafter ranks the target's token second at step 1, the branch is accepted (its KV
+    moved into place, the bonus taken from its row); greedy output stays plain greedy's, tau rises over the
+    chain, also batched with left padding, fixed K and auto."""
+    new = 16
+    refs = [plain_greedy(target, ids, new) for ids in prompts()]
+    first_wrong = lambda r, j: (j == 0) & (r % 3 == 1)  # noqa: E731  (step 1 ranks the truth second)
+    drafter = make_oracle(kind, target, refs, window=3, skip=first_wrong, runner_up=True)
+    chain_tau, tree_tau = [], []
+    for ids, ref in zip(prompts(), refs):
+        chain = speculative_generate(target, drafter, ids, max_new_tokens=new, num_draft_tokens=3)
+        tree = speculative_generate(
+            target, drafter, ids, max_new_tokens=new, num_draft_tokens=3, draft_tree_width=2
+        )
+        wide = generate(target, drafter, ids, num_draft_tokens="auto", max_draft_tokens=3, costs=CHEAP,
+                        max_new_tokens=new, draft_tree_width=4)  # fmt: skip
+        for out in (chain, tree, wide):
+            assert torch.equal(out.sequences, ref), out.accepted.flatten().tolist()
+        chain_tau.append(chain.tau)
+        tree_tau.append(tree.tau)
+    assert sum(tree_tau) > sum(chain_tau) + 0.3, (chain_tau, tree_tau)
+    singles = prompts((4, 9))
+    batch, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    for row, ids in enumerate(singles):
+        batch[row, 9 - ids.shape[1] :], mask[row, 9 - ids.shape[1] :] = ids[0], 1
+    out = speculative_generate(target, drafter, batch, mask, max_new_tokens=12, num_draft_tokens=3,
+                               draft_tree_width=3)  # fmt: skip
+    for row, ids in enumerate(singles):
+        assert torch.equal(out.sequences[row, 9:], plain_greedy(target, ids, 12)[0, ids.shape[1] :])
+    with pytest.raises(ValueError, match="greedily"):
+        speculative_generate(target, drafter, singles[0], temperature=1.0, draft_tree_width=2)
+    with pytest.raises(ValueError, match="chains only"):
+        generate(target, drafter, singles[0], method="assisted", draft_tree_width=2)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        speculative_generate(target, drafter, singles[0], draft_tree_width=0)
 
 
 def test_auto_policy_is_kept_per_drafter_across_calls(target):

@@ -93,6 +93,15 @@ class ChainDrafter:
 
     def reset(self) -> None:
         self.state = ChainState()
+        self.first_logits: torch.Tensor | None = None  # (B, V_d) step 1 of the last window drafted
+
+    def first_alternatives(self, count: int) -> torch.Tensor:
+        """(B, count) target ids: the runner-ups of the last window's first greedy draft token (the next
+        `count` most likely tokens of step 1), the branches of a draft tree at its first position."""
+        if self.first_logits is None:
+            raise RuntimeError("draft a window before asking for its alternatives")
+        ranked = self.first_logits.topk(count + 1, dim=-1).indices
+        return self.model.draft_to_target(ranked[:, 1:])
 
     @property
     def last_hidden(self) -> torch.Tensor | None:
@@ -137,6 +146,7 @@ class ChainDrafter:
         if self.state.last_hidden is None:
             raise RuntimeError("commit() target features before drafting")
         logits, ids = self.model.chain_logits(self.state, num_draft_tokens, self.temperature, self.generator)
+        self.first_logits = logits[:, 0]
         return self.model.draft_to_target(ids), self._probs(logits, ids)
 
     @torch.no_grad()
@@ -148,9 +158,11 @@ class ChainDrafter:
             raise ValueError(f"window_size (K) must be >= 1, got {max_draft_tokens}")
         if self.state.last_hidden is None:
             raise RuntimeError("commit() target features before drafting")
-        for logits, ids in self.model.chain_steps(
-            self.state, max_draft_tokens, self.temperature, self.generator
+        for step, (logits, ids) in enumerate(
+            self.model.chain_steps(self.state, max_draft_tokens, self.temperature, self.generator)
         ):
+            if step == 0:
+                self.first_logits = logits
             yield self.model.draft_to_target(ids), self._probs(logits, ids), logits
 
     def _probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -232,6 +232,7 @@ def assisted_decoding_with_drafter(
     max_draft_tokens: int = 8,
     costs: Any = None,
     packed: bool | str = "auto",
+    draft_tree_width: int = 1,
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable: transformers' assisted decoding with a `DrafterCandidateGenerator`.
@@ -244,6 +245,11 @@ def assisted_decoding_with_drafter(
     attachment, drafter, num_draft_tokens = _attached(model, drafter, num_draft_tokens)
     drafter_model = check_drafter_for_target(model, drafter)
     num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
+    if draft_tree_width != 1:
+        raise ValueError(
+            "transformers' assisted decoding verifies chains only; draft trees (draft_tree_width > 1) run in "
+            "the loop: method='loop' or speculative_generate"
+        )
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"transformers' assisted decoding supports batch size 1 only (got {input_ids.shape[0]}); use "
@@ -333,6 +339,7 @@ def speculative_decoding(
     max_draft_tokens: int = 8,
     costs: Any = None,
     packed: bool | str = "auto",
+    draft_tree_width: int = 1,
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable running `speculative_generate` (any batch size, left padding).
@@ -369,6 +376,7 @@ def speculative_decoding(
         max_draft_tokens=max_draft_tokens,
         costs=costs,
         packed=packed,
+        draft_tree_width=draft_tree_width,
     )
     if attachment is not None:
         attachment.last_output = output
@@ -403,13 +411,16 @@ def generate(
             describes `draft_confidence_threshold`, `max_draft_tokens`, `costs` and `packed`, passed here
             through `generate_kwargs`).
         method: "assisted" (transformers' assisted decoding with `DrafterCandidateGenerator`, batch 1),
-            "loop" (`speculative_generate`, any batch size), "auto" (assisted for B == 1, else loop).
+            "loop" (`speculative_generate`, any batch size), "auto" (assisted for B == 1 with a chain, else
+            loop; `draft_tree_width` > 1 needs the loop).
         **generate_kwargs: passed to `generate` (max_new_tokens, do_sample, temperature, eos_token_id, ...).
 
     Greedy (the default) reproduces plain greedy decoding; `do_sample=True` is lossless speculative sampling.
     """
     check_drafter_for_target(target, drafter)
     check_num_draft_tokens(num_draft_tokens)
+    if method == "auto" and generate_kwargs.get("draft_tree_width", 1) != 1:
+        method = "loop"  # draft trees are verified by the loop only
     decode = _resolve_method(method, input_ids.shape[0])
     generate_kwargs["return_dict_in_generate"] = True
     generate_kwargs.setdefault("pad_token_id", _default_pad(target))

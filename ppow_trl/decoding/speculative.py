@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from ppow_trl import _compat
 from ppow_trl.decoding.cost import CostTable, measure_costs
 from ppow_trl.decoding.draft_length import DraftLengthPolicy, top_probability
 from ppow_trl.decoding.drafting import ChainDrafter
@@ -314,6 +315,7 @@ def speculative_generate(
     max_draft_tokens: int = 8,
     costs: CostTable | None = None,
     packed: bool | str = "auto",
+    draft_tree_width: int = 1,
 ) -> SpeculativeOutput:
     """Batched speculative decoding (chain drafting, K tokens per round) with a drafter; lossless.
 
@@ -347,6 +349,11 @@ def speculative_generate(
         packed: run the target's linear layers through oneDNN with prepacked weights (CPU fp32; True, False or
             "auto" = where supported and the packed copy is small, `ppow_trl.packed`): a (K+1)-token
             verification then costs ~1.1 one-token forwards instead of ~1.7 on CPU.
+        draft_tree_width: candidates verified for the first draft position of each window (greedy only): 1 = a
+            chain; w > 1 = a static draft tree, the chain plus the w - 1 runner-ups of its first token as
+            one-token branches, all verified in the same target forward under a tree attention mask; when the
+            target's token is a runner-up, that branch is kept (its KV takes the first draft slot) and the
+            target's token after it is the bonus token. Rounds verify K + w tokens.
 
     Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens
     stay in the (shared, batched) target cache only when another row accepted more, and are masked out
@@ -354,6 +361,13 @@ def speculative_generate(
     sliding attention window, so sliding-window targets are exact at batch size 1 only.
     """
     model = check_drafter_for_target(target, drafter)
+    if isinstance(draft_tree_width, bool) or not isinstance(draft_tree_width, int) or draft_tree_width < 1:
+        raise ValueError(f"draft_tree_width must be an integer >= 1, got {draft_tree_width!r}")
+    if draft_tree_width > 1 and temperature > 0:
+        raise ValueError(
+            "draft trees are verified greedily; speculative sampling over several branches is not implemented "
+            "(use draft_tree_width=1 with temperature > 0)"
+        )
     use_packed = use_packed_linears(target, packed)
     device = next(target.parameters()).device
     input_ids, mask = _check_prompts(target, input_ids, attention_mask, max_new_tokens, temperature, device)
@@ -375,8 +389,59 @@ def speculative_generate(
         return _speculative_loop(
             target, model, input_ids, mask, max_new_tokens, window, policy, temperature,
             eos_token_id, pad_token_id, generator, logits_warper, verify_backend, profile, device,
-            costs.verify_shape if padded else None,
+            costs.verify_shape if padded else None, draft_tree_width - 1,
         )  # fmt: skip
+
+
+def _tree_attention(
+    attn: torch.Tensor, window: int, branches: int, filler: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B, 1, n, L + n) additive attention mask of a draft tree's forward, n = window + 1 + branches + filler:
+    the past as `attn` (B, L + window + 1) says, the chain [x_n, d_1..d_K] causal, each branch (a runner-up
+    of d_1) sees x_n and itself only, filler rows see what precedes them."""
+    chain = window + 1
+    n = chain + branches + filler
+    past = attn[:, : attn.shape[1] - chain]
+    new = torch.ones(n, n, dtype=torch.bool, device=attn.device).tril()
+    rows = torch.arange(chain, chain + branches, device=attn.device)
+    new[rows] = False
+    new[rows, 0] = True
+    new[rows, rows] = True
+    batch = attn.shape[0]
+    allowed = torch.cat([past[:, None, None, :].expand(-1, 1, n, -1), new.expand(batch, 1, n, n)], dim=-1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=attn.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def _take_branch(
+    logits: torch.Tensor,
+    window: int,
+    alternatives: torch.Tensor,
+    accepted: torch.Tensor,
+    bonus: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    features: torch.Tensor,
+    active: torch.Tensor,
+    cache: DynamicCache,
+    past: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy: where the chain's first token was rejected and the target's token is one of its runner-ups,
+    accept that branch: it becomes d_1 (accepted = 1), its KV and features take d_1's slot, and the target's
+    token after it is the bonus. Returns (accepted, bonus, draft_tokens, features)."""
+    target_first = logits[:, 0].argmax(-1)
+    hit = (alternatives == target_first[:, None]) & ((accepted == 0) & active)[:, None]
+    took = hit.any(1)
+    if not bool(took.any()):
+        return accepted, bonus, draft_tokens, features
+    row = window + 1 + hit.long().argmax(1)  # the branch's row in the forward
+    index = took.nonzero().squeeze(1)
+    _compat.copy_cache_slots(cache, index, past + row[index], past + 1)
+    features, draft_tokens = features.clone(), draft_tokens.clone()
+    features[index, 1] = features[index, row[index]]
+    draft_tokens[index, 0] = target_first[index]
+    branch_bonus = logits[torch.arange(logits.shape[0], device=logits.device), row].argmax(-1)
+    return torch.where(took, 1, accepted), torch.where(took, branch_bonus, bonus), draft_tokens, features
 
 
 def _pad_right(values: torch.Tensor, count: int, step: int = 0) -> torch.Tensor:
@@ -390,10 +455,11 @@ def _pad_right(values: torch.Tensor, count: int, step: int = 0) -> torch.Tensor:
 
 def _speculative_loop(
     target, model, input_ids, mask, max_new_tokens, window, policy, temperature, eos_token_id, pad_token_id,
-    generator, logits_warper, verify_backend, profile, device, verify_shape,
+    generator, logits_warper, verify_backend, profile, device, verify_shape, tree_branches,
 ) -> SpeculativeOutput:  # fmt: skip
     """The loop of `speculative_generate` (arguments checked there); `policy` None = K = `window` always;
-    `verify_shape` (None: no padding) maps a window's token count to the count its forward runs."""
+    `verify_shape` (None: no padding) maps a window's token count to the count its forward runs;
+    `tree_branches` runner-ups of each window's first token are verified beside it (greedy)."""
     batch = input_ids.shape[0]
     eos = (
         None
@@ -472,24 +538,34 @@ def _speculative_loop(
         window_ids = torch.cat([rows.pending[:, None], draft_tokens], dim=1)
         window_pos = rows.cur_pos[:, None] + steps
         attn = torch.cat([attn, torch.ones(batch, window + 1, dtype=torch.bool, device=device)], dim=1)
-        filler = (verify_shape(window + 1) if verify_shape else window + 1) - window - 1
+        branches = tree_branches if window else 0
+        forward_ids, forward_pos, forward_mask = window_ids, window_pos, attn.long() if has_holes else None
+        if branches:  # the first token's runner-ups, at its position, seeing only the context and x_n
+            forward_ids = torch.cat([window_ids, chain.first_alternatives(branches)], dim=1)
+            forward_pos = torch.cat([window_pos, (rows.cur_pos + 1)[:, None].expand(-1, branches)], dim=1)
+        tokens_in = window + 1 + branches
+        filler = (verify_shape(tokens_in) if verify_shape else tokens_in) - tokens_in
+        if branches:
+            forward_mask = _tree_attention(attn, window, branches, filler, lm_head.weight.dtype)
+        elif filler and forward_mask is not None:
+            forward_mask = _pad_right(forward_mask, filler)
+        past = cache.get_seq_length()
         timer.lap("bookkeeping")
         out = capture_features(
-            target, _pad_right(window_ids, filler), _pad_right(attn, filler).long() if has_holes else None,
-            layers, with_logits=False, position_ids=_pad_right(window_pos, filler, step=1), cache=cache,
-            use_cache=True,
+            target, _pad_right(forward_ids, filler), forward_mask, layers, with_logits=False,
+            position_ids=_pad_right(forward_pos, filler, step=1), cache=cache, use_cache=True,
         )  # fmt: skip
         if filler:  # the filler's outputs and KV go; causal attention kept them out of the window's
             cache.crop(-filler)
-        hidden = out.last_hidden_state[:, : window + 1]
-        logits = warp(lm_head(hidden).float())
+        logits = warp(lm_head(out.last_hidden_state[:, :tokens_in]).float())
+        features = getattr(out, model.feature_name)
         timer.lap("target_forward")
         if window == 0:  # a plain step
             accepted, bonus = torch.zeros(batch, dtype=torch.long, device=device), pick(logits[:, 0])
         else:
             probs = to_full_vocab(draft_probs) if sampling else None
             result = verify_windows(
-                logits,
+                logits[:, : window + 1],
                 draft_tokens,
                 probs,
                 1.0 if sampling else 0.0,
@@ -497,8 +573,14 @@ def _speculative_loop(
                 backend=verify_backend,
             )
             accepted, bonus = result.accepted, result.next_token
-        if policy is not None:
+        if policy is not None:  # the chain's own acceptance calibrates the policy
             policy.end_round(window, accepted[active])
+        if branches:
+            accepted, bonus, draft_tokens, features = _take_branch(
+                logits, window, forward_ids[:, window + 1 :], accepted, bonus, draft_tokens, features, active,
+                cache, past,
+            )  # fmt: skip
+            cache.crop(-branches)
         window_log.append(window)
         timer.lap("verify")
 
@@ -519,7 +601,7 @@ def _speculative_loop(
             cache.crop(used - window - 1)
         attn = torch.cat([attn[:, : attn.shape[1] - window - 1], slot_valid[:, :used]], dim=1)
         has_holes = has_holes or not bool(slot_valid[:, :used].all())
-        cur_features = getattr(out, model.feature_name)[:, :used]
+        cur_features = features[:, :used]
         to_commit.append(
             (
                 cur_features.masked_fill(~slot_valid[:, :used, None], 0.0),
