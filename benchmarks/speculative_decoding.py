@@ -14,7 +14,8 @@ prompts (first user turn, chat-templated), greedy, fp32 by default, one warm-up 
 prompt runs, in this order: plain `generate` (stock, and with `ppow_trl.packed` unless
 `--no-packed`: the speedups are against the stock one); transformers' prompt lookup (`--prompt-lookup-tokens`);
 ppow_trl's loop (`speculative_generate`, profiled per phase) at every fixed K of `--num-draft-tokens` and with
-`num_draft_tokens="auto"` (up to `--max-draft-tokens`); and, unless `--no-assisted`, transformers' assisted
+`num_draft_tokens="auto"` (up to `--max-draft-tokens`), each also as a draft tree for every `--tree-widths` w
+(the chain plus the w - 1 runner-ups of its first token); and, unless `--no-assisted`, transformers' assisted
 decoding with the drafter's candidate generator and auto K. The loop and the assisted path verify through
 `ppow_trl.packed` (oneDNN, prepacked weights) unless `--no-packed`, and the loop (fixed and auto K) pads a
 window's forward to a cheaper token count of the measured cost table (`CostTable.verify_shape`); plain `generate` and prompt lookup
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[2, 3, 5], help="fixed K values")
     parser.add_argument("--max-draft-tokens", type=int, default=8, help="longest window of auto K")
+    parser.add_argument("--tree-widths", type=int, nargs="*", default=[],
+                        help="draft tree widths w > 1 to run beside the chains (every fixed K and auto)")  # fmt: skip
     parser.add_argument("--prompt-lookup-tokens", type=int, default=2)
     parser.add_argument(
         "--no-assisted", action="store_true", help="skip transformers' assisted path (auto K)"
@@ -194,11 +197,12 @@ def main() -> None:
     drafter.to(dtype)
     costs = measure_costs(target, drafter, max_tokens=max(16, args.max_draft_tokens + 1), packed=packed)
 
-    def loop(k):
+    def loop(k, width=1):
         def run(ids, n=new):
             return speculative_generate(
                 target, drafter, ids, max_new_tokens=n, num_draft_tokens=k, eos_token_id=eos,
                 profile=time.process_time, max_draft_tokens=args.max_draft_tokens, costs=costs, packed=packed,
+                draft_tree_width=width,
             )  # fmt: skip
 
         return run
@@ -216,6 +220,10 @@ def main() -> None:
     for k in args.num_draft_tokens:
         methods[f"loop K={k}"] = loop(k)
     methods["loop K=auto"] = loop("auto")
+    for width in args.tree_widths:
+        for k in args.num_draft_tokens:
+            methods[f"loop K={k} tree w={width}"] = loop(k, width)
+        methods[f"loop K=auto tree w={width}"] = loop("auto", width)
     if not args.no_assisted:
         methods["assisted K=auto"] = assisted
 
@@ -327,7 +335,7 @@ def main() -> None:
             f"| {name} | {stats[name]['forwards']} | {cells} | {total:.1f} | {total / plain_step_ms:.2f} | "
             f"{1000 * values['prefill'] / len(prompts):.1f} |"
         )
-    fixed = {n: r for n, r in rows.items() if n.startswith("loop K=") and n != "loop K=auto"}
+    fixed = {n: r for n, r in rows.items() if n.startswith("loop K=") and "auto" not in n and "tree" not in n}
     if fixed:
         best = max(fixed, key=lambda n: fixed[n]["speedup_cpu"])
         auto = rows["loop K=auto"]["speedup_cpu"]
@@ -335,6 +343,13 @@ def main() -> None:
             f"\nauto K vs the best fixed K ({best}, CPU time): {auto:.2f}x vs {fixed[best]['speedup_cpu']:.2f}x "
             f"= {100 * (auto / fixed[best]['speedup_cpu'] - 1):+.1f}%"
         )
+        for name, row in rows.items():
+            if "tree" in name:  # the same K's chain, and the best chain
+                chain = rows[name.split(" tree")[0]]
+                print(
+                    f"{name}: tau {row['tau']:.2f} vs chain {chain['tau']:.2f}; {row['speedup_cpu']:.2f}x vs chain "
+                    f"{chain['speedup_cpu']:.2f}x, best chain {fixed[best]['speedup_cpu']:.2f}x (CPU time)"
+                )
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"args": vars(args), "hardware": hw, "versions": versions(), "methods": rows,

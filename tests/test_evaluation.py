@@ -167,6 +167,15 @@ def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     assert result["method"] == "Eagle3Drafter (loop)" and result["baselines"] == {}
     assert result["greedy_matches"] == result["greedy_total"] == 1
     assert (tmp_path / "o" / "results.json").is_file() and not (tmp_path / "o" / PLOT_FILES[0]).exists()
+    assert result["drafting"] == "chain"
+    # a draft tree: reported as one, output still plain greedy's; it needs the loop and greedy decoding
+    config.draft_tree_width, config.output_dir = 3, str(tmp_path / "tree")
+    (tree,) = evaluate(config)["results"]
+    assert tree["drafting"] == "tree (width 3 at the first position)"
+    assert tree["greedy_matches"] == tree["greedy_total"] == 1
+    assert "tree (width 3 at the first position) drafting" in (tmp_path / "tree" / "results.md").read_text()
+    with pytest.raises(ValueError, match="decoding: loop"):
+        EvaluationConfig(drafter=saved_drafter, draft_tree_width=2)
 
 
 def test_evaluation_with_auto_draft_length(saved_drafter, tmp_path):

@@ -141,7 +141,7 @@ def summarise(
         "prompt_set": name,
         "temperature": temperature,
         "method": f"{drafter_name} ({config.decoding})",
-        "drafting": "chain",
+        "drafting": _drafting(config),
         "window_size": k,
         "num_draft_tokens": config.num_draft_tokens,
         "mean_window": sum(windows) / len(windows) if windows else float("nan"),
@@ -173,9 +173,14 @@ def summarise(
             "decoding": config.decoding,
             "batch_size": 1,
             "dtype": config.dtype,
-            "drafting": "chain",
+            "drafting": _drafting(config),
         },
     }
+
+
+def _drafting(config: EvaluationConfig) -> str:
+    width = config.draft_tree_width
+    return "chain" if width == 1 else f"tree (width {width} at the first position)"
 
 
 def hardware_line(hardware: dict[str, Any]) -> str:
@@ -202,7 +207,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     requested = report["settings"]["num_draft_tokens"]
     window = f"K={requested}" if requested != "auto" else f"K=auto (per round, longest verified {k})"
     lines = [
-        f"Drafter `{report['drafter']}` on target `{report['target']}`: chain drafting, {window}, batch size 1, "
+        f"Drafter `{report['drafter']}` on target `{report['target']}`: {results[0]['drafting'] if results else 'chain'} "
+        f"drafting, {window}, batch size 1, "
         f"{report['settings']['dtype']}, max_new_tokens={report['settings']['max_new_tokens']}; "
         f"hardware: {hardware_line(report['hardware'])}.",
         "",

@@ -4,7 +4,8 @@ Definitions (docs/metrics.md): tau = generated tokens / target verification forw
 not counted; its token is); alpha_j = P(draft token j accepted | tokens 1..j-1 accepted); speedup = tokens/s
 of speculative decoding / tokens/s of plain `generate`, same process, same prompts, batch size 1, after a
 warm-up; lossless = greedy speculative output equals plain greedy output token for token (check it in fp32).
-Drafting is chain drafting (one candidate per position).
+Drafting is chain drafting (one candidate per position), or with `draft_tree_width` > 1 a small tree (the
+chain plus runner-ups of its first token).
 
 Every generation runs twice, alternating per prompt: plain `target.generate` and speculative decoding (and the
 optional prompt-lookup baseline). Multi-turn prompts (MT-Bench) are answered turn by turn; a later turn's
@@ -241,6 +242,9 @@ class _Evaluator:
             attention_mask=torch.ones_like(ids),
             num_draft_tokens=self.config.num_draft_tokens,
             method=self.config.decoding,
+            **(
+                {"draft_tree_width": self.config.draft_tree_width} if self.config.draft_tree_width > 1 else {}
+            ),
             **self.kwargs(temperature, max_new_tokens),
         )
         _sync(self.device)
