@@ -1,22 +1,29 @@
 """Does PPOW raise held-out acceptance above its warm start, and above continued supervised training?
 
+    python benchmarks/ppow_training.py --warm-start drafters/smollm2-135m-eagle3 \
+        --arms benchmarks/configs/compare_objectives.yaml --seeds 0 1 2 --steps 60 --plot outputs/objectives.png
     python benchmarks/ppow_training.py --warm-start outputs/smollm2-135m/sft-eagle3 --steps 60 \
         --run "ppow lr1e-4: --learning_rate 1e-4" --run "cst lr1e-4: --learning_rate 1e-4"
 
-Every `--run "<kind> <name>: <overrides>"` trains the warm-start drafter for `--steps` optimizer steps
-with a recipe: `ppow` = recipes/ppow.py with `--ppow-config`, `cst` = continued supervised
-training with recipes/sft_drafter.py and `--sft-config` (the paper's control: same checkpoint, same
-number of steps). The overrides are recipe command-line arguments. Held-out teacher-forced tau (greedy,
-chain drafting, the configs' K) is read from each run's Trainer log every `--eval-every` steps. At the
-end of a run the final drafter and the warm start are scored on the same held-out windows: the paired
-difference and its standard error (clustered by sequence) say whether a change is larger than the noise.
-Results go into `--json` as runs finish (a rerun skips runs already there) and a table is printed.
+Every arm (`--run "<kind> <name>: <overrides>"`, or the `arms:` list of an `--arms` YAML with `name`, `kind`
+and `overrides`) trains the warm-start drafter for `--steps` optimizer steps with a recipe, once per seed of
+`--seeds`: `ppow` = recipes/ppow.py with `--ppow-config`, `cst` = continued supervised training with
+recipes/sft_drafter.py and `--sft-config` (the paper's control: same checkpoint, same number of steps). The
+overrides are recipe command-line arguments (the YAML may also set `ppow_config` / `sft_config` per arm).
+Held-out teacher-forced tau (greedy, chain drafting, the configs' K) is read from each run's Trainer log every
+`--eval-every` steps. At the end of a run its drafter is scored on the held-out windows; the warm start is
+scored once on the same windows. The summary per arm: mean and spread of the final tau over seeds, the paired
+difference to the warm start, and to the `--control` arm of the same seed (clustered by sequence; the
+standard error of the mean over seeds combines the per-seed errors), and the wall time. Results go into
+`--json` as runs finish (a rerun skips runs already there); `--plot` draws tau against steps and against wall
+time per arm (mean over seeds; wall time at step s is taken as s/steps of the run's training time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -29,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 import ppow as ppow_recipe  # noqa: E402
 import sft_drafter  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from ppow_trl.export import load_drafter  # noqa: E402
 from ppow_trl.metrics import paired_tau_difference  # noqa: E402
@@ -42,86 +51,173 @@ def held_out_k(drafter, trainer, window_size: int):
     return dataset_acceptance(drafter, trainer.feature_provider, trainer.eval_dataset, window_size, pad, 4)
 
 
-def run_one(kind: str, overrides: list[str], cli: argparse.Namespace, output_dir: Path, warm_k: dict) -> dict:
+def parse_arms(cli: argparse.Namespace) -> list[dict]:
+    """Arms from `--arms` (YAML) and `--run` specs: dicts with name, kind, overrides (and optional configs)."""
+    arms = []
+    if cli.arms:
+        for arm in yaml.safe_load(Path(cli.arms).read_text())["arms"]:
+            unknown = set(arm) - {"name", "kind", "overrides", "ppow_config", "sft_config"}
+            if unknown or not {"name", "kind"} <= set(arm):
+                raise ValueError(
+                    f"an arm needs name and kind (and may set overrides, ppow_config, sft_config): {arm}"
+                )
+            arms.append({**arm, "overrides": shlex.split(arm.get("overrides") or "")})
+    for spec in cli.run or []:
+        head, _, tail = spec.partition(":")
+        arms.append({"name": "_".join(head.split()), "kind": head.split()[0], "overrides": shlex.split(tail)})
+    for arm in arms:
+        if arm["kind"] not in ("ppow", "cst"):
+            raise ValueError(f"arm kind must be 'ppow' or 'cst', got {arm['kind']!r} ({arm['name']})")
+    if not arms:
+        raise ValueError("no arms: pass --arms <yaml> and/or --run specs")
+    return arms
+
+
+def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path, warm_k: dict) -> dict:
     common = [
         "--drafter_name_or_path", cli.warm_start, "--max_steps", str(cli.steps), "--eval_steps",
-        str(cli.eval_every), "--save_strategy", "no", "--output_dir", str(output_dir), "--seed", str(cli.seed),
+        str(cli.eval_every), "--save_strategy", "no", "--output_dir", str(output_dir), "--seed", str(seed),
     ]  # fmt: skip
     start = time.perf_counter()
-    if kind == "ppow":
-        trainer = ppow_recipe.main(["--config", cli.ppow_config, *common, *overrides])
+    if arm["kind"] == "ppow":
+        config = arm.get("ppow_config", cli.ppow_config)
+        trainer = ppow_recipe.main(["--config", config, *common, *arm["overrides"]])
     else:
-        trainer = sft_drafter.main(*sft_drafter.parse_args(["--config", cli.sft_config, *common, *overrides]))
+        config = arm.get("sft_config", cli.sft_config)
+        trainer = sft_drafter.main(*sft_drafter.parse_args(["--config", config, *common, *arm["overrides"]]))
     wall = time.perf_counter() - start
     history = trainer.state.log_history
-    warm = output_dir / "warm_start_results.json"  # the PPOW recipe evaluates the warm start first
-    curve = {"0": json.loads(warm.read_text())["warm_start_tau"] if warm.exists() else None}
-    for entry in history:
-        if "eval_tau" in entry:
-            curve[str(entry["step"])] = entry["eval_tau"]
-    train_logs = [e for e in history if "loss" in e]
+    curve = {str(e["step"]): e["eval_tau"] for e in history if "eval_tau" in e and e["step"] > 0}
     window = trainer.args.eval_window_size or trainer.args.window_size
-    key = (window, trainer.eval_dataset._fingerprint)  # runs may differ in their eval data (e.g. max_turns)
+    key = f"{window}:{trainer.eval_dataset._fingerprint}"  # arms may differ in their eval data
     if key not in warm_k:  # the warm start's windows, scored once per eval set
-        warm_k[key] = held_out_k(load_drafter(cli.warm_start, trainer.target), trainer, window)
-    k_old, rows = warm_k[key]
+        k_old, rows = held_out_k(load_drafter(cli.warm_start, trainer.target), trainer, window)
+        warm_k[key] = {"k": k_old.tolist(), "rows": rows.tolist()}
     k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, window)
-    delta, se = paired_tau_difference(k_new, k_old, rows)
+    curve["0"] = 1.0 + sum(warm_k[key]["k"]) / len(warm_k[key]["k"])
     return {
-        "kind": kind,
-        "overrides": overrides,
-        "curve": curve,
-        "paired_delta": delta,
-        "paired_se": se,
-        "wall_s": round(wall, 1),
-        "train_log": train_logs,
-    }
+        "arm": arm["name"], "kind": arm["kind"], "seed": seed, "overrides": arm["overrides"], "config": config,
+        "curve": curve, "eval_set": key, "k": k_new.tolist(), "wall_s": round(wall, 1),
+        "train_log": [e for e in history if "loss" in e],
+    }  # fmt: skip
 
 
-def main() -> None:
+def _paired(k_new: list[int], k_old: list[int], rows: list[int]) -> tuple[float, float]:
+    return paired_tau_difference(torch.tensor(k_new), torch.tensor(k_old), torch.tensor(rows))
+
+
+def summarise(results: dict, warm_k: dict, control: str | None) -> list[dict]:
+    """Per arm: seeds, final tau mean and spread, paired difference to the warm start and to the control arm
+    of the same seed (mean over seeds; SE = sqrt(sum of per-seed SE^2) / seeds), mean wall time."""
+    by_arm: dict[str, list[dict]] = {}
+    for r in results.values():
+        by_arm.setdefault(r["arm"], []).append(r)
+    controls = {r["seed"]: r for r in by_arm.get(control, [])}
+    rows = []
+    for arm, runs in by_arm.items():
+        finals = [1.0 + sum(r["k"]) / len(r["k"]) for r in runs]
+        mean = sum(finals) / len(finals)
+        spread = (
+            math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else 0.0
+        )
+        warm = [_paired(r["k"], warm_k[r["eval_set"]]["k"], warm_k[r["eval_set"]]["rows"]) for r in runs]
+        vs_control = [
+            _paired(r["k"], controls[r["seed"]]["k"], warm_k[r["eval_set"]]["rows"])
+            for r in runs
+            if r["seed"] in controls and controls[r["seed"]]["eval_set"] == r["eval_set"] and arm != control
+        ]
+
+        def pooled(pairs: list[tuple[float, float]]) -> tuple[float, float] | None:
+            if not pairs:
+                return None
+            return sum(d for d, _ in pairs) / len(pairs), math.sqrt(sum(se**2 for _, se in pairs)) / len(
+                pairs
+            )
+
+        rows.append({
+            "arm": arm, "kind": runs[0]["kind"], "seeds": sorted(r["seed"] for r in runs), "tau": mean,
+            "spread": spread, "vs_warm_start": pooled(warm), "vs_control": pooled(vs_control),
+            "wall_s": sum(r["wall_s"] for r in runs) / len(runs), "overrides": " ".join(runs[0]["overrides"]),
+        })  # fmt: skip
+    return rows
+
+
+def plot(results: dict, steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_wall) = plt.subplots(1, 2, figsize=(11, 4))
+    arms = sorted({r["arm"] for r in results.values()})
+    for arm in arms:
+        runs = [r for r in results.values() if r["arm"] == arm]
+        points = sorted({int(s) for r in runs for s in r["curve"]})
+        taus = [sum(r["curve"][str(s)] for r in runs if str(s) in r["curve"]) /
+                max(sum(str(s) in r["curve"] for r in runs), 1) for s in points]  # fmt: skip
+        wall = sum(r["wall_s"] for r in runs) / len(runs)
+        by_step.plot(points, taus, marker="o", label=arm)
+        by_wall.plot([wall * s / steps for s in points], taus, marker="o", label=arm)
+    by_step.set_xlabel("optimizer steps")
+    by_wall.set_xlabel("training wall time, s")
+    for axis in (by_step, by_wall):
+        axis.set_ylabel("held-out tau (teacher-forced, greedy)")
+        axis.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def _fmt(pair: tuple[float, float] | None) -> str:
+    return "-" if pair is None else f"{pair[0]:+.3f} +- {pair[1]:.3f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--warm-start", required=True, help="saved warm-started drafter")
-    parser.add_argument("--ppow-config", default="recipes/configs/smollm2-135m/ppow_eagle3_from_scratch.yaml")
+    parser.add_argument("--warm-start", required=True, help="saved warm-started drafter (any layout)")
+    parser.add_argument("--ppow-config", default="recipes/configs/smollm2-135m/ppow_eagle3.yaml")
     parser.add_argument("--sft-config", default="recipes/configs/smollm2-135m/sft_eagle3.yaml")
+    parser.add_argument("--arms", default=None, help="YAML with an `arms:` list (name, kind, overrides)")
+    parser.add_argument("--run", action="append", help='"<ppow|cst> <name>: <overrides>"')
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--control", default=None, help="arm the others are paired against (default: first cst)"
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run", action="append", required=True, help='"<ppow|cst> <name>: <overrides>"')
     parser.add_argument("--json", default="outputs/ppow_training.json")
     parser.add_argument("--out", default="outputs/ppow_training")
-    cli = parser.parse_args()
+    parser.add_argument("--plot", default=None, help="PNG of tau against steps and wall time")
+    cli = parser.parse_args(argv)
+    arms = parse_arms(cli)
+    control = cli.control or next((a["name"] for a in arms if a["kind"] == "cst"), None)
 
     path = Path(cli.json)
-    results = json.loads(path.read_text()) if path.exists() else {}
-    warm_k = {}
-    for spec in cli.run:
-        head, _, tail = spec.partition(":")
-        kind, name = head.split()[0], "_".join(head.split())
-        if kind not in ("ppow", "cst"):
-            raise ValueError(f"run kind must be 'ppow' or 'cst', got {kind!r} in {spec!r}")
-        if name in results:
-            continue
-        results[name] = run_one(kind, shlex.split(tail), cli, Path(cli.out) / name, warm_k)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    results, warm_k = stored.get("runs", {}), stored.get("warm_start_k", {})
+    for seed in cli.seeds:
+        for arm in arms:
+            name = f"{arm['name']}@{seed}"
+            if name in results:
+                continue
+            results[name] = run_one(arm, seed, cli, Path(cli.out) / name, warm_k)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"runs": results, "warm_start_k": warm_k}))
 
-    warm = next((r["curve"]["0"] for r in results.values() if r["curve"].get("0") is not None), None)
-    steps = sorted({int(s) for r in results.values() for s in r["curve"] if s != "0"})
-    print(f"warm start {cli.warm_start}: held-out tau {warm}")
-    print(
-        "| run | kind | overrides | "
-        + " | ".join(f"tau @{s}" for s in steps)
-        + " | vs warm start (paired, +- SE) | wall s |"
-    )
-    print("|---|---|---|" + "---|" * len(steps) + "---|---|")
-    for name, r in results.items():
-        taus = [r["curve"].get(str(s)) for s in steps]
-        cells = " | ".join("-" if t is None else f"{t:.3f}" for t in taus)
-        final = next((t for t in reversed(taus) if t is not None), None)
-        gain = "-" if final is None or warm is None else f"{final - warm:+.3f}"
-        if "paired_delta" in r:
-            gain = f"{r['paired_delta']:+.3f} +- {r['paired_se']:.3f}"
-        print(f"| {name} | {r['kind']} | `{' '.join(r['overrides'])}` | {cells} | {gain} | {r['wall_s']} |")
+    summary = summarise(results, warm_k, control)
+    print(f"warm start {cli.warm_start}; {cli.steps} steps per run; control arm: {control}")
+    print("| arm | kind | seeds | held-out tau (mean +- spread) | vs warm start (paired) | vs control (paired) "
+          "| wall s | overrides |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for row in summary:
+        print(
+            f"| {row['arm']} | {row['kind']} | {len(row['seeds'])} | {row['tau']:.3f} +- {row['spread']:.3f} | "
+            f"{_fmt(row['vs_warm_start'])} | {_fmt(row['vs_control'])} | {row['wall_s']:.0f} | "
+            f"`{row['overrides']}` |"
+        )
+    if cli.plot:
+        plot(results, cli.steps, Path(cli.plot))
+    return {"summary": summary, "runs": results}
 
 
 if __name__ == "__main__":

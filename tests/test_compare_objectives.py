@@ -1,0 +1,92 @@
+"""The PPOW-vs-CST comparison harness (benchmarks/ppow_training.py): its arms file parses with the recipes'
+own parsers (every override a real flag), the CST control trains on the PPOW stage's data, and the summary's
+paired differences (to the warm start and to the control arm of the same seed) come out right."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from trl import TrlParser
+
+from ppow_trl.metrics import paired_tau_difference
+from ppow_trl.training import DrafterSFTConfig
+from ppow_trl.training.ppow import PPOWConfig
+from ppow_trl.training.script_args import DataArguments, DrafterModelArguments
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ROOT / "benchmarks" / "configs" / "compare_objectives.yaml"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("ppow_training", ROOT / "benchmarks" / "ppow_training.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    for name in ("ppow", "sft_drafter"):
+        sys.modules.pop(name, None)
+
+
+def test_arms_parse_and_cst_uses_the_ppow_stage_data(harness):
+    arms = harness.parse_arms(Namespace(arms=str(ARMS), run=None))
+    assert [a["kind"] for a in arms].count("cst") == 1 and len(arms) == 6
+    parsed = {}
+    for arm in arms:
+        config = arm.get("ppow_config" if arm["kind"] == "ppow" else "sft_config") or str(
+            ROOT / "recipes/configs/smollm2-135m/ppow_eagle3.yaml"
+        )
+        args_class = PPOWConfig if arm["kind"] == "ppow" else DrafterSFTConfig
+        parsed[arm["name"]] = TrlParser(
+            (DrafterModelArguments, DataArguments, args_class)
+        ).parse_args_and_config(["--config", str(ROOT / config), *arm["overrides"]])
+    assert parsed["ppow_no_proximity"][2].reward_funcs == ["cost_aware_speedup"]
+    assert parsed["ppow_uniform_anchors"][2].use_adaw is False
+    assert parsed["kl_only"][2].reward_weights == [0.0, 0.0]
+    (_, ppow_data, ppow_args), (cst_model, cst_data, cst_args) = parsed["ppow"], parsed["cst"]
+    for name in ("dataset_name", "self_generated_prompts", "max_turns", "max_new_tokens", "eval_fraction"):
+        assert getattr(cst_data, name) == getattr(ppow_data, name), name
+    assert (cst_args.seed, cst_args.learning_rate, cst_args.max_steps) == (
+        ppow_args.seed, ppow_args.learning_rate, ppow_args.max_steps,
+    )  # fmt: skip
+    assert cst_model.drafter_name_or_path == "drafters/smollm2-135m-eagle3"
+    with pytest.raises(ValueError, match="kind"):
+        harness.parse_arms(Namespace(arms=None, run=["sft x: --learning_rate 1"]))
+    assert harness.parse_arms(Namespace(arms=None, run=["ppow lr1e-4: --learning_rate 1e-4"]))[0][
+        "overrides"
+    ] == (shlex.split("--learning_rate 1e-4"))
+
+
+def test_summary_pairs_each_arm_with_the_warm_start_and_the_control_of_its_seed(harness):
+    rows = [0, 0, 1, 1, 2, 2]
+    warm = {"5:x": {"k": [0, 1, 0, 1, 0, 1], "rows": rows}}
+    runs = {
+        "cst@0": {"arm": "cst", "kind": "cst", "seed": 0, "k": [1, 1, 0, 1, 0, 1], "eval_set": "5:x", "wall_s": 10.0,
+                  "overrides": []},
+        "cst@1": {"arm": "cst", "kind": "cst", "seed": 1, "k": [0, 1, 1, 1, 0, 1], "eval_set": "5:x", "wall_s": 12.0,
+                  "overrides": []},
+        "ppow@0": {"arm": "ppow", "kind": "ppow", "seed": 0, "k": [2, 1, 1, 1, 0, 2], "eval_set": "5:x",
+                   "wall_s": 40.0, "overrides": ["--x", "1"]},
+        "ppow@1": {"arm": "ppow", "kind": "ppow", "seed": 1, "k": [1, 2, 1, 1, 1, 1], "eval_set": "5:x",
+                   "wall_s": 44.0, "overrides": ["--x", "1"]},
+    }  # fmt: skip
+    summary = {row["arm"]: row for row in harness.summarise(runs, warm, "cst")}
+    ppow, cst = summary["ppow"], summary["cst"]
+    assert ppow["tau"] == pytest.approx(1 + (7 / 6 + 7 / 6) / 2) and ppow["spread"] == pytest.approx(0.0)
+    assert ppow["wall_s"] == 42.0 and ppow["seeds"] == [0, 1] and cst["vs_control"] is None
+    per_seed = [
+        paired_tau_difference(torch.tensor(runs[f"ppow@{s}"]["k"]), torch.tensor(runs[f"cst@{s}"]["k"]),
+                              torch.tensor(rows))
+        for s in (0, 1)
+    ]  # fmt: skip
+    delta, se = ppow["vs_control"]
+    assert delta == pytest.approx((per_seed[0][0] + per_seed[1][0]) / 2) and delta > 0
+    assert se == pytest.approx((per_seed[0][1] ** 2 + per_seed[1][1] ** 2) ** 0.5 / 2)
+    assert cst["vs_warm_start"][0] == pytest.approx((1 / 6 + 1 / 6) / 2)
+    assert yaml.safe_load(ARMS.read_text())["arms"][0]["name"] == "cst"
