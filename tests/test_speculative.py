@@ -313,7 +313,10 @@ def test_draft_tree_is_lossless_and_rescues_a_rejected_first_token(kind, target)
         )
         wide = generate(target, drafter, ids, num_draft_tokens="auto", max_draft_tokens=3, costs=CHEAP,
                         max_new_tokens=new, draft_tree_width=4)  # fmt: skip
-        for out in (chain, tree, wide):
+        # a tree whose forward is padded (3 tokens run as 4: the filler row sees the branch, no real row sees it)
+        padded = speculative_generate(target, drafter, ids, max_new_tokens=new, num_draft_tokens=1,
+                                      draft_tree_width=2, costs=CostTable([1.0, 1.3, 1.3, 1.0, 1.4]))  # fmt: skip
+        for out in (chain, tree, wide, padded):
             assert torch.equal(out.sequences, ref), out.accepted.flatten().tolist()
         chain_tau.append(chain.tau)
         tree_tau.append(tree.tau)
