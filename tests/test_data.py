@@ -282,6 +282,35 @@ def test_fill_shards_reports_shards_other_workers_wrote(tmp_path, monkeypatch):
     assert written == [0, 2] and elsewhere == [1] and paths[1].read_text() == "theirs"
 
 
+def test_sanity_check_runs_once_for_parallel_workers(varied_target, tiny_tokenizer, tmp_path, monkeypatch):
+    """A worker that finds the sanity check claimed by another waits for its result instead of checking too;
+    alone, it checks once and reads the cached result afterwards."""
+    import ppow_trl.data.build as build_module
+
+    monkeypatch.setattr(cache_module, "SHARD_WAIT_SECONDS", 0.05)
+    config = make_config(tmp_path, sanity_check_sequences=2)
+    regen = regenerate(varied_target, tiny_tokenizer, PROMPTS, config, progress=False)
+    checks = []
+    real_check = build_module.sanity_check
+    monkeypatch.setattr(build_module, "sanity_check", lambda *a: checks.append(1) or real_check(*a))
+    path = regen.directory / "sanity-2.json"
+    claim = path.with_name(f".{path.name}.claim")
+    claim.write_text(f"{socket.gethostname()} {os.getpid()}")  # another live worker is checking
+
+    def other_worker() -> None:
+        time.sleep(0.3)
+        path.write_text(json.dumps({"argmax_match_fraction": 0.5, "checked_positions": 7}))
+        claim.unlink()
+
+    threading.Thread(target=other_worker).start()
+    assert build_module.cached_sanity_check(config, varied_target, regen, False)["checked_positions"] == 7
+    assert checks == []
+    path.unlink()
+    first = build_module.cached_sanity_check(config, varied_target, regen, False)
+    again = build_module.cached_sanity_check(config, varied_target, regen, False)
+    assert checks == [1] and first == again and first["sampled_sequences"] == 2
+
+
 def test_resume_after_interruption_and_cache(varied_target, tiny_tokenizer, tmp_path, monkeypatch):
     reference = regenerate(
         varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "a"), progress=False

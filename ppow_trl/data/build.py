@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..target import vocab_size_of
+from .cache import fill_shards, write_text_atomic
 from .config import DataConfig
 from .corpus import build_corpus, open_corpus
 from .draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
@@ -142,13 +143,16 @@ def cached_sanity_check(
         return {"argmax_match_fraction": None, "checked_positions": 0}
     count = min(config.sanity_check_sequences, len(regen.dataset))
     path = regen.directory / f"sanity-{count}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    sample = random.Random(0).sample(range(len(regen.dataset)), count)
-    sanity = sanity_check(target, regen.dataset.select(sorted(sample)), config.feature_batch_size, progress)
-    sanity["sampled_sequences"] = count
-    path.write_text(json.dumps(sanity))
-    return sanity
+
+    def check(_: int) -> None:
+        sample = random.Random(0).sample(range(len(regen.dataset)), count)
+        sanity = sanity_check(
+            target, regen.dataset.select(sorted(sample)), config.feature_batch_size, progress
+        )
+        write_text_atomic(path, json.dumps({**sanity, "sampled_sequences": count}))
+
+    fill_shards([path], [] if path.is_file() else [0], check)  # one worker checks, the others wait for it
+    return json.loads(path.read_text())
 
 
 def build_training_data(
