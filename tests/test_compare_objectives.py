@@ -49,6 +49,7 @@ def test_arms_parse_and_cst_uses_the_ppow_stage_data(harness):
     assert parsed["ppow_no_proximity"][2].reward_funcs == ["cost_aware_speedup"]
     assert parsed["ppow_uniform_anchors"][2].use_adaw is False
     assert parsed["kl_only"][2].reward_weights == [0.0, 0.0]
+    assert parsed["ppow"][2].proximity_eps_quantile == 0.25 and "proximity" in parsed["ppow"][2].reward_funcs
     (_, ppow_data, ppow_args), (cst_model, cst_data, cst_args) = parsed["ppow"], parsed["cst"]
     for name in ("dataset_name", "self_generated_prompts", "max_turns", "max_new_tokens", "eval_fraction"):
         assert getattr(cst_data, name) == getattr(ppow_data, name), name

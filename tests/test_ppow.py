@@ -54,6 +54,21 @@ def test_rollout_produces_consistent_windows_rewards_and_advantages(
     } <= set(metrics)
 
 
+def test_proximity_eps_from_a_quantile_of_the_first_token_misses(
+    tiny_target, tiny_tokenizer, dataset, tmp_path
+):
+    """With proximity_eps_quantile, eps follows the batch's Delta of first-token misses: the nearest half of
+    them earn the proximity reward (a fixed eps of 2 nats would reward none on an untrained drafter)."""
+    trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, proximity_eps_quantile=0.5)
+    trainer._generate_and_score_completions([dataset[i] for i in [0, 0, 0, 0, 1, 1, 1, 1]])
+    metrics = trainer._metrics["train"]
+    eps, delta = metrics["proximity_eps_used"][-1], metrics["proximity_delta_at_k0/mean"][-1]
+    assert 2.0 < eps < float("inf") and abs(eps - delta) < 3 * metrics["proximity_delta_at_k0/std"][-1]
+    assert 0.0 < metrics["rewards/proximity_reward/mean"][-1] < trainer.args.proximity_eta
+    with pytest.raises(ValueError, match="proximity_eps_quantile"):
+        tiny_ppow_config(tmp_path, proximity_eps_quantile=1.5)
+
+
 def test_group_with_equal_rewards_gives_zero_policy_gradient(tiny_target, tiny_tokenizer, dataset, tmp_path):
     trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, target_kl_coef=0.0)
     inputs = trainer._generate_and_score_completions([dataset[0]] * 8)

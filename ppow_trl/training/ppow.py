@@ -112,6 +112,15 @@ class PPOWConfig(GRPOConfig):
             "embedded demo's drafter Delta was 38-47 +- 11 nats at K=5, so 2.0 never fires there."
         },
     )
+    proximity_eps_quantile: float | None = field(
+        default=None,
+        metadata={
+            "help": "If set (0 < q < 1), eps for each batch is this quantile of Delta over the batch's "
+            "first-token misses, replacing proximity_eps: the nearest q of the misses earn the proximity reward "
+            "whatever Delta's scale (it grows with K and differs per drafter and target). Logged as "
+            "proximity_eps_used."
+        },
+    )
     use_adaw: bool = field(
         default=True, metadata={"help": "Pick anchors by ADAW divergence scores after warm-up."}
     )
@@ -181,6 +190,8 @@ class PPOWConfig(GRPOConfig):
             )
         if self.window_size < 1:
             raise ValueError(f"window_size (K) must be >= 1, got {self.window_size}")
+        if self.proximity_eps_quantile is not None and not 0.0 < self.proximity_eps_quantile < 1.0:
+            raise ValueError(f"proximity_eps_quantile must be in (0, 1), got {self.proximity_eps_quantile}")
         if self.acceptance_mode not in ("greedy", "sampling"):
             raise ValueError(f"acceptance_mode must be 'greedy' or 'sampling', got {self.acceptance_mode!r}")
         if self.loss_positions not in ("through_first_rejection", "all"):
@@ -228,7 +239,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
     _card_method = "PPOW"
     _card_fields = (
         "window_size", "num_generations", "anchors_per_sequence", "gamma", "reward_funcs", "proximity_eta",
-        "proximity_eps", "use_adaw", "target_kl_coef", "acceptance_mode", "temperature", "epsilon",
+        "proximity_eps", "proximity_eps_quantile", "use_adaw", "target_kl_coef", "acceptance_mode", "temperature", "epsilon",
         "learning_rate", "per_device_train_batch_size",
     )  # fmt: skip
 
@@ -477,6 +488,19 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             mode, "windows_per_second", torch.tensor(accepted.numel() / (time.perf_counter() - start))
         )
 
+    def _proximity_eps(self, mode: str, accepted, delta, has_anchor) -> float:
+        """proximity_eps, or with proximity_eps_quantile that quantile of Delta over this batch's first-token
+        misses on the target's greedy path."""
+        quantile = self.args.proximity_eps_quantile
+        if quantile is None or delta is None:
+            return self.args.proximity_eps
+        misses = delta[has_anchor[:, None] & (accepted == 0) & torch.isfinite(delta)]
+        if misses.numel() == 0:
+            return self.args.proximity_eps
+        eps = float(torch.quantile(misses.float(), quantile))
+        self._record(mode, "proximity_eps_used", torch.tensor(eps))
+        return eps
+
     def _window_rewards(self, indices, anchors, tokens, accepted, delta, has_anchor) -> torch.Tensor:
         """(B, A, n_funcs) rewards from every reward function, called once on all windows of the batch."""
         mode = "train" if self.model.training else "eval"
@@ -489,7 +513,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             gamma=self.gamma,
             proximity_delta=None if delta is None else delta.flatten().tolist(),
             proximity_eta=self.args.proximity_eta,
-            proximity_eps=self.args.proximity_eps,
+            proximity_eps=self._proximity_eps(mode, accepted, delta, has_anchor),
         )
         completions = self.window_tokenizer.batch_decode(flat_tokens)
         columns = []
