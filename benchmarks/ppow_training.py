@@ -1,7 +1,8 @@
 """Does PPOW raise held-out acceptance above its warm start, and above continued supervised training?
 
     python benchmarks/ppow_training.py --warm-start drafters/smollm2-135m-eagle3 \
-        --arms benchmarks/configs/compare_objectives.yaml --seeds 0 1 2 --steps 60 --plot outputs/objectives.png
+        --ppow-config recipes/configs/smollm2-135m/ppow_eagle3.yaml \
+        --arms benchmarks/configs/compare_objectives.yaml --seeds 1 2 3 --steps 30 --plot outputs/objectives.png
     python benchmarks/ppow_training.py --warm-start outputs/smollm2-135m/sft-eagle3 --steps 60 \
         --run "ppow lr1e-4: --learning_rate 1e-4" --run "cst lr1e-4: --learning_rate 1e-4"
 
@@ -176,7 +177,7 @@ def _fmt(pair: tuple[float, float] | None) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--warm-start", required=True, help="saved warm-started drafter (any layout)")
-    parser.add_argument("--ppow-config", default="recipes/configs/smollm2-135m/ppow_eagle3.yaml")
+    parser.add_argument("--ppow-config", default="recipes/configs/smollm2-135m/ppow_eagle3_from_scratch.yaml")
     parser.add_argument("--sft-config", default="recipes/configs/smollm2-135m/sft_eagle3.yaml")
     parser.add_argument("--arms", default=None, help="YAML with an `arms:` list (name, kind, overrides)")
     parser.add_argument("--run", action="append", help='"<ppow|cst> <name>: <overrides>"')
