@@ -242,9 +242,7 @@ class _Evaluator:
             attention_mask=torch.ones_like(ids),
             num_draft_tokens=self.config.num_draft_tokens,
             method=self.config.decoding,
-            **(
-                {"draft_tree_width": self.config.draft_tree_width} if self.config.draft_tree_width > 1 else {}
-            ),
+            draft_tree_width=self.config.draft_tree_width,
             **self.kwargs(temperature, max_new_tokens),
         )
         _sync(self.device)
