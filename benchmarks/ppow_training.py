@@ -18,6 +18,9 @@ difference to the warm start, and to the `--control` arm of the same seed (clust
 standard error of the mean over seeds combines the per-seed errors), and the wall time. Results go into
 `--json` as runs finish (a rerun skips runs already there); `--plot` draws tau against steps and against wall
 time per arm (mean over seeds; wall time at step s is taken as s/steps of the run's training time).
+With `--transfer-prompts N` the final drafters and the warm start are also scored on sets none of them trained
+on: the target's answers to N MT-Bench and N HumanEval prompts, greedy (k at T=0) and sampled at T=1 (the
+expected k of lossless speculative sampling, `teacher_forced_expected_acceptance`), one table per set.
 """
 
 from __future__ import annotations
@@ -39,11 +42,20 @@ import ppow as ppow_recipe  # noqa: E402
 import sft_drafter  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
+from ppow_trl.data import DataConfig, collate_sequences, load_prompts, regenerate  # noqa: E402
+from ppow_trl.decoding.speculative import feature_layers  # noqa: E402
 from ppow_trl.export import load_drafter  # noqa: E402
 from ppow_trl.metrics import paired_tau_difference  # noqa: E402
 from ppow_trl.models.common import unwrap_drafter  # noqa: E402
-from ppow_trl.training.acceptance import dataset_acceptance  # noqa: E402
+from ppow_trl.target import capture_features, load_target  # noqa: E402
+from ppow_trl.training.acceptance import (  # noqa: E402
+    dataset_acceptance,
+    teacher_forced_acceptance,
+    teacher_forced_expected_acceptance,
+)
+from ppow_trl.training.windowing import assistant_anchors  # noqa: E402
 
 
 def held_out_k(drafter, trainer, window_size: int):
@@ -99,51 +111,125 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path, war
     return {
         "arm": arm["name"], "kind": arm["kind"], "seed": seed, "overrides": arm["overrides"], "config": config,
         "curve": curve, "eval_set": key, "k": k_new.tolist(), "wall_s": round(wall, 1),
+        "steps": trainer.state.global_step, "output_dir": str(output_dir),
         "train_log": [e for e in history if "loss" in e],
     }  # fmt: skip
 
 
-def _paired(k_new: list[int], k_old: list[int], rows: list[int]) -> tuple[float, float]:
+def _paired(k_new: list[float], k_old: list[float], rows: list[int]) -> tuple[float, float]:
     return paired_tau_difference(torch.tensor(k_new), torch.tensor(k_old), torch.tensor(rows))
 
 
-def summarise(results: dict, warm_k: dict, control: str | None) -> list[dict]:
-    """Per arm: seeds, final tau mean and spread, paired difference to the warm start and to the control arm
-    of the same seed (mean over seeds; SE = sqrt(sum of per-seed SE^2) / seeds), mean wall time."""
-    by_arm: dict[str, list[dict]] = {}
-    for r in results.values():
-        by_arm.setdefault(r["arm"], []).append(r)
-    controls = {r["seed"]: r for r in by_arm.get(control, [])}
+def _pooled(pairs: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Mean over seeds of paired differences; SE = sqrt(sum of per-seed SE^2) / seeds."""
+    if not pairs:
+        return None
+    return sum(d for d, _ in pairs) / len(pairs), math.sqrt(sum(se**2 for _, se in pairs)) / len(pairs)
+
+
+def summarise(results: dict, scored: dict, control: str | None) -> list[dict]:
+    """Per arm on one evaluation set: seeds, final tau mean and spread, the paired difference to the warm start
+    and to the control arm of the same seed (pooled over seeds), mean wall time. `scored` maps a run's name to
+    (k of its windows, the warm start's k on them, the sequence of each window); runs of one seed share them."""
+    by_arm: dict[str, list[str]] = {}
+    for name in scored:
+        by_arm.setdefault(results[name]["arm"], []).append(name)
+    controls = {results[n]["seed"]: n for n in by_arm.get(control, [])}
     rows = []
-    for arm, runs in by_arm.items():
-        finals = [1.0 + sum(r["k"]) / len(r["k"]) for r in runs]
+    for arm, names in by_arm.items():
+        runs = [results[n] for n in names]
+        finals = [1.0 + sum(scored[n][0]) / len(scored[n][0]) for n in names]
         mean = sum(finals) / len(finals)
         spread = (
             math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else 0.0
         )
-        warm = [_paired(r["k"], warm_k[r["eval_set"]]["k"], warm_k[r["eval_set"]]["rows"]) for r in runs]
         vs_control = [
-            _paired(r["k"], controls[r["seed"]]["k"], warm_k[r["eval_set"]]["rows"])
-            for r in runs
-            if r["seed"] in controls and controls[r["seed"]]["eval_set"] == r["eval_set"] and arm != control
+            _paired(scored[n][0], scored[controls[r["seed"]]][0], scored[n][2])
+            for n, r in zip(names, runs)
+            if r["seed"] in controls
+            and len(scored[controls[r["seed"]]][0]) == len(scored[n][0])
+            and arm != control
         ]
-
-        def pooled(pairs: list[tuple[float, float]]) -> tuple[float, float] | None:
-            if not pairs:
-                return None
-            return sum(d for d, _ in pairs) / len(pairs), math.sqrt(sum(se**2 for _, se in pairs)) / len(
-                pairs
-            )
-
         rows.append({
             "arm": arm, "kind": runs[0]["kind"], "seeds": sorted(r["seed"] for r in runs), "tau": mean,
-            "spread": spread, "vs_warm_start": pooled(warm), "vs_control": pooled(vs_control),
-            "wall_s": sum(r["wall_s"] for r in runs) / len(runs), "overrides": " ".join(runs[0]["overrides"]),
+            "spread": spread, "vs_warm_start": _pooled([_paired(*scored[n]) for n in names]),
+            "vs_control": _pooled(vs_control), "wall_s": sum(r["wall_s"] for r in runs) / len(runs),
+            "steps": runs[0].get("steps"), "overrides": " ".join(runs[0]["overrides"]),
         })  # fmt: skip
     return rows
 
 
-def plot(results: dict, steps: int, path: Path) -> None:
+def held_out_scores(results: dict, warm_k: dict) -> dict:
+    return {
+        n: (r["k"], warm_k[r["eval_set"]]["k"], warm_k[r["eval_set"]]["rows"]) for n, r in results.items()
+    }
+
+
+def transfer_data(target, tokenizer, prompts: int) -> dict:
+    """The target's own answers (128 new tokens, first turns) to `prompts` MT-Bench and HumanEval prompts
+    spread evenly over each set (MT-Bench is ordered by category), greedy (scored at T=0) and sampled at T=1
+    (scored at T=1); cached like any regenerated data."""
+    sets = {}
+    for source in ("mt_bench", "humaneval"):
+        every = load_prompts(source, max_turns=1)
+        examples = [every[i * len(every) // prompts] for i in range(min(prompts, len(every)))]
+        for temperature in (0.0, 1.0):
+            config = DataConfig(
+                dataset_name=source, max_turns=1, max_new_tokens=128, regen_batch_size=16, seed=0,
+                do_sample=temperature > 0, regen_temperature=1.0,
+            )  # fmt: skip
+            sets[f"{source}@T{temperature:g}"] = regenerate(target, tokenizer, examples, config).dataset
+    return sets
+
+
+@torch.no_grad()
+def score_transfer(cli: argparse.Namespace, results: dict, stored: dict) -> dict:
+    """k (T=0) and expected k (T=1) at every window of the transfer sets, for the warm start and every run's
+    final drafter; one target forward per batch serves all drafters. Resumes: only unscored runs are scored."""
+    target, tokenizer = load_target("embedded" if cli.target is None else cli.target)
+    pad = tokenizer.pad_token_id
+    for set_name, dataset in transfer_data(target, tokenizer, cli.transfer_prompts).items():
+        entry = stored.setdefault(set_name, {"runs": {}})
+        todo = [n for n in results if n not in entry["runs"]] + (
+            [] if "warm_start" in entry else ["warm_start"]
+        )
+        if not todo:
+            continue
+        drafters = {
+            n: load_drafter(cli.warm_start if n == "warm_start" else results[n]["output_dir"], target).eval()
+            for n in todo
+        }
+        sampled = set_name.endswith("T1")
+        scores = {n: [] for n in todo}
+        rows_of = []
+        for start in tqdm(range(0, len(dataset), 4), desc=f"scoring {len(todo)} drafters on {set_name}"):
+            rows = [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
+            batch = collate_sequences(rows, pad)
+            ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+            captured = capture_features(
+                target, ids, attn, feature_layers(next(iter(drafters.values()))), sampled
+            )
+            for n, drafter in drafters.items():
+                features = getattr(captured, drafter.feature_name)
+                if sampled:
+                    k = teacher_forced_expected_acceptance(
+                        drafter, features, captured.logits, ids, attn, lmask, cli.transfer_window
+                    )
+                else:
+                    k = teacher_forced_acceptance(drafter, features, ids, attn, lmask, cli.transfer_window)
+                scores[n].extend(k.tolist())
+            per_row = (assistant_anchors(lmask) & attn.bool()).sum(1)
+            rows_of.extend(torch.arange(start, start + len(rows)).repeat_interleave(per_row).tolist())
+        entry["rows"] = rows_of
+        for n, k in scores.items():
+            if n == "warm_start":
+                entry["warm_start"] = k
+            else:
+                entry["runs"][n] = k
+    return stored
+
+
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,9 +242,9 @@ def plot(results: dict, steps: int, path: Path) -> None:
         points = sorted({int(s) for r in runs for s in r["curve"]})
         taus = [sum(r["curve"][str(s)] for r in runs if str(s) in r["curve"]) /
                 max(sum(str(s) in r["curve"] for r in runs), 1) for s in points]  # fmt: skip
-        wall = sum(r["wall_s"] for r in runs) / len(runs)
+        seconds_per_step = sum(r["wall_s"] / r["steps"] for r in runs) / len(runs)
         by_step.plot(points, taus, marker="o", label=arm)
-        by_wall.plot([wall * s / steps for s in points], taus, marker="o", label=arm)
+        by_wall.plot([seconds_per_step * s for s in points], taus, marker="o", label=arm)
     by_step.set_xlabel("optimizer steps")
     by_wall.set_xlabel("training wall time, s")
     for axis in (by_step, by_wall):
@@ -190,6 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default="outputs/ppow_training.json")
     parser.add_argument("--out", default="outputs/ppow_training")
     parser.add_argument("--plot", default=None, help="PNG of tau against steps and wall time")
+    parser.add_argument(
+        "--transfer-prompts", type=int, default=0,
+        help="also score the final drafters on the target's answers to this many MT-Bench and HumanEval "
+        "prompts each, at T=0 (k) and T=1 (expected k); 0: off",
+    )  # fmt: skip
+    parser.add_argument("--transfer-window", type=int, default=5, help="K of the transfer scores")
+    parser.add_argument("--target", default=None, help="target of the transfer scores (default: embedded)")
     cli = parser.parse_args(argv)
     arms = parse_arms(cli)
     control = cli.control or next((a["name"] for a in arms if a["kind"] == "cst"), None)
@@ -197,28 +290,46 @@ def main(argv: list[str] | None = None) -> dict:
     path = Path(cli.json)
     stored = json.loads(path.read_text()) if path.exists() else {}
     results, warm_k = stored.get("runs", {}), stored.get("warm_start_k", {})
+    transfer = stored.get("transfer", {})
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"runs": results, "warm_start_k": warm_k, "transfer": transfer}))
+
     for seed in cli.seeds:
         for arm in arms:
             name = f"{arm['name']}@{seed}"
             if name in results:
                 continue
             results[name] = run_one(arm, seed, cli, Path(cli.out) / name, warm_k)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"runs": results, "warm_start_k": warm_k}))
+            save()
+    for name, run in results.items():  # records written before runs carried these
+        run.setdefault("steps", cli.steps)
+        run.setdefault("output_dir", str(Path(cli.out) / name))
+    if cli.transfer_prompts:
+        transfer = score_transfer(cli, results, transfer)
+        save()
 
-    summary = summarise(results, warm_k, control)
-    print(f"warm start {cli.warm_start}; {cli.steps} steps per run; control arm: {control}")
-    print("| arm | kind | seeds | held-out tau (mean +- spread) | vs warm start (paired) | vs control (paired) "
-          "| wall s | overrides |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
-    for row in summary:
-        print(
-            f"| {row['arm']} | {row['kind']} | {len(row['seeds'])} | {row['tau']:.3f} +- {row['spread']:.3f} | "
-            f"{_fmt(row['vs_warm_start'])} | {_fmt(row['vs_control'])} | {row['wall_s']:.0f} | "
-            f"`{row['overrides']}` |"
-        )
+    print(f"warm start {cli.warm_start}; control arm: {control}")
+    sets = {"held-out self-generated (T=0)": held_out_scores(results, warm_k)}
+    for set_name, entry in sorted(transfer.items()):
+        sets[f"{set_name} (teacher-forced, K={cli.transfer_window})"] = {
+            n: (k, entry["warm_start"], entry["rows"]) for n, k in entry["runs"].items()
+        }
+    summaries = {}
+    for set_name, scored in sets.items():
+        summaries[set_name] = summarise(results, scored, control)
+        print(f"\n{set_name}\n| arm | kind | seeds | steps | tau (mean +- spread) | vs warm start (paired) "
+              "| vs control (paired) | wall s | overrides |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+        for row in summaries[set_name]:
+            print(
+                f"| {row['arm']} | {row['kind']} | {len(row['seeds'])} | {row['steps']} | {row['tau']:.3f} +- "
+                f"{row['spread']:.3f} | {_fmt(row['vs_warm_start'])} | {_fmt(row['vs_control'])} | "
+                f"{row['wall_s']:.0f} | `{row['overrides']}` |"
+            )
     if cli.plot:
-        plot(results, cli.steps, Path(cli.plot))
-    return {"summary": summary, "runs": results}
+        plot(results, Path(cli.plot))
+    return {"summary": summaries, "runs": results}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
+import pytest
 import torch
 
-from ppow_trl.decoding.drafting import window_targets
+from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.models.common import scatter_draft_probs
 from ppow_trl.target import capture_features
-from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance, teacher_forced_acceptance
+from ppow_trl.training.acceptance import (
+    accepted_prefix_length,
+    dataset_acceptance,
+    teacher_forced_acceptance,
+    teacher_forced_expected_acceptance,
+)
 from ppow_trl.training.windowing import assistant_anchors
 from tests.test_drafting import make_drafter
 
@@ -44,3 +51,35 @@ def test_dataset_acceptance_names_the_sequence_of_every_window(tiny_target):
 
     k, sequence = dataset_acceptance(drafter, provider, rows, 3, pad_token_id=0, batch_size=2)
     assert sequence.tolist() == [0] * 7 + [1] * 4 and k.shape == (11,)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
+def test_expected_acceptance_at_temperature_one(tiny_target, kind):
+    drafter = make_drafter(kind, tiny_target)
+    torch.manual_seed(0)
+    seq = tiny_target.generate(
+        torch.randint(3, 300, (1, 5)), attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=9,
+        do_sample=True, temperature=1.0,
+    )  # fmt: skip
+    attn, loss_mask = torch.ones_like(seq), torch.zeros_like(seq)
+    loss_mask[:, 5:] = 1
+    captured = capture_features(tiny_target, seq)
+    feats, logits = getattr(captured, drafter.feature_name), captured.logits
+    expected = {
+        k: teacher_forced_expected_acceptance(drafter, feats, logits, seq, attn, loss_mask, k) for k in (1, 3)
+    }
+    assert expected[3].shape == (9,) and bool((expected[3] >= 0).all()) and bool((expected[3] <= 3).all())
+    # Step 1 alone: sum_v min(p, q) with q scattered to the full vocabulary (outside it q = 0), p at row r+1.
+    anchors = torch.arange(seq.shape[1])[None]
+    q = torch.softmax(
+        draft_windows(drafter, feats, seq, anchors, 1, return_logits=True).logits[0, :, 0, 0], -1
+    )
+    q_full = scatter_draft_probs(q, drafter.d2t, tiny_target.config.vocab_size)
+    p = torch.softmax(logits[0].float(), -1)
+    rows = (anchors[0] + 1).clamp(max=seq.shape[1] - 1)
+    beta = torch.minimum(p[rows], q_full).sum(-1) * (anchors[0] + 2 < seq.shape[1])
+    flags = assistant_anchors(loss_mask)[0]
+    torch.testing.assert_close(expected[1], beta[flags], atol=1e-5, rtol=1e-4)
+    # Longer windows add non-negative terms; the last window has one token left, so K=3 adds nothing there.
+    assert bool((expected[3][:-1] > expected[1][:-1]).all())
+    assert float(expected[3][-1]) == pytest.approx(float(expected[1][-1]))

@@ -77,7 +77,7 @@ def test_summary_pairs_each_arm_with_the_warm_start_and_the_control_of_its_seed(
         "ppow@1": {"arm": "ppow", "kind": "ppow", "seed": 1, "k": [1, 2, 1, 1, 1, 1], "eval_set": "5:x",
                    "wall_s": 44.0, "overrides": ["--x", "1"]},
     }  # fmt: skip
-    summary = {row["arm"]: row for row in harness.summarise(runs, warm, "cst")}
+    summary = {row["arm"]: row for row in harness.summarise(runs, harness.held_out_scores(runs, warm), "cst")}
     ppow, cst = summary["ppow"], summary["cst"]
     assert ppow["tau"] == pytest.approx(1 + (7 / 6 + 7 / 6) / 2) and ppow["spread"] == pytest.approx(0.0)
     assert ppow["wall_s"] == 42.0 and ppow["seeds"] == [0, 1] and cst["vs_control"] is None
@@ -91,3 +91,43 @@ def test_summary_pairs_each_arm_with_the_warm_start_and_the_control_of_its_seed(
     assert se == pytest.approx((per_seed[0][1] ** 2 + per_seed[1][1] ** 2) ** 0.5 / 2)
     assert cst["vs_warm_start"][0] == pytest.approx((1 / 6 + 1 / 6) / 2)
     assert yaml.safe_load(ARMS.read_text())["arms"][0]["name"] == "cst"
+
+
+def test_transfer_scores_share_windows_across_drafters_and_resume(
+    harness, tiny_target, tiny_target_dir, tmp_path, monkeypatch
+):
+    from tests.test_drafting import make_drafter
+
+    monkeypatch.setenv("PPOW_TRL_CACHE", str(tmp_path / "cache"))
+    for name, seed in (("warm", 0), ("same", 0), ("other", 1)):
+        make_drafter("eagle3", tiny_target, seed=seed).save_pretrained(tmp_path / name)
+    run = {"arm": "cst", "kind": "cst", "seed": 1, "wall_s": 1.0, "overrides": [], "steps": 2}
+    results = {"cst@1": {**run, "output_dir": str(tmp_path / "same")}}
+    cli = Namespace(
+        target=tiny_target_dir, warm_start=str(tmp_path / "warm"), transfer_prompts=2, transfer_window=3
+    )
+    stored = harness.score_transfer(cli, results, {})
+    assert set(stored) == {"mt_bench@T0", "mt_bench@T1", "humaneval@T0", "humaneval@T1"}
+    for set_name, entry in stored.items():
+        k, warm = entry["runs"]["cst@1"], entry["warm_start"]
+        assert len(k) == len(warm) == len(entry["rows"]) > 0 and set(entry["rows"]) == {0, 1}
+        assert k == warm  # the same weights score the same windows identically
+        assert all(0 <= x <= 3 for x in k)
+        if set_name.endswith("T0"):
+            assert all(float(x).is_integer() for x in k)
+        else:  # expected k under sampling: fractional
+            assert not all(float(x).is_integer() for x in k)
+    # A new run is scored on the same windows; scores already stored are kept as they are.
+    before = {s: list(e["runs"]["cst@1"]) for s, e in stored.items()}
+    results["ppow@1"] = {**run, "arm": "ppow", "kind": "ppow", "output_dir": str(tmp_path / "other")}
+    stored = harness.score_transfer(cli, results, stored)
+    for set_name, entry in stored.items():
+        assert entry["runs"]["cst@1"] == before[set_name]
+        assert len(entry["runs"]["ppow@1"]) == len(entry["rows"])
+        if set_name.endswith("T1"):  # other weights (greedy k of random drafters is all 0 on both)
+            assert entry["runs"]["ppow@1"] != before[set_name]
+    summary = harness.summarise(
+        results, {n: (k, stored["mt_bench@T1"]["warm_start"], stored["mt_bench@T1"]["rows"])
+                  for n, k in stored["mt_bench@T1"]["runs"].items()}, "cst"
+    )  # fmt: skip
+    assert {row["arm"]: row["vs_warm_start"][0] for row in summary}["cst"] == 0.0

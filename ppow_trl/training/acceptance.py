@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from ppow_trl.data import collate_sequences
 from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.models.common import unwrap_drafter
 from ppow_trl.training.windowing import assistant_anchors
 
 
@@ -46,6 +47,49 @@ def teacher_forced_acceptance(
     in_range &= window_targets(attention_mask, anchors, window_size)[0].bool()
     k = accepted_prefix_length(windows.tokens[:, :, 0], reference, in_range)
     return k[anchor_flags]
+
+
+@torch.no_grad()
+def teacher_forced_expected_acceptance(
+    drafter: PreTrainedModel,
+    features: torch.Tensor,
+    target_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    window_size: int,
+) -> torch.Tensor:
+    """Expected k (N,) of a window under lossless speculative sampling at temperature 1, at every
+    assistant anchor of a batch of sequences the target *sampled* at temperature 1.
+
+    The window follows the sequence's own tokens (teacher forcing); step j is accepted with probability
+    beta_j = sum_v min(p_j(v), q_j(v)) (p: the target at that position over its full vocabulary, so mass
+    outside the draft vocabulary is never accepted; q: the drafter at temperature 1), and E[k] =
+    sum_j prod_{i<=j} beta_i. A proxy: real decoding continues from the accepted token, not the sequence's.
+    `target_logits` (B, T, V) are the target's full-vocabulary logits over the batch.
+    """
+    from ppow_trl.training.losses import acceptance_rate
+
+    anchor_flags = assistant_anchors(loss_mask) & attention_mask.bool()
+    b, t = input_ids.shape
+    anchors = torch.arange(t, device=input_ids.device).expand(b, t)
+    reference, in_range = window_targets(input_ids, anchors, window_size)
+    in_range &= window_targets(attention_mask, anchors, window_size)[0].bool()
+    model = unwrap_drafter(drafter)
+    draft = draft_windows(
+        drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask,
+        tokens=reference[:, :, None, :], temperature=1.0, return_logits=True,
+    )  # fmt: skip
+    draft_logits = draft.logits[:, :, 0][anchor_flags]  # (N, K, V_d)
+    # The target's distribution of x_{r+2+j} is its output at row r+1+j.
+    rows = (anchors[..., None] + 1 + torch.arange(window_size, device=anchors.device)).clamp(max=t - 1)
+    lse = torch.logsumexp(target_logits.float(), dim=-1)  # (B, T)
+    restricted = target_logits[..., model.target_ids_of_draft_vocab().to(target_logits.device)]  # (B,T,V_d)
+    batch_rows = torch.arange(b, device=rows.device)[:, None, None].expand_as(rows)
+    p_logits = restricted[batch_rows[anchor_flags], rows[anchor_flags]]  # (N, K, V_d)
+    beta = acceptance_rate(draft_logits, p_logits, lse[batch_rows[anchor_flags], rows[anchor_flags]])
+    beta = beta * in_range[anchor_flags]
+    return beta.cumprod(-1).sum(-1)
 
 
 @torch.no_grad()
