@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -23,6 +24,8 @@ from ppow_trl.data.filters import (
     filter_prompts,
     malformed_reason,
     near_duplicates,
+    ngram_hashes,
+    words,
 )
 from ppow_trl.data.self_generated import (
     DEFAULT_SYSTEM,
@@ -175,6 +178,11 @@ def test_decontamination_index_over_the_evaluation_sets():
     humaneval = load_prompts("humaneval")[7].turns[0]
     assert index.overlap(mt_bench) == 1.0 and index.overlap(humaneval) > 0.9
     assert index.overlap("Can you recommend a good book about sailing across the Atlantic with kids?") == 0.0
+    mixed = "Can you recommend a good book about sailing across the Atlantic with kids? " + mt_bench
+    tokens = words(mixed)
+    grams = ngram_hashes(tokens, 8, {})
+    assert 0.0 < index.overlap(mixed) < 1.0
+    assert index.overlap(mixed) == pytest.approx(float(np.isin(grams, index.hashes).mean()))
 
 
 # --------------------------------------------------------------------------------------- prompt writing

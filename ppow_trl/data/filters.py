@@ -233,7 +233,9 @@ class ContaminationIndex:
         if not tokens:
             return 0.0
         grams = ngram_hashes(tokens, min(self.n, len(tokens)), self._table)
-        return float(np.isin(grams, self.hashes, assume_unique=False).mean())
+        # self.hashes is sorted and unique: a binary search per n-gram (np.isin would sort it on every call).
+        at = np.searchsorted(self.hashes, grams).clip(max=len(self.hashes) - 1)
+        return float((self.hashes[at] == grams).mean())
 
 
 # ------------------------------------------------------------------------------------------------ driver
