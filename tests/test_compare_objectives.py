@@ -36,7 +36,7 @@ def harness():
 
 def test_arms_parse_and_cst_uses_the_ppow_stage_data(harness):
     arms = harness.parse_arms(Namespace(arms=str(ARMS), run=None))
-    assert [a["kind"] for a in arms].count("cst") == 1 and len(arms) == 8
+    assert [a["kind"] for a in arms].count("cst") == 2 and len(arms) == 10
     parsed = {}
     for arm in arms:
         config = arm.get("ppow_config" if arm["kind"] == "ppow" else "sft_config") or str(
@@ -51,6 +51,7 @@ def test_arms_parse_and_cst_uses_the_ppow_stage_data(harness):
     assert parsed["kl_only"][2].reward_weights == [0.0, 0.0]
     assert parsed["ppow_equal_wall_time"][2].max_steps == 66
     assert parsed["ppow_sampling"][2].acceptance_mode == "sampling"
+    assert parsed["ppow_lr1e-4"][2].learning_rate == parsed["cst_lr1e-4"][2].learning_rate == 1e-4
     assert parsed["ppow"][2].proximity_eps_quantile == 0.25 and "proximity" in parsed["ppow"][2].reward_funcs
     (_, ppow_data, ppow_args), (cst_model, cst_data, cst_args) = parsed["ppow"], parsed["cst"]
     for name in ("dataset_name", "self_generated_prompts", "max_turns", "max_new_tokens", "eval_fraction"):
