@@ -83,7 +83,7 @@ def test_summary_pairs_each_arm_with_the_warm_start_and_the_control_of_its_seed(
     summary = {row["arm"]: row for row in harness.summarise(runs, harness.held_out_scores(runs, warm), "cst")}
     ppow, cst = summary["ppow"], summary["cst"]
     assert ppow["tau"] == pytest.approx(1 + (7 / 6 + 7 / 6) / 2) and ppow["spread"] == pytest.approx(0.0)
-    assert ppow["wall_s"] == 42.0 and ppow["seeds"] == [0, 1] and cst["vs_control"] is None
+    assert ppow["train_s"] == 42.0 and ppow["seeds"] == [0, 1] and cst["vs_control"] is None
     per_seed = [
         paired_tau_difference(torch.tensor(runs[f"ppow@{s}"]["k"]), torch.tensor(runs[f"cst@{s}"]["k"]),
                               torch.tensor(rows))
