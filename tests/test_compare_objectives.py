@@ -67,6 +67,28 @@ def test_arms_parse_and_cst_uses_the_ppow_stage_data(harness):
     ] == (shlex.split("--learning_rate 1e-4"))
 
 
+def test_medusa_arms_train_one_warm_start_on_the_same_data_at_its_heads(harness):
+    arms = harness.parse_arms(Namespace(arms=str(ARMS.with_name("compare_objectives_medusa.yaml")), run=None))
+    configs = {
+        a["kind"]: ROOT / (a.get("sft_config") or "recipes/configs/smollm2-135m/ppow_medusa.yaml")
+        for a in arms
+    }
+    parser = TrlParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
+    cst_model, cst_data, cst_args = parser.parse_args_and_config(["--config", str(configs["cst"])])
+    ppow_model, ppow_data, ppow_args = TrlParser(
+        (DrafterModelArguments, DataArguments, PPOWConfig)
+    ).parse_args_and_config(["--config", str(configs["ppow"])])
+    warm = parser.parse_args_and_config(
+        ["--config", str(ROOT / "recipes/configs/smollm2-135m/sft_medusa.yaml")]
+    )
+    assert warm[2].drafter_type == cst_args.drafter_type == "medusa"
+    assert cst_model.drafter_name_or_path == ppow_model.drafter_name_or_path == warm[2].output_dir
+    assert ppow_args.window_size == cst_args.eval_window_size == warm[2].medusa_num_heads
+    assert warm[1].seed == 0 and cst_args.seed == ppow_args.seed != 0  # the arms train on fresh prompts
+    for name in ("dataset_name", "self_generated_prompts", "max_new_tokens", "eval_fraction"):
+        assert getattr(cst_data, name) == getattr(ppow_data, name), name
+
+
 def test_summary_pairs_each_arm_with_the_warm_start_and_the_control_of_its_seed(harness):
     rows = [0, 0, 1, 1, 2, 2]
     warm = {"5:x": {"k": [0, 1, 0, 1, 0, 1], "rows": rows}}

@@ -174,6 +174,22 @@ def test_train_logs_checkpoints_and_resumes(tiny_target, tiny_tokenizer, dataset
     assert gain == pytest.approx(later["eval_tau"] - metrics["eval_tau"], abs=1e-6) and se >= 0
 
 
+def test_ppow_trains_a_medusa_drafter(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    """The same trainer fine-tunes Medusa heads: windows of K = its heads, a policy-gradient step that moves
+    the heads, a checkpoint that reloads as Medusa."""
+    drafter = make_drafter("medusa", tiny_target)
+    before = [p.detach().clone() for p in drafter.parameters() if p.requires_grad]
+    trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, drafter=drafter, max_steps=2)
+    out = trainer._generate_and_score_completions([dataset[i] for i in [0, 0, 0, 0, 1, 1, 1, 1]])
+    assert out["window_tokens"].shape[-1] == drafter.config.num_heads
+    trainer.train()
+    after = [p for p in unwrap_drafter(trainer.model).parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all("tau" in h for h in trainer.state.log_history if "reward" in h)
+    trainer.save_model(str(tmp_path / "final"))
+    assert type(AutoModel.from_pretrained(tmp_path / "final")).__name__ == "MedusaDrafter"
+
+
 def test_bad_input_is_refused_with_clear_errors(tiny_target, tiny_tokenizer, dataset, tmp_path):
     with pytest.raises(ValueError, match="num_generations"):
         PPOWConfig(output_dir=str(tmp_path), num_generations=1, use_cpu=True)
