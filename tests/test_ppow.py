@@ -185,7 +185,8 @@ def test_ppow_trains_a_medusa_drafter(tiny_target, tiny_tokenizer, dataset, tmp_
     trainer.train()
     after = [p for p in unwrap_drafter(trainer.model).parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
-    assert all("tau" in h for h in trainer.state.log_history if "reward" in h)
+    logged = [h for h in trainer.state.log_history if "tau" in h]
+    assert len(logged) == 2 and all("reward" in h and "kl_to_target" in h for h in logged)
     trainer.save_model(str(tmp_path / "final"))
     assert type(AutoModel.from_pretrained(tmp_path / "final")).__name__ == "MedusaDrafter"
 
