@@ -1,7 +1,8 @@
 """ppow-trl: train speculative-decoding drafters (EAGLE-3, Medusa) with PPOW on TRL.
 
 The package reads as the pipeline, each stage importing only the ones before it:
-`target` -> `data` -> `models` -> `decoding` -> `training` -> `evaluation` (with `metrics` shared).
+`target` -> `data` -> `models` -> `io` (drafters in and out: `load_drafter`, export, cards, Hub) ->
+`decoding` -> `training` -> `evaluation` (with `metrics` shared).
 Importing `ppow_trl` registers the drafters with `AutoConfig`/`AutoModel`; the main names below are
 loaded on first use, so `import ppow_trl` does not pull in TRL.
 """
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .data import DataConfig, build_training_data
     from .decoding import generate, speculative_generate
     from .evaluation import EvaluationConfig, evaluate
+    from .io import load_drafter
     from .models import Eagle3Drafter, Eagle3DrafterConfig, MedusaDrafter, MedusaDrafterConfig
     from .models.build import build_drafter
     from .target import load_target
@@ -37,6 +39,7 @@ _LAZY = {
     "MedusaDrafter": ".models",
     "MedusaDrafterConfig": ".models",
     "build_drafter": ".models.build",
+    "load_drafter": ".io",
     "generate": ".decoding",
     "speculative_generate": ".decoding",
     "DrafterSFTConfig": ".training",
@@ -63,6 +66,7 @@ __all__ = [
     "build_training_data",
     "evaluate",
     "generate",
+    "load_drafter",
     "load_target",
     "speculative_generate",
 ]

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ppow_trl.hub_id import is_hub_id
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_ALIAS = "embedded"
@@ -133,7 +135,7 @@ def load_target(
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is a directory without config.json: not a transformers model directory")
         source, gguf_file, display_name = path, None, str(path)
-    elif path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    elif not is_hub_id(name_or_path):
         raise FileNotFoundError(
             f"Unknown target {name_or_path!r}: not the alias {EMBEDDED_ALIAS!r}, a model directory with "
             "config.json, a .gguf file, or a Hub id of the form 'org/name'."

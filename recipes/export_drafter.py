@@ -7,7 +7,7 @@
     python recipes/export_drafter.py --drafter <dir> --format eagle3 --output_dir <out> \
         --push_to_hub --hub_model_id me/smollm2-135m-eagle3-ppow
 
-`--drafter` is a directory or Hub id in any layout `ppow_trl.export.load_drafter` reads (this package's own,
+`--drafter` is a directory or Hub id in any layout `ppow_trl.load_drafter` reads (this package's own,
 eagle3, speculators, medusa), so the stage also converts published drafters between layouts. LoRA adapters are
 merged. The output folder gets a README.md model card built from the training run's records found next to the
 drafter (`eval_results.json`, `split.json`, an evaluation `results.json`), or in `--run_dir`.
@@ -15,7 +15,6 @@ drafter (`eval_results.json`, `split.json`, an evaluation `results.json`), or in
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +22,21 @@ from pathlib import Path
 import torch
 from trl import TrlParser
 
-from ppow_trl.export import (
+from ppow_trl.io import (
+    AUTO,
     FORMATS,
+    check_format,
     check_hub_access,
-    detect_format,
     export_drafter,
     load_drafter,
+    locate_drafter,
+    needs_target,
     push_to_hub,
+    recorded_target,
+    resolve_layout,
     run_card_inputs,
 )
+from ppow_trl.target import load_target
 
 
 @dataclass
@@ -42,7 +47,13 @@ class ExportArguments:
     output_dir: str = field(
         metadata={"help": "Folder to write the exported drafter (and its model card) to."}
     )
-    format: str = field(default="eagle3", metadata={"help": f"Layout to write: one of {', '.join(FORMATS)}."})
+    format: str = field(
+        default=AUTO,
+        metadata={
+            "help": f"Layout to write: one of {', '.join(FORMATS)}, or {AUTO!r} (the drafter's serving layout: "
+            "eagle3 for EAGLE-3, medusa for Medusa)."
+        },
+    )
     target_name_or_path: str | None = field(
         default=None,
         metadata={
@@ -83,46 +94,38 @@ class ExportArguments:
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repository private."})
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; the formats are: {', '.join(FORMATS)}")
-
-
-def _needs_target(drafter: str) -> bool:
-    config = Path(drafter) / "config.json"
-    return not config.is_file() or detect_format(json.loads(config.read_text())) != "ppow"
+        check_format(self.format)
 
 
 def main(argv: list[str] | None = None) -> Path:
     (args,) = TrlParser(ExportArguments).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = check_hub_access(args.hub_model_id, args.hub_token) if args.push_to_hub else None
-    target = None
-    if args.target_name_or_path or _needs_target(args.drafter):
-        from ppow_trl.target import load_target
-
-        name = args.target_name_or_path
-        if name is None:
-            raise ValueError(f"{args.drafter} is a serving-layout drafter: pass --target_name_or_path")
-        target, _ = load_target(name)
-    drafter = load_drafter(args.drafter, target, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    run_dir = Path(args.run_dir or args.drafter)
+    source = locate_drafter(args.drafter)
+    name = args.target_name_or_path
+    if name is None and needs_target(source):  # a serving layout: its target completes it (embedding)
+        name = recorded_target(source, "--target_name_or_path")
+    target = load_target(name)[0] if name else None
+    drafter = load_drafter(source, target, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    fmt = resolve_layout(args.format, drafter).name
+    run_dir = Path(args.run_dir) if args.run_dir else source.directory
     card_kwargs = run_card_inputs(run_dir) if run_dir.is_dir() else {}
     out = export_drafter(
         drafter,
         args.output_dir,
-        args.format,
+        fmt,
         target=target,
         num_speculative_tokens=args.num_speculative_tokens,
         layer_id_convention=args.layer_id_convention,
         # the usage snippets name the Hub id, else the exported folder (runnable as it is)
         card_kwargs={**card_kwargs, "repo_id": args.hub_model_id or args.output_dir},
     )
-    print(f"exported the drafter in the {args.format!r} layout to {out}")
+    print(f"exported the drafter in the {fmt!r} layout to {out}")
     if args.push_to_hub:
         url = push_to_hub(
             drafter,
             args.hub_model_id,
-            args.format,
+            fmt,
             token=token,
             private=args.hub_private_repo,
             folder=out,

@@ -20,6 +20,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from ppow_trl.data import build_training_data, make_feature_provider
+from ppow_trl.io import load_drafter, locate_drafter
 from ppow_trl.target import load_target
 from ppow_trl.training import PPOWConfig, PPOWTrainer
 from ppow_trl.training.card import hub_preflight, push_trained_drafter
@@ -27,7 +28,6 @@ from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
     evaluate_and_save,
-    load_start_drafter,
     lora_config,
     train_save_evaluate,
 )
@@ -43,14 +43,15 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
             "PPOW starts from a warm-started drafter: pass --drafter_name_or_path (recipes/sft_drafter.py)"
         )
     hub_token = hub_preflight(args)  # --push_to_hub: token and network checked before any training work
+    source = locate_drafter(model_args.drafter_name_or_path)  # a missing or damaged drafter fails now
     target, tokenizer = load_target(
         model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
     )
+    drafter = load_drafter(source, target)  # ours or a published layout, checked against the target
     data = build_training_data(data_config, target, tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     # Results name the split they were measured on.
     shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")
-    drafter = load_start_drafter(model_args.drafter_name_or_path, target)  # ours or a published layout
     aux = drafter.config.aux_layer_ids or None
     trainer = PPOWTrainer(
         drafter,

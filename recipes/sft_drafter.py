@@ -18,6 +18,7 @@ from transformers import set_seed
 from trl import TrlParser
 
 from ppow_trl.data import DataConfig, build_training_data, make_feature_provider
+from ppow_trl.io import load_drafter, locate_drafter
 from ppow_trl.models.build import build_drafter
 from ppow_trl.target import load_target
 from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
@@ -25,7 +26,6 @@ from ppow_trl.training.card import hub_preflight, push_trained_drafter
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
-    load_start_drafter,
     lora_config,
     train_save_evaluate,
 )
@@ -43,16 +43,19 @@ def main(
     model_args: DrafterModelArguments, data_config: DataConfig, args: DrafterSFTConfig
 ) -> DrafterSFTTrainer:
     hub_token = hub_preflight(args)  # --push_to_hub: token and network checked before any training work
+    # A start drafter (continued SFT) that is missing, damaged or for another target fails before any data work.
+    source = locate_drafter(model_args.drafter_name_or_path) if model_args.drafter_name_or_path else None
     target, tokenizer = load_target(
         model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
     )
+    start = load_drafter(source, target) if source else None  # ours or a published layout
     data = build_training_data(data_config, target, tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     # The split (and its data fingerprint) next to the drafter, for results and the model card.
     shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")
     set_seed(args.seed)
-    if model_args.drafter_name_or_path:  # ours or a published layout (continued SFT)
-        drafter = load_start_drafter(model_args.drafter_name_or_path, target)
+    if start is not None:
+        drafter = start
     elif args.drafter_type == "eagle3":
         drafter = build_drafter(
             "eagle3",

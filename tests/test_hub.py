@@ -12,8 +12,14 @@ import pytest
 import yaml
 from huggingface_hub import constants
 
-from ppow_trl.export import HubAccessError, check_hub_access, drafter_model_card, load_drafter, push_to_hub
-from ppow_trl.export.hub import TAU_DEFINITION
+from ppow_trl.io import (
+    TAU_DEFINITION,
+    HubAccessError,
+    check_hub_access,
+    drafter_model_card,
+    load_drafter,
+    push_to_hub,
+)
 from recipes.export_drafter import main as export_main
 from tests.test_export import make_drafter
 

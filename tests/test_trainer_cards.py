@@ -91,12 +91,12 @@ def test_recipes_check_a_hub_push_before_any_training_work(recipe, tmp_path):
 def test_ppow_recipe_starts_from_a_published_eagle3_checkpoint(tiny_target, tiny_target_dir, tmp_path):
     """drafter_name_or_path may be a serving-layout checkpoint (here written in the original EAGLE-3 layout):
     the recipe imports it with the target's embedding."""
+    from ppow_trl.io import load_drafter
     from ppow_trl.target import load_target
-    from ppow_trl.training.script_args import load_start_drafter
 
     trained = make_drafter("eagle3", tiny_target)
     trained.config.warm_started = True
     published = export_drafter(trained, tmp_path / "published", "eagle3")
     target, _ = load_target(tiny_target_dir)
-    drafter = load_start_drafter(str(published), target)
+    drafter = load_drafter(str(published), target)
     assert type(drafter).__name__ == "Eagle3Drafter" and drafter.config.warm_started

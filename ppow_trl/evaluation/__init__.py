@@ -3,7 +3,7 @@ and `report` (the per-set summary, results.json, results.md and the plots)."""
 
 from .config import BASELINES, DECODINGS, EvaluationConfig
 from .report import PLOT_FILES, markdown_table, summarise, write_plots, write_report
-from .runner import evaluate, hardware_info, load_drafter, load_prompt_set, versions
+from .runner import evaluate, hardware_info, load_prompt_set, versions
 
 __all__ = [
     "BASELINES",
@@ -12,7 +12,6 @@ __all__ = [
     "EvaluationConfig",
     "evaluate",
     "hardware_info",
-    "load_drafter",
     "load_prompt_set",
     "markdown_table",
     "summarise",

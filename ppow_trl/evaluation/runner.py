@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ppow_trl.data.features import TargetFeatureProvider
 from ppow_trl.data.sources import load_prompts
@@ -34,8 +34,10 @@ from ppow_trl.decoding import generate
 from ppow_trl.decoding.speculative import feature_layers
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.evaluation.report import DEFINITIONS, hardware_line, summarise, write_report
+from ppow_trl.io import load_drafter, locate_drafter, recorded_target
+from ppow_trl.io.source import UNKNOWN_TARGETS
 from ppow_trl.packed import packed_linears, use_packed_linears
-from ppow_trl.target import eos_token_ids, load_target
+from ppow_trl.target import EMBEDDED_ALIAS, eos_token_ids, load_target
 from ppow_trl.training.acceptance import dataset_acceptance
 
 SPLIT_PREFIX = "split:"
@@ -71,46 +73,6 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-# ------------------------------------------------------------------------------------------------ loading
-# ------------------------------------------------------------------------------------------------ loading
-def load_drafter(
-    name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None
-) -> PreTrainedModel:
-    """Load a saved drafter (the ppow_trl drafter classes are registered with AutoModel on import)."""
-    try:
-        drafter = AutoModel.from_pretrained(name_or_path, dtype=dtype)
-    except OSError as err:
-        raise OSError(f"Could not load the drafter {name_or_path!r}: {err}") from err
-    if not hasattr(drafter, "check_target"):
-        raise TypeError(f"{name_or_path!r} holds a {type(drafter).__name__}, not a ppow_trl drafter")
-    if device is not None:
-        drafter.to(device)
-    return drafter.eval().requires_grad_(False)
-
-
-def _serving_layout_target(name_or_path: str) -> str | None:
-    """For a drafter directory in a serving layout (eagle3 / speculators / medusa), the target it records
-    ("" when none); None for this package's own layout, which `load_drafter` reads without a target."""
-    from ppow_trl.export.formats import RECORD_KEY, DrafterFormatError, detect_format
-
-    path = Path(name_or_path).expanduser() / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    try:
-        if detect_format(config) == "ppow":
-            return None
-    except DrafterFormatError:
-        return None
-    verifier = (config.get("speculators_config") or {}).get("verifier") or {}
-    return (config.get(RECORD_KEY) or {}).get("target_name_or_path") or verifier.get("name_or_path") or ""
-
-
-def _default_target(drafter: PreTrainedModel) -> str:
-    name = getattr(drafter.config, "target_name_or_path", None)
-    return name if name and name != "unknown" else "embedded"
 
 
 def load_prompt_set(spec: str, max_prompts: int | None, max_turns: int | None) -> tuple[str, list]:
@@ -333,6 +295,29 @@ class _Evaluator:
         return k
 
 
+def _load_models(
+    config: EvaluationConfig,
+    dtype: torch.dtype,
+    target: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    drafter: PreTrainedModel | None,
+) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedModel]:
+    """(target name, target, tokenizer, drafter): the drafter through `load_drafter` (any layout), the target
+    given, else `config.target`, else the one the drafter records, else the embedded one."""
+    source = locate_drafter(config.drafter) if drafter is None else None
+    target_name = config.target
+    if not target_name:
+        recorded = recorded_target(source, "--target") if source else drafter.config.target_name_or_path
+        target_name = recorded if recorded not in UNKNOWN_TARGETS else EMBEDDED_ALIAS
+    if target is None or tokenizer is None:
+        target, tokenizer = load_target(target_name, dtype=dtype, device=config.device)
+    if drafter is None:
+        drafter = load_drafter(source, target).requires_grad_(False)
+    drafter.check_target(target)
+    drafter.to(device=next(target.parameters()).device, dtype=next(target.parameters()).dtype)
+    return target_name, target, tokenizer, drafter
+
+
 def evaluate(
     config: EvaluationConfig,
     target: PreTrainedModel | None = None,
@@ -348,25 +333,7 @@ def evaluate(
 
     set_seed(config.seed)
     dtype = getattr(torch, config.dtype)
-    recorded = _serving_layout_target(config.drafter) if drafter is None else None
-    if recorded is not None:
-        # A serving layout: the target completes the drafter (its embedding), so it is loaded first.
-        if target is None or tokenizer is None:
-            if not (config.target or recorded):
-                raise ValueError(
-                    f"{config.drafter} is a serving-layout drafter that names no target: pass --target"
-                )
-            target, tokenizer = load_target(config.target or recorded, dtype=dtype, device=config.device)
-        from ppow_trl.export import load_drafter as import_drafter
-
-        drafter = import_drafter(config.drafter, target, dtype=dtype).requires_grad_(False)
-    if drafter is None:
-        drafter = load_drafter(config.drafter, dtype, config.device)
-    target_name = config.target or recorded or _default_target(drafter)
-    if target is None or tokenizer is None:
-        target, tokenizer = load_target(target_name, dtype=dtype, device=config.device)
-    drafter.check_target(target)
-    drafter.to(device=next(target.parameters()).device, dtype=next(target.parameters()).dtype)
+    target_name, target, tokenizer, drafter = _load_models(config, dtype, target, tokenizer, drafter)
     evaluator = _Evaluator(config, target, tokenizer, drafter)
 
     sets = [load_prompt_set(spec, config.max_prompts, config.max_turns) for spec in config.prompt_sets]

@@ -152,14 +152,22 @@ def check_drafter_matches_target(drafter_config: PretrainedConfig, target: PreTr
 
 
 def unwrap_drafter(model: torch.nn.Module) -> PreTrainedModel:
-    """The drafter inside a peft or accelerate/DDP wrapper (LoRA layers stay in place)."""
+    """The drafter inside a peft or accelerate/DDP wrapper (LoRA layers stay in place); a model that is no
+    drafter raises, naming the loader that reads every drafter layout."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DeepSpeed
             model = model.module
         elif hasattr(model, "get_base_model"):  # peft
             model = model.get_base_model()
-        else:
+        elif isinstance(model, DrafterMixin):
             return model
+        else:
+            # `AutoModel` reads the eagle3 serving layout (model_type llama) as a random LlamaModel.
+            raise TypeError(
+                f"{type(model).__name__} is not a ppow_trl drafter (Eagle3Drafter or MedusaDrafter): load drafters "
+                "with `ppow_trl.load_drafter(path_or_hub_id, target)`, which reads every layout (ours, eagle3, "
+                "speculators, medusa)"
+            )
 
 
 class DrafterMixin:
@@ -172,6 +180,17 @@ class DrafterMixin:
 
     #: The longest window this drafter can draft (None: any length).
     max_draft_tokens: int | None = None
+    #: The drafter family ("eagle3" / "medusa"): names its serving layout, tags and card text.
+    kind: str = ""
+    #: K when nobody chose one: the window a serving engine drafts by default.
+    DEFAULT_NUM_SPECULATIVE_TOKENS = 5
+
+    @property
+    def default_num_speculative_tokens(self) -> int:
+        """K for export and usage snippets: the recorded `num_speculative_tokens`, else every head a drafter
+        with a fixed number has, else `DEFAULT_NUM_SPECULATIVE_TOKENS`."""
+        recorded = getattr(self.config, "num_speculative_tokens", None)
+        return int(recorded or self.max_draft_tokens or self.DEFAULT_NUM_SPECULATIVE_TOKENS)
 
     def set_draft_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         """Install the draft-vocabulary maps, checking they fit this drafter's sizes and each other (draft ids

@@ -222,6 +222,7 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
     """
 
     config_class = Eagle3DrafterConfig
+    kind = "eagle3"
     base_model_prefix = "eagle3"
     feature_name = "aux_hidden_states"
     LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc"]

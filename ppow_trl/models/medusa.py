@@ -96,6 +96,7 @@ class MedusaDrafter(DrafterMixin, PreTrainedModel):
     """
 
     config_class = MedusaDrafterConfig
+    kind = "medusa"
     base_model_prefix = "medusa"
     feature_name = "last_hidden_state"
     LORA_TARGET_MODULES = r".*blocks\.\d+\.layers\.\d+"

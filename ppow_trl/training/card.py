@@ -2,7 +2,7 @@
 
 Both trainers write README.md next to every saved drafter (checkpoints and the final save) and in place of
 TRL's own card (`create_model_card`), which describes a text-generation model: its quickstart would launch a
-drafter as if it were a language model. The card (`ppow_trl.export.drafter_model_card`) records how the
+drafter as if it were a language model. The card (`ppow_trl.io.drafter_model_card`) records how the
 drafter was trained (the trainer's settings, LoRA, the command, the wall time, the data fingerprint from
 `split.json` when the recipe copied it into the output folder), the latest held-out evaluation, and how to
 serve it. A card that cannot be
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ppow_trl.export.hub import run_card_inputs, write_drafter_card
+from ppow_trl.io import check_hub_access, push_to_hub, run_card_inputs, write_drafter_card
 
 logger = logging.getLogger(__name__)
 
@@ -93,26 +93,20 @@ def hub_preflight(args) -> str | None:
     Returns the token (None when not pushing)."""
     if not getattr(args, "push_to_hub", False):
         return None
-    from ppow_trl.export.hub import check_hub_access
-
     token = check_hub_access(args.hub_model_id, args.hub_token)
     args.push_to_hub = False
     return token
 
 
-def push_trained_drafter(trainer, token: str | None, format: str | None = None) -> str:
-    """Export the trained drafter (LoRA merged; `eagle3` for EAGLE-3, `medusa` for Medusa by default) with
+def push_trained_drafter(trainer, token: str | None, format: str = "auto") -> str:
+    """Export the trained drafter (LoRA merged; ``auto``: `eagle3` for EAGLE-3, `medusa` for Medusa) with
     its card and upload it to `trainer.args.hub_model_id`."""
-    from ppow_trl.export.hub import push_to_hub
-    from ppow_trl.models import MedusaDrafter, unwrap_drafter
-
-    fmt = format or ("medusa" if isinstance(unwrap_drafter(trainer.model), MedusaDrafter) else "eagle3")
     card = trainer._card_kwargs()
     repo_id, k = card.pop("repo_id"), card.pop("num_speculative_tokens")
     return push_to_hub(
         trainer.model,
         repo_id,
-        fmt,
+        format,
         token=token,
         private=trainer.args.hub_private_repo,
         target=getattr(trainer, "target", None),

@@ -34,7 +34,7 @@ from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.decoding.cost import measure_gamma
 from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.decoding.kernels import verify_windows
-from ppow_trl.export.hub import PPOW_PAPER
+from ppow_trl.io import PPOW_PAPER
 from ppow_trl.metrics import acceptance_metrics, paired_tau_difference, per_position_acceptance
 from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, unwrap_drafter
 from ppow_trl.target import window_logits

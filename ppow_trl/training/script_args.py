@@ -104,14 +104,6 @@ def lora_config(model_args: DrafterModelArguments):
     )
 
 
-def load_start_drafter(name_or_path: str, target):
-    """The drafter a recipe starts from, in any layout `ppow_trl.export.load_drafter` reads, checked against
-    the target (a checkpoint for another target fails naming the fields that differ)."""
-    from ppow_trl.export import load_drafter
-
-    return load_drafter(name_or_path, target)
-
-
 def resume_arg(value: str | None, output_dir: str) -> str | bool | None:
     """`--resume_from_checkpoint true` means the latest checkpoint in output_dir, or a fresh start when there is
     none yet, so one command both starts and continues a long run."""
