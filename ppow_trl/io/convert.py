@@ -25,6 +25,7 @@ from ppow_trl.hub_id import is_hub_id
 from ppow_trl.io.source import RECORD_KEY, UNKNOWN_TARGETS, DrafterFormatError
 from ppow_trl.models import Eagle3Drafter, Eagle3DrafterConfig, MedusaDrafter, MedusaDrafterConfig
 from ppow_trl.models.common import check_drafter_matches_target
+from ppow_trl.target import default_aux_layer_ids
 
 logger = logging.getLogger(__name__)
 
@@ -324,9 +325,7 @@ def _serving_aux_layer_ids(config: dict[str, Any], num_hidden_layers: int) -> li
     )
     if serving:
         return hf_layer_ids(serving, record.get("layer_id_convention", "vllm"))
-    from ppow_trl.target import default_aux_layer_ids  # the engines' default: [2, L//2, L-3]
-
-    return default_aux_layer_ids(num_hidden_layers)
+    return default_aux_layer_ids(num_hidden_layers)  # the engines' default: [2, L//2, L-3]
 
 
 def eagle3_config_from_serving(
