@@ -27,7 +27,7 @@ WARMSTART := drafters/smollm2-135m-eagle3
 # The shipped warm start -> PPOW on fresh self-generated data -> evaluation of both drafters on MT-Bench
 # and HumanEval, offline on CPU (the regenerated data is cached, so a second run starts training at once).
 demo: setup
-	$(RUN) recipes/ppow.py --config $(CONFIGS)/ppow_eagle3.yaml
+	$(RUN) recipes/eagle_ppow.py --config $(CONFIGS)/ppow_eagle3.yaml
 	$(RUN) recipes/evaluate_drafter.py --config $(CONFIGS)/evaluate.yaml --drafter $(WARMSTART) \
 		--output_dir $(OUT)/eval-warmstart
 	$(RUN) recipes/evaluate_drafter.py --config $(CONFIGS)/evaluate.yaml
@@ -35,7 +35,7 @@ demo: setup
 # The old demo: a small warm start trained from scratch (59 answers), then PPOW on it.
 demo-from-scratch: setup
 	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3.yaml
-	$(RUN) recipes/ppow.py --config $(CONFIGS)/ppow_eagle3_from_scratch.yaml
+	$(RUN) recipes/eagle_ppow.py --config $(CONFIGS)/ppow_eagle3_from_scratch.yaml
 	$(RUN) recipes/evaluate_drafter.py --config $(CONFIGS)/evaluate.yaml \
 		--drafter $(OUT)/ppow-eagle3-from-scratch --output_dir $(OUT)/eval-from-scratch
 

@@ -8,7 +8,7 @@
 
 Every arm (`--run "<kind> <name>: <overrides>"`, or the `arms:` list of an `--arms` YAML with `name`, `kind`
 and `overrides`) trains the warm-start drafter for `--steps` optimizer steps with a recipe, once per seed of
-`--seeds`: `ppow` = recipes/ppow.py with `--ppow-config`, `cst` = continued supervised training with
+`--seeds`: `ppow` = recipes/eagle_ppow.py with `--ppow-config`, `cst` = continued supervised training with
 recipes/sft_drafter.py and `--sft-config` (the paper's control: same checkpoint, same number of steps). The
 overrides are recipe command-line arguments (the YAML may also set `ppow_config` / `sft_config` per arm).
 Held-out teacher-forced tau (greedy, chain drafting, the configs' K) is read from each run's Trainer log every
@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-import ppow as ppow_recipe  # noqa: E402
+import eagle_ppow as ppow_recipe  # noqa: E402
 import sft_drafter  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402

@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from trl import TrlParser
-
 from ppow_trl.evaluation import EvaluationConfig, evaluate
+from ppow_trl.training.parser import RecipeParser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = TrlParser(EvaluationConfig)
+    parser = RecipeParser(EvaluationConfig)
     (config,) = parser.parse_args_and_config(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = evaluate(config)

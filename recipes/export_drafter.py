@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import TrlParser
 
 from ppow_trl.io import (
     AUTO,
@@ -37,6 +36,7 @@ from ppow_trl.io import (
     run_card_inputs,
 )
 from ppow_trl.target import load_target
+from ppow_trl.training.parser import RecipeParser
 
 
 @dataclass
@@ -98,7 +98,7 @@ class ExportArguments:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    (args,) = TrlParser(ExportArguments).parse_args_and_config(argv)
+    (args,) = RecipeParser(ExportArguments).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = check_hub_access(args.hub_model_id, args.hub_token) if args.push_to_hub else None
     source = locate_drafter(args.drafter)

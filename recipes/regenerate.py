@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from trl import TrlParser
-
 from ppow_trl.data import DataConfig, build_training_data
 from ppow_trl.data.card import write_dataset_card
 from ppow_trl.target import load_target
+from ppow_trl.training.parser import RecipeParser
 from ppow_trl.training.script_args import TargetArguments
 
 
@@ -32,7 +31,7 @@ class RegenerateArguments(TargetArguments):
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RegenerateArguments, DataConfig]:
-    parser = TrlParser((RegenerateArguments, DataConfig))
+    parser = RecipeParser((RegenerateArguments, DataConfig))
     return tuple(parser.parse_args_and_config(argv))  # type: ignore[return-value]
 
 

@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 from transformers import set_seed
-from trl import TrlParser
 
 from ppow_trl.data import DataConfig, build_training_data, make_feature_provider
 from ppow_trl.io import load_drafter, locate_drafter
@@ -23,6 +22,7 @@ from ppow_trl.models.build import build_drafter
 from ppow_trl.target import load_target
 from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
 from ppow_trl.training.card import hub_preflight, push_trained_drafter
+from ppow_trl.training.parser import RecipeParser
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
@@ -33,7 +33,7 @@ from ppow_trl.training.script_args import (
 
 def parse_args(argv: list[str] | None = None) -> tuple[DrafterModelArguments, DataConfig, DrafterSFTConfig]:
     """Parse the command line and an optional YAML `--config` file."""
-    parser = TrlParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
+    parser = RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
     model_args, data_config, args = parser.parse_args_and_config(argv)
     data_config.seed = args.seed
     return model_args, data_config, args
@@ -49,7 +49,8 @@ def main(
         model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
     )
     start = load_drafter(source, target) if source else None  # ours or a published layout
-    data = build_training_data(data_config, target, tokenizer)
+    with args.main_process_first(desc="training data"):  # written once; the other processes read it
+        data = build_training_data(data_config, target, tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     # The split (and its data fingerprint) next to the drafter, for results and the model card.
     shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")

@@ -30,7 +30,7 @@ def harness():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     yield module
-    for name in ("ppow", "sft_drafter"):
+    for name in ("eagle_ppow", "sft_drafter"):
         sys.modules.pop(name, None)
 
 

@@ -376,7 +376,7 @@ def test_recipes_run_on_a_local_target(tmp_path, tiny_target_dir):
     assert "eval_tau" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
     # PPOW from that warm start with the same data settings (cached data reused), interrupted and resumed.
-    ppow_recipe = load_recipe("ppow")
+    ppow_recipe = load_recipe("eagle_ppow")
     ppow_args = [
         "--target_name_or_path", tiny_target_dir, "--drafter_name_or_path", str(tmp_path / "out"),
         "--dataset_name", str(prompts), "--cache_dir", str(tmp_path / "cache"), "--max_new_tokens", "8",

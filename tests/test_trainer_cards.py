@@ -78,14 +78,14 @@ def load_recipe(name):
         sys.path.remove(str(RECIPES))
 
 
-@pytest.mark.parametrize("recipe", ["ppow", "sft_drafter"])
+@pytest.mark.parametrize("recipe", ["eagle_ppow", "sft_drafter"])
 def test_recipes_check_a_hub_push_before_any_training_work(recipe, tmp_path):
     module = load_recipe(recipe)
     argv = ["--target_name_or_path", str(tmp_path / "no-such-target"), "--output_dir", str(tmp_path / "out"),
             "--drafter_name_or_path", str(tmp_path / "no-such-drafter"), "--push_to_hub", "true",
             "--hub_model_id", "me/x", "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE is set"):
-        module.main(argv) if recipe == "ppow" else module.main(*module.parse_args(argv))
+        module.main(argv) if recipe == "eagle_ppow" else module.main(*module.parse_args(argv))
 
 
 def test_ppow_recipe_starts_from_a_published_eagle3_checkpoint(tiny_target, tiny_target_dir, tmp_path):

@@ -59,12 +59,16 @@ IGNORED_GRPO_FIELDS = (
 )  # fmt: skip
 
 
+def is_ignored_grpo_field(name: str) -> bool:
+    """A GRPO field PPOW ignores: `IGNORED_GRPO_FIELDS`, every `vllm_*` and the SAPO/VESPO loss settings."""
+    return name in IGNORED_GRPO_FIELDS or name.startswith(("vllm_", "sapo_", "vespo_"))
+
+
 def ignored_grpo_fields_set(config) -> dict[str, tuple]:
-    """{name: (value, default)} of the GRPO fields PPOW ignores (`IGNORED_GRPO_FIELDS`, every `vllm_*` and the
-    SAPO/VESPO loss settings) that differ from their defaults."""
+    """{name: (value, default)} of the GRPO fields PPOW ignores that differ from their defaults."""
     set_fields = {}
     for f in dataclasses.fields(config):
-        if not (f.name in IGNORED_GRPO_FIELDS or f.name.startswith(("vllm_", "sapo_", "vespo_"))):
+        if not is_ignored_grpo_field(f.name):
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         value = getattr(config, f.name)

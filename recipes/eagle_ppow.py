@@ -1,7 +1,9 @@
 """PPOW fine-tuning of a warm-started drafter (EAGLE-3 or Medusa) against its frozen target.
 
-    python recipes/ppow.py --config recipes/configs/smollm2-135m/ppow_eagle3.yaml
-    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/ppow.py --config <yaml>
+    python recipes/eagle_ppow.py --config recipes/configs/smollm2-135m/ppow_eagle3.yaml
+    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml recipes/eagle_ppow.py --config <yaml>
+    OMP_NUM_THREADS=1 accelerate launch --config_file recipes/accelerate_configs/cpu_ddp.yaml \
+        recipes/eagle_ppow.py --config <yaml>
 
 Every field of `DrafterModelArguments`, `ppow_trl.data.DataConfig` and `ppow_trl.training.PPOWConfig`
 can be set in the YAML file or on the command line; unknown keys are an error. `drafter_name_or_path`
@@ -17,13 +19,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from trl import TrlParser
-
 from ppow_trl.data import build_training_data, make_feature_provider
 from ppow_trl.io import load_drafter, locate_drafter
 from ppow_trl.target import load_target
 from ppow_trl.training import PPOWConfig, PPOWTrainer
 from ppow_trl.training.card import hub_preflight, push_trained_drafter
+from ppow_trl.training.parser import RecipeParser
+from ppow_trl.training.ppow import is_ignored_grpo_field
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
@@ -34,9 +36,8 @@ from ppow_trl.training.script_args import (
 
 
 def main(argv: list[str] | None = None) -> PPOWTrainer:
-    model_args, data_config, args = TrlParser(
-        (DrafterModelArguments, DataArguments, PPOWConfig)
-    ).parse_args_and_config(argv)
+    parser = RecipeParser((DrafterModelArguments, DataArguments, PPOWConfig), hidden=is_ignored_grpo_field)
+    model_args, data_config, args = parser.parse_args_and_config(argv)
     data_config.seed = args.seed
     if not model_args.drafter_name_or_path:
         raise ValueError(
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
         model_args.target_name_or_path, model_args.target_dtype, model_args.target_quantization
     )
     drafter = load_drafter(source, target)  # ours or a published layout, checked against the target
-    data = build_training_data(data_config, target, tokenizer)
+    with args.main_process_first(desc="training data"):  # written once; the other processes read it
+        data = build_training_data(data_config, target, tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     # Results name the split they were measured on.
     shutil.copy(data.directory / "split.json", Path(args.output_dir) / "split.json")
