@@ -224,7 +224,9 @@ def test_bad_input_is_refused_with_clear_errors(tiny_target, tiny_tokenizer, dat
 
 def test_two_processes_keep_identical_weights_and_normalise_over_the_whole_group(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    # Launched as a user would, through accelerate with the shipped CPU config (torchrun + gloo underneath).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           "recipes/accelerate_configs/cpu_ddp.yaml", "--main_process_port", "29531",
            "tests/scripts/ppow_two_ranks.py", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

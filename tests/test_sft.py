@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -394,6 +396,24 @@ def test_recipes_run_on_a_local_target(tmp_path, tiny_target_dir):
     for name in ("split.json", "warm_start_results.json", "eval_results.json", "model.safetensors"):
         assert (out / name).is_file(), name
     assert type(AutoModel.from_pretrained(out)).__name__ == "Eagle3Drafter"
+
+    # The design's command on CPU cores: 2 processes of real DDP (gloo) through the shipped accelerate config,
+    # one output, the data read from the cache the runs above wrote.
+    launched = tmp_path / "ppow-ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes/accelerate_configs/cpu_ddp.yaml"), "--main_process_port", "29533",
+           str(ROOT / "recipes/eagle_ppow.py"), *ppow_args, "--max_steps", "2", "--output_dir", str(launched)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def first_step_epoch(run: Path) -> float:
+        history = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+        return next(entry["epoch"] for entry in history if "loss" in entry)
+
+    # Two processes consume twice the sequences per step of one: the epoch advances (about) twice as fast.
+    assert first_step_epoch(launched) == pytest.approx(2 * first_step_epoch(out), rel=0.35)
+    assert (launched / "model.safetensors").is_file() and "regenerating" not in done.stderr
 
 
 # ----------------------------------------------------------------------------------------------- integration

@@ -1,4 +1,4 @@
-"""Run by tests/test_ppow.py under `torchrun --nproc_per_node 2` (gloo): a few PPOW steps, then each rank
+"""Run by tests/test_ppow.py under `accelerate launch` with recipes/accelerate_configs/cpu_ddp.yaml (2 processes, gloo): a few PPOW steps, then each rank
 writes its drafter weights and, for every rollout, its local window rewards and advantages."""
 
 import os
