@@ -113,7 +113,7 @@ def test_cache_hit_and_resume_after_interruption(tiny_tokenizer, tmp_path, monke
 
     monkeypatch.setattr(corpus_module, "_sequences", spy)
     resumed = corpus_of(config, tiny_tokenizer)
-    assert written == [f"shard-0000{i}-of-00004.safetensors" for i in range(4)]  # only the missing two
+    assert written == [f"shard-0000{i}-of-00004.parquet" for i in range(4)]  # only the missing two
     assert len(starts) == 1 and starts[0] != (0, 0)  # continued from the second shard's stream position
     assert resumed.dataset["input_ids"] == reference.dataset["input_ids"]
     assert resumed.dataset["prompt_id"] == reference.dataset["prompt_id"]

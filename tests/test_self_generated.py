@@ -354,12 +354,12 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
     process = subprocess.Popen(_regenerate_command(writer_target_dir, out), env=env, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("regen/*/shard-00001-*.safetensors")):
+    while time.time() < deadline and not list(out.glob("regen/*/shard-00001-*.parquet")):
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.safetensors")}
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.parquet")}
     prompts_done = {p.name: p.stat().st_mtime_ns for p in out.glob("prompts/*/shard-*.jsonl")}
     assert len(done) >= 2 and not (out / "ppow_data.json").exists(), len(done)  # killed mid-run
 
@@ -367,7 +367,7 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
         _regenerate_command(writer_target_dir, out), env=env, cwd=REPO, capture_output=True
     )
     assert finished.returncode == 0, finished.stderr.decode()[-2000:]
-    after = {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.safetensors")}
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.parquet")}
     assert {name: after[name] for name in done} == done and len(after) > len(done)  # old shards untouched
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("prompts/*/shard-*.jsonl")} == prompts_done
     assert not list(out.rglob("*.tmp"))
@@ -398,4 +398,4 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
         data.train["input_ids"] == fresh.train["input_ids"]
         and data.eval["input_ids"] == fresh.eval["input_ids"]
     )
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.safetensors")} == after
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.parquet")} == after

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -63,6 +64,8 @@ def reuse_shard(path: Path) -> bool:
     return False
 
 
+TOKEN_COLUMNS = ("input_ids", "loss_mask", "prompt_id", "num_turns")
+STATS_KEY = "ppow_trl.stats"
 SHARD_WAIT_SECONDS = 10.0  # how often a worker with nothing left to claim checks on the others
 
 
@@ -127,32 +130,21 @@ def check_manifest(directory: Path, fingerprint: str, inputs: dict[str, Any]) ->
 
 
 def write_token_shard(path: Path, columns: dict[str, list], stats: dict[str, Any]) -> None:
-    """One shard of token sequences; `columns` as `read_token_shard` returns them (input_ids, loss_mask,
-    prompt_id, num_turns)."""
-    lengths = torch.tensor([len(ids) for ids in columns["input_ids"]], dtype=torch.long)
-    tensors = {
-        "input_ids": torch.tensor([t for ids in columns["input_ids"] for t in ids], dtype=torch.int64),
-        "loss_mask": torch.tensor([m for mask in columns["loss_mask"] for m in mask], dtype=torch.uint8),
-        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-        "num_turns": torch.tensor(columns["num_turns"], dtype=torch.int64),
-    }
-    metadata = {"prompt_ids": json.dumps(columns["prompt_id"]), "stats": json.dumps(stats)}
-    save_tensors_atomic(path, tensors, metadata)
+    """One shard of token sequences as a parquet file (any `datasets` or pandas user can read it): the
+    columns `read_token_shard` returns (input_ids, loss_mask, prompt_id, num_turns), plus any extra
+    per-conversation columns (e.g. `task`) for people, and the shard's `stats` in the file's metadata."""
+    types = {"input_ids": pa.list_(pa.int32()), "loss_mask": pa.list_(pa.int8()), "num_turns": pa.int32()}
+    table = pa.table({name: pa.array(values, type=types.get(name)) for name, values in columns.items()})
+    table = table.replace_schema_metadata({STATS_KEY: json.dumps(stats)})
+    tmp = _temporary(path)
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
 
 
 def read_token_shard(path: Path) -> tuple[dict[str, list], dict[str, Any]]:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    offsets = tensors["offsets"].tolist()
-    ids, mask = tensors["input_ids"].tolist(), tensors["loss_mask"].tolist()
-    columns = {
-        "input_ids": [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
-        "loss_mask": [mask[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
-        "prompt_id": json.loads(metadata["prompt_ids"]),
-        "num_turns": tensors["num_turns"].tolist(),
-    }
-    return columns, json.loads(metadata["stats"])
+    table = pq.read_table(path, columns=list(TOKEN_COLUMNS))
+    columns = {name: table.column(name).to_pylist() for name in TOKEN_COLUMNS}
+    return columns, json.loads(table.schema.metadata[STATS_KEY.encode()])
 
 
 def _claim_is_stale(claim: Path) -> bool:

@@ -264,7 +264,7 @@ def build_corpus(
     directory = config.cache_path / "corpus" / fingerprint
     check_manifest(directory, fingerprint, inputs)
     count = math.ceil(math.ceil(config.corpus_max_tokens / config.corpus_seq_len) / config.shard_size)
-    paths = [shard_path(directory, i, count) for i in range(count)]
+    paths = [shard_path(directory, i, count, suffix="parquet") for i in range(count)]
     shards: list[tuple[dict[str, list], dict[str, Any]]] = []
     for path in paths:
         if not path.is_file():

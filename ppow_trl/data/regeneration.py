@@ -514,7 +514,7 @@ def regenerate(
     settings_only = {key: value for key, value in inputs.items() if key != "prompts"}
     paths = [
         content_shard_path(
-            directory, i, [settings_only, [[e.id, e.turns, e.source] for e in chunk]], "safetensors"
+            directory, i, [settings_only, [[e.id, e.turns, e.source] for e in chunk]], "parquet"
         )
         for i, chunk in enumerate(chunks)
     ]
@@ -563,6 +563,7 @@ def regenerate(
                     "loss_mask": [c.mask for c in conversations],
                     "prompt_id": [c.example.id for c in conversations],
                     "num_turns": [c.turns_done for c in conversations],
+                    "task": [c.example.source for c in conversations],  # for people reading the shards
                 }
                 write_token_shard(paths[i], columns, stats)
 
