@@ -399,3 +399,48 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
         and data.eval["input_ids"] == fresh.eval["input_ids"]
     )
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("regen/*/shard-*.parquet")} == after
+
+    # The directory is a dataset artifact: `datasets` reads its parquet shards as the card's front matter says,
+    # one row per conversation, with the task type; the README is a Hub dataset card.
+    from datasets import load_dataset
+
+    from ppow_trl.data.card import DATA_FILES
+
+    rows = load_dataset("parquet", data_files=str(out / DATA_FILES), split="train")
+    assert len(rows) == len(data.train) + len(data.eval) and set(rows["task"]) <= set(data.report["task_mix"])
+    assert rows["input_ids"] == data.regeneration.dataset["input_ids"]
+    assert readme.startswith("---\nlicense: ") and f"data_files: {DATA_FILES}" in readme
+    assert "Decontamination was off" in readme  # this run set decontaminate false: the card says so
+    # Used with another target, the directory refuses instead of regenerating in place; max_prompts cannot
+    # shrink it silently.
+    with pytest.raises(ValueError, match="written by another target.*weights_sha"):
+        build_training_data(config, build_tiny_target(len(tokenizer), seed=5), tokenizer, progress=False)
+    with pytest.raises(ValueError, match="max_prompts does not apply to the dataset directory"):
+        build_training_data(replace(config, max_prompts=3), target, tokenizer, progress=False)
+
+
+def test_regenerate_checks_a_hub_push_before_any_work(tmp_path, monkeypatch):
+    """--push_to_hub is checked before the target is even loaded (the Hub itself cannot be reached here)."""
+    from ppow_trl.io import HubAccessError
+
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import regenerate
+    finally:
+        sys.path.pop(0)
+    argv = ["--target_name_or_path", str(tmp_path / "no-such-target"), "--output_dir", str(tmp_path / "d"),
+            "--dataset_name", "self_generated", "--push_to_hub", "true"]  # fmt: skip
+    with pytest.raises(HubAccessError, match="hub_dataset_id"):
+        regenerate.main(*regenerate.parse_args(argv))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):
+        regenerate.main(*regenerate.parse_args([*argv, "--hub_dataset_id", "me/data"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        regenerate.main(*regenerate.parse_args([*argv[:2], "--output_dir", str(tmp_path / "file")]))
+    assert not (tmp_path / "d").exists()
+
+
+def test_max_prompts_is_refused_for_prompts_the_target_writes():
+    with pytest.raises(ValueError, match="set self_generated_prompts"):
+        DataConfig(dataset_name="self_generated", max_prompts=4)

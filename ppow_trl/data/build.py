@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
@@ -17,12 +18,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..target import vocab_size_of
 from .cache import fill_shards, write_text_atomic
-from .config import DataConfig
+from .card import check_dataset_target
+from .config import DATASET_CARD, DataConfig
 from .corpus import build_corpus, open_corpus
 from .draft_vocab import DraftVocab, build_draft_vocab, count_assistant_tokens
 from .features import TargetFeatureProvider, collate_sequences
 from .filters import ContaminationIndex, FilterSettings, filter_prompts
-from .regeneration import Regeneration, regenerate
+from .regeneration import Regeneration, regenerate, target_identity
 from .self_generated import self_generated_prompts
 from .sources import (
     EVALUATION_SOURCES,
@@ -119,6 +121,16 @@ def split_by_side(dataset: Dataset, eval_ids: set[str]) -> tuple[Dataset, Datase
     return dataset, train, dataset.select([i for i, side in enumerate(sides) if side == "eval"])
 
 
+def later_turn_tokens(loss_masks: list[list[int]]) -> int:
+    """Supervised tokens after each conversation's first answer (answers to second and later turns)."""
+    total = 0
+    for mask in loss_masks:
+        row = np.asarray(mask, dtype=np.int8)
+        starts = np.flatnonzero(np.diff(row, prepend=0) == 1)  # where each answer begins
+        total += int(row[starts[1] :].sum()) if len(starts) > 1 else 0
+    return total
+
+
 def load_or_build_draft_vocab(path: Path, train: Dataset, size: int, vocab_size: int) -> DraftVocab:
     if path.is_file():
         return DraftVocab.load(path)
@@ -168,6 +180,8 @@ def build_training_data(
     `report.json` and `draft_vocab-<N>.safetensors` in a folder per split setting inside the regenerated
     data's cache folder.
     """
+    if (Path(config.dataset_name).expanduser() / DATASET_CARD).is_file():
+        check_dataset_target(Path(config.dataset_name).expanduser(), target)
     config = config.for_dataset_dir()
     corpus_source = (
         open_corpus(config.corpus_name, config.corpus_config, config.corpus_split)
@@ -228,6 +242,7 @@ def build_training_data(
         "num_eval": len(eval_),
         "tokens": sum(len(ids) for ids in dataset["input_ids"]),
         "assistant_tokens": regen.stats["generated_tokens"],
+        "later_turn_answer_tokens": later_turn_tokens(dataset["loss_mask"]),
         "train_positions": sum(sum(m) for m in train["loss_mask"]),
         "corpus": None if corpus is None else {**corpus.stats, "dir": str(corpus.directory)},
         "dropped_prompts": regen.stats["dropped_prompts"],
@@ -238,6 +253,7 @@ def build_training_data(
         "draft_vocab_size": draft_vocab.draft_vocab_size,
         "draft_vocab_coverage": draft_vocab.coverage,
         "eval_draft_vocab_coverage": eval_coverage(eval_, draft_vocab, vocab_size),
+        "target": target_identity(target),
         "config": asdict(config),
     }
     (build_dir / "report.json").write_text(json.dumps(report, indent=1))

@@ -257,6 +257,11 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.max_prompts is not None and self.dataset_name == "self_generated":
+            raise ValueError(
+                "max_prompts does not apply to dataset_name='self_generated': set self_generated_prompts "
+                "(how many prompts the target writes)"
+            )
         if self.corpus_mix not in CORPUS_MIXES:
             raise ValueError(f"corpus_mix must be one of {CORPUS_MIXES}, got {self.corpus_mix!r}")
         for name in ("corpus_max_tokens", "corpus_seq_len"):
@@ -310,6 +315,11 @@ class DataConfig:
         card = directory / DATASET_CARD
         if not card.is_file():
             return self
+        if self.max_prompts is not None:
+            raise ValueError(
+                f"max_prompts does not apply to the dataset directory {directory}: it holds its own prompts "
+                "(grow or shrink it with recipes/regenerate.py)"
+            )
         stored = json.loads(card.read_text())["data_config"]
         training_side = {name: getattr(self, name) for name in TRAINING_SIDE_FIELDS}
         return DataConfig.from_dict({**stored, **training_side, "cache_dir": str(directory)})

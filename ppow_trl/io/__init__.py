@@ -16,7 +16,7 @@
 from .card import PPOW_PAPER, TAU_DEFINITION, drafter_model_card, run_card_inputs, write_drafter_card
 from .convert import LAYER_ID_CONVENTIONS, hf_layer_ids, serving_layer_ids
 from .drafters import export_drafter, load_drafter, merged_drafter, needs_target, recorded_target
-from .hub import HubAccessError, check_hub_access, push_to_hub
+from .hub import HubAccessError, check_hub_access, push_dataset, push_to_hub
 from .layouts import (
     AUTO,
     FORMATS,
@@ -55,6 +55,7 @@ __all__ = [
     "locate_drafter",
     "merged_drafter",
     "needs_target",
+    "push_dataset",
     "push_to_hub",
     "recorded_target",
     "register_layout",

@@ -107,3 +107,35 @@ def push_to_hub(
     url = getattr(info, "commit_url", None) or str(info)
     logger.info("Pushed the %s drafter to %s", format, url)
     return url
+
+
+# What a dataset directory (recipes/regenerate.py) publishes: the card, the prompts and answer shards, the
+# split and draft vocabulary; never the offline feature caches (large, rebuilt from the shards) or claims.
+DATASET_FILES = (
+    "README.md",
+    "ppow_data.json",
+    "prompts/**",
+    "regen/*/*.parquet",
+    "regen/*/*.json",
+    "split-*/**",
+)
+
+
+def push_dataset(directory: str | Path, repo_id: str, token: str, private: bool | None = None) -> str:
+    """Upload a dataset directory to the Hub dataset repository `repo_id` (access checked beforehand with
+    `check_hub_access`); returns the URL of the commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=str(directory),
+        allow_patterns=list(DATASET_FILES),
+        ignore_patterns=["**/.*"],
+        commit_message="Upload drafter training data (ppow-trl)",
+    )
+    url = getattr(info, "commit_url", None) or str(info)
+    logger.info("Pushed the dataset directory %s to %s", directory, url)
+    return url
