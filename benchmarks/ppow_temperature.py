@@ -19,13 +19,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch
 from transformers import AutoModel
-from trl import TrlParser
 
 from ppow_trl.data import build_training_data, make_feature_provider
 from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.target import load_target
 from ppow_trl.training import PPOWConfig, PPOWTrainer
 from ppow_trl.training.acceptance import accepted_prefix_length
+from ppow_trl.training.parser import RecipeParser
 from ppow_trl.training.script_args import DataArguments, DrafterModelArguments
 
 
@@ -58,7 +58,7 @@ def main() -> None:
 
     target, tokenizer = load_target("embedded")
     for temperature in cli.temperatures:
-        _, data_config, args = TrlParser((DrafterModelArguments, DataArguments, PPOWConfig)).parse_args_and_config(
+        _, data_config, args = RecipeParser((DrafterModelArguments, DataArguments, PPOWConfig)).parse_args_and_config(
             ["--config", cli.config, "--output_dir", "/tmp/ppow_temperature", "--eval_strategy", "no",
              "--gamma", "0.02", "--target_kl_coef", "0", "--use_adaw", "false",
              "--reward_funcs", "cost_aware_speedup", "--temperature", str(temperature)]

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trl import TrlParser
 
 from ppow_trl.metrics import paired_tau_difference
 from ppow_trl.training import DrafterSFTConfig
-from ppow_trl.training.ppow import PPOWConfig
+from ppow_trl.training.parser import RecipeParser
+from ppow_trl.training.ppow import PPOWConfig, is_ignored_grpo_field
 from ppow_trl.training.script_args import DataArguments, DrafterModelArguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_arms_parse_and_cst_uses_the_ppow_stage_data(harness):
             ROOT / "recipes/configs/smollm2-135m/ppow_eagle3.yaml"
         )
         args_class = PPOWConfig if arm["kind"] == "ppow" else DrafterSFTConfig
-        parsed[arm["name"]] = TrlParser(
+        parsed[arm["name"]] = RecipeParser(
             (DrafterModelArguments, DataArguments, args_class)
         ).parse_args_and_config(["--config", str(ROOT / config), *arm["overrides"]])
     assert parsed["ppow_no_proximity"][2].reward_funcs == ["cost_aware_speedup"]
@@ -73,10 +73,10 @@ def test_medusa_arms_train_one_warm_start_on_the_same_data_at_its_heads(harness)
         a["kind"]: ROOT / (a.get("sft_config") or "recipes/configs/smollm2-135m/ppow_medusa.yaml")
         for a in arms
     }
-    parser = TrlParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
+    parser = RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
     cst_model, cst_data, cst_args = parser.parse_args_and_config(["--config", str(configs["cst"])])
-    ppow_model, ppow_data, ppow_args = TrlParser(
-        (DrafterModelArguments, DataArguments, PPOWConfig)
+    ppow_model, ppow_data, ppow_args = RecipeParser(
+        (DrafterModelArguments, DataArguments, PPOWConfig), hidden=is_ignored_grpo_field
     ).parse_args_and_config(["--config", str(configs["ppow"])])
     warm = parser.parse_args_and_config(
         ["--config", str(ROOT / "recipes/configs/smollm2-135m/sft_medusa.yaml")]
