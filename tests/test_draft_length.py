@@ -133,3 +133,14 @@ def test_packed_linears_match_the_default_path_and_restore_it():
     assert not use_packed_linears(model.double(), True)  # fp32 only
     with pytest.raises(ValueError):
         use_packed_linears(model, "yes")
+
+
+def test_reprice_keeps_what_was_learned_and_probes_again():
+    policy = DraftLengthPolicy("auto", 6, COSTS, draft_cost=0.6, commit_cost=0.05)
+    skipped = _run_rounds(policy, 0.5, 0.5, 60)  # a step at 60% of a plain step: drafting rarely pays
+    calibration = policy.calibration
+    assert policy._skip_limit > 1 and sum(w > 0 for w in skipped[-30:]) < 10
+    policy.reprice([2 * c for c in COSTS], draft_cost=0.1, commit_cost=0.1)  # any unit: normalised by c(1)
+    assert policy.costs == pytest.approx(COSTS) and policy.draft_cost == pytest.approx(0.05)
+    assert policy.calibration == calibration and policy._skip_limit == 1
+    assert all(w > 0 for w in _run_rounds(policy, 0.5, 0.5, 30)[5:])

@@ -3,7 +3,7 @@ most expected tokens per unit of cost ("auto").
 
 The pure functions price windows with a cost table: `costs[n-1]` = c(n), the cost of a cached target forward
 over n tokens (in any unit, e.g. plain decoding steps), and `draft_cost` = the cost of one drafter step
-(`ppow_trl.decoding.costs.measure_costs` measures both). With per-step acceptance probabilities p_1..p_K
+(`ppow_trl.decoding.cost.measure_costs` measures both). With per-step acceptance probabilities p_1..p_K
 (the drafter's confidence), a window of k draft tokens yields E_k = 1 + sum_{j<=k} p_1 * ... * p_j tokens in
 expectation (the target always adds one) and costs c(k+1) plus the k draft steps.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,13 +43,15 @@ def expected_tokens(accept_probs: torch.Tensor) -> torch.Tensor:
 
 def verify_cost(costs: torch.Tensor | Sequence[float], num_tokens: int) -> float:
     """c(num_tokens) from the table `costs[n-1]` = c(n), extrapolated linearly past its end."""
-    table = torch.as_tensor(costs, dtype=torch.float64).reshape(-1)
     if num_tokens < 1:
         raise ValueError(f"a forward verifies at least one token, got {num_tokens}")
-    if num_tokens <= table.numel():
+    # plain floats: the policy prices several windows per draft step, and a tensor per call cost more than
+    # the pricing itself
+    table = costs.double().reshape(-1).tolist() if isinstance(costs, torch.Tensor) else costs
+    if num_tokens <= len(table):
         return float(table[num_tokens - 1])
-    slope = float(table[-1] - table[-2]) if table.numel() > 1 else float(table[-1])
-    return float(table[-1]) + slope * (num_tokens - table.numel())
+    slope = float(table[-1] - table[-2]) if len(table) > 1 else float(table[-1])
+    return float(table[-1]) + slope * (num_tokens - len(table))
 
 
 def round_costs(
@@ -145,6 +148,9 @@ class DraftLengthPolicy:
     _skipped: int = field(default=0, init=False)
     _skip_limit: int = field(default=1, init=False)
     _round: dict = field(default_factory=dict, init=False)
+    # The `ppow_trl.decoding.cost.CostMonitor` that reprices this policy from timed rounds (set by the decoding
+    # loops for measured tables).
+    monitor: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "threshold"):
@@ -153,16 +159,30 @@ class DraftLengthPolicy:
             raise ValueError(f"the maximum window must be an integer >= 1, got {self.max_window!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"the confidence threshold must be in [0, 1], got {self.threshold}")
-        table = torch.as_tensor(self.costs, dtype=torch.float64).reshape(-1)
+        self.reprice(self.costs, self.draft_cost, self.commit_cost)
+        # the prior (one step of `prior_tokens` predicted tokens, all accepted) fades with the data
+        self._reach = [float(self.prior_tokens)] + [0.0] * (self.max_window - 1)
+        self._observed = float(self.prior_tokens)
+
+    def reprice(
+        self, costs: Sequence[float] | torch.Tensor, draft_cost: float, commit_cost: float = 0.0
+    ) -> None:
+        """Price windows with another cost table (any unit), keeping what was learned about the drafter; the
+        achieved rate stays valid because costs are normalised so that a plain step c(1) = 1. Probing starts
+        over (the next skipped round probes): skipped rounds were judged at the old prices."""
+        table = torch.as_tensor(costs, dtype=torch.float64).reshape(-1)
         if table.numel() == 0 or bool((table <= 0).any()):
             raise ValueError("the cost table c(n) needs positive entries")
         table = torch.cummax(table, 0).values  # a longer forward never costs less (measurement noise aside)
         self.costs = (table / table[0]).tolist()
-        self.draft_cost = float(self.draft_cost) / float(table[0])
-        self.commit_cost = float(self.commit_cost) / float(table[0])
-        # the prior (one step of `prior_tokens` predicted tokens, all accepted) fades with the data
-        self._reach = [float(self.prior_tokens)] + [0.0] * (self.max_window - 1)
-        self._observed = float(self.prior_tokens)
+        self.draft_cost = float(draft_cost) / float(table[0])
+        self.commit_cost = float(commit_cost) / float(table[0])
+        self._skipped, self._skip_limit = 0, 1
+
+    @property
+    def drafted_steps(self) -> int:
+        """Drafter steps run in the current round (included in the window or not)."""
+        return int(self._round.get("steps", 0))
 
     def new_call(self) -> DraftLengthPolicy:
         """Start a new generation: drop the round in flight, keep what was learned about the drafter (its
@@ -209,6 +229,7 @@ class DraftLengthPolicy:
         """After draft step `step` (1-based) with per-row confidence (B,) (rows that take no part pass 0):
         (include d_step in the window, draft another step)."""
         conf = confidence.detach().double().reshape(-1).cpu()
+        self._round["steps"] = step
         if step == 1:
             self._first = float(conf.mean()) if self.mode == "auto" else self._first
         if self.mode == "threshold":

@@ -35,6 +35,7 @@ from transformers.generation.logits_process import (
 )
 
 from ppow_trl import _compat
+from ppow_trl.decoding.cost import cost_clock
 from ppow_trl.decoding.draft_length import DraftLengthPolicy
 from ppow_trl.decoding.drafting import ChainDrafter
 from ppow_trl.decoding.speculative import (
@@ -45,6 +46,8 @@ from ppow_trl.decoding.speculative import (
     draft_probs_mapper,
     draft_with_policy,
     feature_layers,
+    policy_costs,
+    record_round,
     speculative_generate,
 )
 from ppow_trl.models.common import unwrap_drafter
@@ -118,6 +121,12 @@ class DrafterCandidateGenerator(CandidateGenerator):
         self.window_sizes: list[int] = []
         self.num_verify_forwards = 0
         self.drafter_seconds = 0.0
+        # Rounds timed for the policy's CostMonitor: drafting here, the target forward from the end of
+        # `get_candidates` to `update_candidate_strategy` (transformers' verification is in between).
+        monitored = policy is not None and policy.monitor is not None
+        self.round_clock = cost_clock(self.model.device) if monitored else None
+        self.prompt_committed = False
+        self.round_timing: tuple[float | None, float] | None = None  # (drafting seconds, forward start)
 
     def _features(self, hidden_states: tuple, n: int) -> torch.Tensor:
         return torch.cat([hidden_states[i][:, :n] for i in self.layers], dim=-1)
@@ -162,8 +171,10 @@ class DrafterCandidateGenerator(CandidateGenerator):
         cap = self.max_length - length - 1
         window = min(self.num_draft_tokens, cap) if self.policy is None else cap
         self.last_window = 0
+        round_start = self._now()
         if window <= 0:
             self.drafter_seconds += self.clock() - start
+            self._start_forward(None)
             return input_ids, None
         if self.policy is None:
             self._commit_queued()
@@ -175,6 +186,7 @@ class DrafterCandidateGenerator(CandidateGenerator):
             )
             if draft_tokens.shape[1] == 0:
                 self.drafter_seconds += self.clock() - start
+                self._start_forward(round_start)
                 return input_ids, None
         self.last_window = draft_tokens.shape[1]
         candidates = torch.cat([input_ids, draft_tokens.to(input_ids.device)], dim=1)
@@ -182,7 +194,26 @@ class DrafterCandidateGenerator(CandidateGenerator):
         if self.do_sample:
             logits = self.to_full_vocab(draft_probs).log()
         self.drafter_seconds += self.clock() - start
+        self._start_forward(round_start)
         return candidates, logits
+
+    def _now(self) -> float:
+        if self.round_clock is None:
+            return 0.0
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return self.round_clock()
+
+    def _start_forward(self, round_start: float | None) -> None:
+        """Drafting ends, the target forward starts. Not reported as drafting: a round that did not ask the
+        policy (`round_start` None) and the round that committed the prompt's rows."""
+        if self.round_clock is None:
+            return
+        now = self._now()
+        prompt_round = not self.prompt_committed and not self.to_commit
+        self.prompt_committed = self.prompt_committed or not self.to_commit
+        drafting = None if prompt_round or round_start is None else now - round_start
+        self.round_timing = (drafting, now)
 
     def _commit_queued(self) -> None:
         if self.to_commit:
@@ -194,6 +225,10 @@ class DrafterCandidateGenerator(CandidateGenerator):
             return
         if self.policy is not None:
             self.policy.end_round(self.last_window, torch.tensor([int(num_matches)]))
+        if self.round_timing is not None:
+            draft_seconds, forward_start = self.round_timing
+            record_round(self.policy, draft_seconds, self.last_window + 1, self._now() - forward_start)
+            self.round_timing = None
         self.num_verify_forwards += 1
         self.accepted.append(int(num_matches))
         self.window_sizes.append(self.last_window)
@@ -233,6 +268,7 @@ def assisted_decoding_with_drafter(
     costs: Any = None,
     packed: bool | str = "auto",
     draft_tree_width: int = 1,
+    correct_costs: bool | None = None,
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable: transformers' assisted decoding with a `DrafterCandidateGenerator`.
@@ -240,7 +276,8 @@ def assisted_decoding_with_drafter(
     Use as ``target.generate(ids, custom_generate=assisted_decoding_with_drafter, drafter=d,
     num_draft_tokens=K, max_new_tokens=N)``. Batch size 1 (a transformers limit). Returns the sequences, or a
     `SpeculativeOutput` with statistics when ``return_dict_in_generate=True``. `num_draft_tokens="auto"`,
-    `draft_confidence_threshold`, `max_draft_tokens`, `costs` and `packed` as in `speculative_generate`.
+    `draft_confidence_threshold`, `max_draft_tokens`, `costs`, `packed` and `correct_costs` as in
+    `speculative_generate`.
     """
     attachment, drafter, num_draft_tokens = _attached(model, drafter, num_draft_tokens)
     drafter_model = check_drafter_for_target(model, drafter)
@@ -266,6 +303,7 @@ def assisted_decoding_with_drafter(
         max_draft_tokens,
         costs,
         use_packed,
+        correct_costs=correct_costs,
     )
 
     def candidate_generator(self, generation_config, *args, **kwargs) -> CandidateGenerator:
@@ -296,6 +334,7 @@ def assisted_decoding_with_drafter(
         num_verify_forwards=generator.num_verify_forwards,
         new_tokens=torch.tensor([sequences.shape[1] - input_ids.shape[1]]),
         timings={"drafter": generator.drafter_seconds},
+        costs=policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None,
     )
     if attachment is not None:
         attachment.last_output = output
@@ -340,6 +379,7 @@ def speculative_decoding(
     costs: Any = None,
     packed: bool | str = "auto",
     draft_tree_width: int = 1,
+    correct_costs: bool | None = None,
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable running `speculative_generate` (any batch size, left padding).
@@ -377,6 +417,7 @@ def speculative_decoding(
         costs=costs,
         packed=packed,
         draft_tree_width=draft_tree_width,
+        correct_costs=correct_costs,
     )
     if attachment is not None:
         attachment.last_output = output

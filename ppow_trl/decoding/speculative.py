@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ppow_trl import _compat
-from ppow_trl.decoding.cost import CostTable, measure_costs
+from ppow_trl.decoding.cost import CostMonitor, CostTable, cost_clock, measure_costs
 from ppow_trl.decoding.draft_length import DraftLengthPolicy, top_probability
 from ppow_trl.decoding.drafting import ChainDrafter
 from ppow_trl.decoding.kernels import verify_windows
@@ -52,6 +52,8 @@ class SpeculativeOutput:
     num_verify_forwards: R, target forwards after the prefill (batched: one forward serves all rows).
     new_tokens: (B,) generated tokens per row (EOS included, padding excluded).
     timings: seconds per phase when profiling was requested (see `speculative_generate`).
+    costs: the cost table "auto" priced the last round with (after any correction from timed rounds, see
+        `ppow_trl.decoding.cost.CostMonitor`); None for a fixed K.
     """
 
     sequences: torch.Tensor
@@ -60,6 +62,7 @@ class SpeculativeOutput:
     num_verify_forwards: int
     new_tokens: torch.Tensor
     timings: dict[str, float] | None = None
+    costs: CostTable | None = None
 
     @property
     def rounds_per_row(self) -> torch.Tensor:
@@ -96,11 +99,14 @@ def draft_length_policy(
     costs: CostTable | None = None,
     packed: bool = False,
     padded: bool = False,
+    correct_costs: bool | None = None,
 ) -> DraftLengthPolicy | None:
     """The per-round draft-length policy of `num_draft_tokens` ("auto", or K with a confidence threshold),
     or None for a fixed K. "auto" prices windows with `costs` (default: `measure_costs`, cached), at their
     padded cost when the decoding loop pads verification forwards (`padded`, `CostTable.verify_shape`); its
-    policy is kept per drafter (in memory), so each call starts from the calibration earlier calls learned."""
+    policy is kept per drafter (in memory), so each call starts from the calibration earlier calls learned.
+    `correct_costs` (default: for measured tables, those with `measured_at`) attaches a `CostMonitor`: the
+    loops time their rounds and the policy is repriced when the observed costs disagree with the table."""
     num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
     limit = getattr(model, "max_draft_tokens", None)
     if num_draft_tokens != "auto":
@@ -119,13 +125,43 @@ def draft_length_policy(
     # One policy per drafter and cost table, kept across calls: a 64-token answer is ~25 rounds, too few to
     # learn the drafter's calibration from scratch every time.
     learned = _LEARNED_POLICIES.setdefault(model, {})
-    table = costs.padded_verify() if padded else costs.verify
-    key = (window, tuple(table), costs.draft_step, costs.commit)
+    key = _policy_key(window, costs, padded)
     if key not in learned:
-        learned[key] = DraftLengthPolicy(
+        table = costs.padded_verify() if padded else costs.verify
+        policy = DraftLengthPolicy(
             "auto", window, costs=table, draft_cost=costs.draft_step, commit_cost=costs.commit
         )
+        if correct_costs or (correct_costs is None and costs.measured_at > 0):
+
+            def reprice(corrected: CostTable) -> None:
+                table = corrected.padded_verify() if padded else corrected.verify
+                policy.reprice(table, corrected.draft_step, corrected.commit)
+                # the next call, handed the corrected table (it replaces the cached one), finds this policy
+                learned[_policy_key(window, corrected, padded)] = policy
+
+            policy.monitor = CostMonitor(costs, on_correct=reprice)
+        learned[key] = policy
     return learned[key].new_call()
+
+
+def _policy_key(window: int, costs: CostTable, padded: bool) -> tuple:
+    return (window, padded, costs.key, tuple(costs.verify), costs.draft_step, costs.commit)
+
+
+def record_round(
+    policy: DraftLengthPolicy | None, draft_seconds: float | None, verify_tokens: int, verify_seconds: float
+) -> None:
+    """Report a timed round to the policy's `CostMonitor` (if any); `draft_seconds` None = drafting not
+    representative (it committed the prompt's rows)."""
+    if policy is None or policy.monitor is None:
+        return
+    steps = policy.drafted_steps if draft_seconds is not None else 0
+    policy.monitor.record(steps, draft_seconds or 0.0, verify_tokens, verify_seconds)
+
+
+def policy_costs(policy: DraftLengthPolicy | None, costs: CostTable | None) -> CostTable | None:
+    """The table the policy prices with now (the monitor's after a correction)."""
+    return policy.monitor.table if policy is not None and policy.monitor is not None else costs
 
 
 _LEARNED_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -230,6 +266,15 @@ def draft_with_policy(
     return torch.stack(tokens, 1), torch.stack(probs, 1)
 
 
+def _now(clock: Callable[[], float] | None, device: torch.device) -> float:
+    """`clock()` after the device's queued work (0 without a clock)."""
+    if clock is None:
+        return 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock()
+
+
 class _Timer:
     def __init__(self, profile: bool | Callable[[], float], device: torch.device):
         self.enabled = bool(profile)
@@ -316,6 +361,7 @@ def speculative_generate(
     costs: CostTable | None = None,
     packed: bool | str = "auto",
     draft_tree_width: int = 1,
+    correct_costs: bool | None = None,
 ) -> SpeculativeOutput:
     """Batched speculative decoding (chain drafting, K tokens per round) with a drafter; lossless.
 
@@ -354,6 +400,8 @@ def speculative_generate(
             one-token branches, all verified in the same target forward under a tree attention mask; when the
             target's token is a runner-up, that branch is kept (its KV takes the first draft slot) and the
             target's token after it is the bonus token. Rounds verify K + w tokens.
+        correct_costs: with "auto", time the rounds and reprice windows when the observed costs disagree with
+            the table (`ppow_trl.decoding.cost.CostMonitor`); default: for measured tables only.
 
     Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens
     stay in the (shared, batched) target cache only when another row accepted more, and are masked out
@@ -383,14 +431,17 @@ def speculative_generate(
         costs,
         use_packed,
         padded,
+        correct_costs,
     )
     window = policy.max_window if policy is not None else num_draft_tokens
     with packed_linears(target, use_packed):
-        return _speculative_loop(
+        output = _speculative_loop(
             target, model, input_ids, mask, max_new_tokens, window, policy, temperature,
             eos_token_id, pad_token_id, generator, logits_warper, verify_backend, profile, device,
             costs.verify_shape if padded else None, draft_tree_width - 1,
         )  # fmt: skip
+    output.costs = policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None
+    return output
 
 
 def _tree_attention(
@@ -517,6 +568,9 @@ def _speculative_loop(
     attn = mask.clone()
     accepted_log: list[torch.Tensor] = []
     window_log: list[int] = []
+    # Rounds timed for the policy's CostMonitor, on the clock the cost table was measured with.
+    clock = cost_clock(device) if policy is not None and policy.monitor is not None else None
+    prompt_queued = True  # the first drafting commits the prompt's rows: not a representative round
     timer.lap("bookkeeping")
 
     def commit_queued() -> None:
@@ -527,11 +581,15 @@ def _speculative_loop(
 
     while not bool(rows.finished.all()):
         active = ~rows.finished
+        round_start = _now(clock, device)
         if policy is None:
             commit_queued()
             draft_tokens, draft_probs = chain.draft(window)
         else:
             draft_tokens, draft_probs = draft_with_policy(chain, policy, active, batch, commit_queued)
+        drafted_at = _now(clock, device)
+        draft_seconds = None if prompt_queued and not to_commit else drafted_at - round_start
+        prompt_queued = prompt_queued and bool(to_commit)
         timer.lap("drafter_draft")
         window = draft_tokens.shape[1]
         steps = torch.arange(window + 1, device=device)
@@ -559,6 +617,10 @@ def _speculative_loop(
             cache.crop(-filler)
         logits = warp(lm_head(out.last_hidden_state[:, :tokens_in]).float())
         features = getattr(out, model.feature_name)
+        if clock is not None:
+            record_round(
+                policy, draft_seconds, batch * (tokens_in + filler), _now(clock, device) - drafted_at
+            )
         timer.lap("target_forward")
         if window == 0:  # a plain step
             accepted, bonus = torch.zeros(batch, dtype=torch.long, device=device), pick(logits[:, 0])

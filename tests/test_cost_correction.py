@@ -1,0 +1,144 @@
+"""A cost table that lies (a drafter step priced at 60% of a 1-token verification, as a table measured on a
+loaded machine once did) is corrected by decoding from its timed rounds; a true one is left alone.
+
+The target is a 16-layer tiny Llama, so that a verification costs many drafter steps as a real target's
+does; the drafter is an oracle (tests/test_speculative.py) made moderately confident and right about half
+the time, so the window "auto" picks depends on what drafting costs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ppow_trl.decoding import cost as cost_module
+from ppow_trl.decoding import generate, speculative_generate
+from ppow_trl.decoding.cost import measure_costs
+from ppow_trl.decoding.speculative import draft_length_policy
+from tests.test_speculative import VOCAB, make_oracle, plain_greedy, prompts
+
+NEW_TOKENS = 48
+MAX_ROUNDS_TO_CORRECT = 48
+SETTLE = 8  # rounds for the policy to lengthen its windows again once the table is corrected
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def deep_target() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def case(deep_target):
+    ids = prompts((4, 7, 12, 6, 9, 5))
+    refs = [plain_greedy(deep_target, x, NEW_TOKENS) for x in ids]
+    return ids, refs
+
+
+def half_right_drafter(target, refs):
+    """Right at about half of the steps, with the same moderate confidence whether right or not (a wrong
+    step ranks the true token second), so only the costs tell "auto" how far to draft."""
+    drafter = make_oracle(
+        "eagle3", target, refs, window=8, skip=lambda r, j: (r * 7919 + j * 104729) % 97 < 48, runner_up=True
+    )
+    drafter.lookup.values = drafter.lookup.values * 0.2
+    return drafter
+
+
+def decode_all(target, drafter, case, costs, method="loop", **kwargs):
+    """Window sizes of every round over the prompts (greedy output checked), and the policy used."""
+    windows = []
+    for ids, ref in zip(*case):
+        if method == "loop":
+            out = speculative_generate(target, drafter, ids, max_new_tokens=NEW_TOKENS, num_draft_tokens="auto",
+                                       costs=costs, **kwargs)  # fmt: skip
+        else:
+            out = generate(target, drafter, ids, method="assisted", max_new_tokens=NEW_TOKENS,
+                           num_draft_tokens="auto", costs=costs, **kwargs)  # fmt: skip
+        assert torch.equal(out.sequences, ref)
+        windows += out.window_sizes.tolist()
+    padded = method == "loop"
+    return windows, draft_length_policy(target, drafter, "auto", costs=costs, padded=padded)
+
+
+def mean(values: list[int]) -> float:
+    return sum(values) / len(values)
+
+
+def test_poisoned_table_is_corrected_and_a_clean_one_left_alone(deep_target, case, tmp_path, monkeypatch):
+    monkeypatch.setenv("PPOW_TRL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost_module, "_MEMORY", {})
+    # this test is about decoding: a table measured while other jobs share the CPU is still cached here
+    monkeypatch.setattr(cost_module, "LOAD_TOLERANCE", float("inf"))
+    monkeypatch.setattr(cost_module, "MIN_OWN_SHARE", 0.0)
+    refs = case[1]
+    clean = measure_costs(deep_target, half_right_drafter(deep_target, refs), context_length=32, repeats=15)
+    assert clean.source == "measured" and not clean.problems, clean.describe()
+    poisoned = replace(clean, draft_step=0.6 * clean.verify[0])
+
+    clean_windows, policy = decode_all(deep_target, half_right_drafter(deep_target, refs), case, clean)
+    assert policy.monitor is not None and policy.monitor.corrected_at == [], policy.monitor.disagreement
+    # uncorrected, the poisoned table all but switches drafting off (so this test can fail)
+    stuck, policy = decode_all(
+        deep_target, half_right_drafter(deep_target, refs), case, poisoned, correct_costs=False
+    )
+    assert policy.monitor is None and mean(stuck) < 0.5 * mean(clean_windows), (
+        mean(stuck),
+        mean(clean_windows),
+    )
+
+    windows, policy = decode_all(deep_target, half_right_drafter(deep_target, refs), case, poisoned)
+    corrected_at = policy.monitor.corrected_at
+    assert corrected_at and corrected_at[0] <= MAX_ROUNDS_TO_CORRECT, corrected_at
+    after = windows[corrected_at[0] + SETTLE :]
+    assert abs(mean(after) - mean(clean_windows)) <= 0.1 * mean(clean_windows), (
+        mean(after),
+        mean(clean_windows),
+        corrected_at,
+    )
+    assert policy.monitor.table.source == "observed"
+    assert policy.monitor.table.draft_step < 0.3 * poisoned.draft_step
+
+    # the cached copy is marked stale: this process uses the observed table, the next one measures again
+    stored = json.loads(next((tmp_path / "costs").glob("*.json")).read_text())
+    assert stored["stale"] and "drafting" in stored["stale"]
+    assert (
+        measure_costs(deep_target, half_right_drafter(deep_target, refs), context_length=32).source
+        == "observed"
+    )
+    monkeypatch.setattr(cost_module, "_MEMORY", {})
+    again = measure_costs(deep_target, half_right_drafter(deep_target, refs), context_length=32)
+    assert again.source == "measured" and not again.stale
+
+
+def test_assisted_path_corrects_a_poisoned_table_too(deep_target, case):
+    refs = case[1]
+    clean = measure_costs(
+        deep_target, half_right_drafter(deep_target, refs), context_length=32, use_cache=False
+    )
+    poisoned = replace(clean, key="", draft_step=0.6 * clean.verify[0])
+    _, policy = decode_all(
+        deep_target, half_right_drafter(deep_target, refs), case, poisoned, method="assisted"
+    )
+    assert policy.monitor.corrected_at and policy.monitor.corrected_at[0] <= MAX_ROUNDS_TO_CORRECT
+    assert policy.monitor.table.draft_step < 0.3 * poisoned.draft_step
