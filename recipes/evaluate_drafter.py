@@ -7,7 +7,9 @@
 
 Every field of `ppow_trl.evaluation.EvaluationConfig` is a flag (or a YAML key with --config); the target
 defaults to the one recorded in the drafter's config. Use `--prompt_sets split:<run>/split.json` to evaluate
-on the held-out prompts of a training run. Writes results.json, results.md and PNG plots to --output_dir.
+on the held-out prompts of a training run. Writes results.json, results.md and PNG plots to --output_dir;
+both record the machine's load while timing (with a warning when other processes needed the cores torch
+uses) and the cost table `auto` priced windows with. `--remeasure_costs` measures that table again first.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = evaluate(config)
     print((Path(config.output_dir) / "results.md").read_text())
+    load = report["machine_load"]
+    if load["loaded"]:
+        logging.getLogger("evaluate_drafter").warning(
+            "Other processes used up to %.2f cores of %d (load average up to %.2f) while this evaluation was "
+            "timed with %d torch threads: its tokens/s and speedups are unreliable (recorded in results.json).",
+            load["max_others_busy_cores"], report["hardware"]["cpu_cores"], load["max_load_average"],
+            report["hardware"]["torch_threads"],
+        )  # fmt: skip
     return report
 
 

@@ -217,6 +217,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         "teacher-forced tau = 1 + mean accepted draft tokens of a fixed-K greedy window at every position of the "
         "target's own greedy answers.",
         "",
+        *_timing_lines(report),
         f"| prompt set | T | method | gens | tokens | tau | mean window | mean k | {alpha_cols} | tok/s | speedup "
         f"| greedy match | teacher-forced tau (K={report['settings'].get('teacher_forced_window', '-')}) |",
         "|" + "---|" * (12 + k),
@@ -242,6 +243,36 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"{_fmt(b['speedup'])}x | {bmatch} | - |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _timing_lines(report: dict[str, Any]) -> list[str]:
+    """The machine's load while timing and the cost table "auto" priced windows with (older reports have
+    neither)."""
+    lines = []
+    load = report.get("machine_load")
+    if load:
+        lines.append(
+            f"Machine load while timing: load average up to {load['max_load_average']:.2f}, other processes used "
+            f"up to {load['max_others_busy_cores']:.2f} cores"
+            + (" (**loaded**: speedups are unreliable)." if load["loaded"] else " (not loaded).")
+        )
+    table = report.get("cost_table")
+    if table:
+        age = (
+            ""
+            if table.get("age_s") is None
+            else f", measured {table['measured_at']} ({table['age_s'] / 3600:.1f} h before the end)"
+        )
+        measured_load = (table.get("load") or {}).get("load_average")
+        lines.append(
+            f"Cost table ({table['source']}{age}"
+            + (f", load average {measured_load:.2f} then" if measured_load is not None else "")
+            + f"): drafter step = {100 * table['draft_verify_ratio']:.1f}% of a 1-token verification, "
+            f"c(6)/c(1) = {table['c6_over_c1']:.2f}"
+            + (f"; problems: {'; '.join(table['problems'])}" if table.get("problems") else "")
+            + "."
+        )
+    return [*lines, ""] if lines else []
 
 
 def write_plots(report: dict[str, Any], output_dir: str | Path) -> list[Path]:

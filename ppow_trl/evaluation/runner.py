@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import time
@@ -31,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppow_trl.data.features import TargetFeatureProvider
 from ppow_trl.data.sources import load_prompts
 from ppow_trl.decoding import generate
+from ppow_trl.decoding.cost import MachineLoad, measure_costs
 from ppow_trl.decoding.speculative import feature_layers
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.evaluation.report import DEFINITIONS, hardware_line, summarise, write_report
@@ -41,6 +43,7 @@ from ppow_trl.target import EMBEDDED_ALIAS, eos_token_ids, load_target
 from ppow_trl.training.acceptance import dataset_acceptance
 
 SPLIT_PREFIX = "split:"
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- environment
@@ -144,6 +147,7 @@ class _Evaluator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         self.pad = int(pad)
         self.context = getattr(target.config, "max_position_embeddings", None)
+        self.costs = None  # the cost table "auto" priced the last speculative generation with
 
     def kwargs(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
         kw = {"max_new_tokens": max_new_tokens, "eos_token_id": self.eos, "pad_token_id": self.pad}
@@ -211,6 +215,7 @@ class _Evaluator:
         seconds = time.perf_counter() - start
         new = out.sequences[0, ids.shape[1] : ids.shape[1] + int(out.new_tokens[0])].tolist()
         timings = out.timings or {}
+        self.costs = out.costs or self.costs
         return {
             "tokens": new,
             "seconds": seconds,
@@ -252,6 +257,7 @@ class _Evaluator:
 
         config = self.config
         records, answered = [], []
+        load = MachineLoad()  # what other processes used of the CPU while this set was timed
         bar = tqdm(examples, desc=f"{name} T={temperature:g}", disable=not config.progress, unit="prompt")
         for index, example in enumerate(bar):
             messages: list[dict[str, str]] = []
@@ -276,10 +282,21 @@ class _Evaluator:
                 )
                 messages.append({"role": "assistant", "content": self.decode_answer(plain["tokens"])})
                 answered.append((ids[0].tolist(), plain["tokens"]))
+        machine_load = load.result()
         teacher_forced = self.teacher_forced(answered) if temperature == 0 else None
-        return summarise(
+        result = summarise(
             self.config, type(self.drafter).__name__, name, temperature, examples, records, teacher_forced
         )
+        result["machine_load"] = machine_load
+        result["cost_table"] = self.costs.summary() if self.costs is not None else None
+        if machine_load["loaded"]:
+            logger.warning(
+                "%s T=%g was timed on a loaded machine (load average %.2f, other processes used %.2f of %d "
+                "cores, %d torch threads here): speedups are unreliable",
+                name, temperature, machine_load["load_average"], machine_load["others_busy_cores"],
+                machine_load["cores"], machine_load["threads"],
+            )  # fmt: skip
+        return result
 
     def teacher_forced(self, answered: list[tuple[list[int], list[int]]]) -> torch.Tensor | None:
         """k of the drafter's greedy chain window (K = `teacher_forced_window`) at every position of the
@@ -337,8 +354,13 @@ def evaluate(
     evaluator = _Evaluator(config, target, tokenizer, drafter)
 
     sets = [load_prompt_set(spec, config.max_prompts, config.max_turns) for spec in config.prompt_sets]
+    if config.remeasure_costs and config.num_draft_tokens == "auto":
+        # the same table decoding asks for: 16 sizes, the packed path where it applies
+        measure_costs(target, drafter, max_tokens=16, packed=use_packed_linears(target), remeasure=True)
     evaluator.warmup(sets[0][1])
     results = [evaluator.run_set(name, examples, t) for t in config.temperatures for name, examples in sets]
+    if evaluator.costs is not None:
+        logger.info("Windows were priced with the %s", evaluator.costs.describe())
 
     hardware = hardware_info()
     for result in results:
@@ -350,6 +372,12 @@ def evaluate(
         "hardware": hardware,
         "versions": versions(),
         "definitions": dict(DEFINITIONS),
+        "cost_table": evaluator.costs.summary() if evaluator.costs is not None else None,
+        "machine_load": {
+            "loaded": any(r["machine_load"]["loaded"] for r in results),
+            "max_load_average": max(r["machine_load"]["load_average"] for r in results),
+            "max_others_busy_cores": max(r["machine_load"]["others_busy_cores"] for r in results),
+        },
         "results": results,
     }
     write_report(report, config.output_dir, plots=config.plots)
