@@ -6,8 +6,9 @@
 
 `throughput`: the target writes --num-prompts user turns (Magpie, the pipeline's `write_prompts` path) at
 each prompt batch size, then answers the same chat-templated prompts greedily at each answer batch size
-(`batched_generate`, left-padded, prompts sorted by length) and once with transformers' continuous
-batching (`generate_batch`); answers are compared token for token with one-prompt-at-a-time greedy
+(`batched_generate`, left-padded, prompts sorted by length), with finished rows refilled at each refill
+batch size (`refill_generate`, what regeneration uses for greedy answers) and once with transformers'
+continuous batching (`generate_batch`); answers are compared token for token with one-prompt-at-a-time greedy
 decoding on the first --check prompts. Prints prompts/min and answer tokens/s per setting, the speedup over
 the demo's batch 8, and the machine's load average before and after.
 
@@ -36,6 +37,7 @@ import torch
 
 from ppow_trl.data import DataConfig, batched_generate, load_prompts
 from ppow_trl.data.filters import ContaminationIndex, FilterSettings, filter_prompts
+from ppow_trl.data.refill import refill_generate
 from ppow_trl.data.regeneration import make_generation_config, pad_token_id, render
 from ppow_trl.data.self_generated import write_prompts
 from ppow_trl.target import eos_token_ids, load_target
@@ -108,6 +110,16 @@ def throughput(args: argparse.Namespace) -> None:
         print(
             f"| generate (left-padded) | {batch} | {tokens} | {seconds:.1f} | {rate:.1f} | {ratio} | {same}/{len(reference)} |"
         )
+    for batch in args.refill_batch_sizes:
+        start = time.perf_counter()
+        outputs = refill_generate(target, prompts, args.max_new_tokens, eos, pad, batch)
+        seconds = time.perf_counter() - start
+        tokens = sum(map(len, outputs))
+        same = sum(outputs[i] == reference[i] for i in range(len(reference)))
+        ratio = f"{tokens / seconds / base:.2f}x" if base else "-"
+        print(
+            f"| refill (finished rows refilled) | {batch} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {ratio} | {same}/{len(reference)} |"
+        )
     if args.continuous:
         start = time.perf_counter()
         result = target.generate_batch(prompts, generation_config=generation, progress_bar=False)
@@ -170,8 +182,15 @@ def main() -> None:
     t.add_argument("--num-prompts", type=int, default=64)
     t.add_argument("--num-answers", type=int, default=64)
     t.add_argument("--check", type=int, default=8)
-    t.add_argument("--prompt-batch-sizes", type=int, nargs="+", default=[16, 64])
+    t.add_argument(
+        "--prompt-batch-sizes",
+        type=int,
+        nargs="*",
+        default=[16, 64],
+        help="none: answer MT-Bench first turns instead of prompts the target writes",
+    )
     t.add_argument("--answer-batch-sizes", type=int, nargs="+", default=[8, 32, 64])
+    t.add_argument("--refill-batch-sizes", type=int, nargs="*", default=[32, 64])
     t.add_argument("--max-new-tokens", type=int, default=128)
     t.add_argument("--continuous", action="store_true", help="also time transformers' generate_batch")
     t.add_argument("--scratch", default="/tmp/ppow_data_generation")

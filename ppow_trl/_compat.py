@@ -8,7 +8,7 @@ ppow-trl hooks into a few internals that these libraries do not promise to keep:
 * the EOS/pad tensors transformers prepares on a `GenerationConfig` (`_eos_token_tensor`, `_pad_token_tensor`)
   that a `custom_generate` callable receives;
 * the per-layer key/value tensors of transformers' `DynamicCache` (`cache.layers[i].keys` / `.values`), where
-  a draft tree's accepted branch is moved into place;
+  a draft tree's accepted branch is moved into place and the refilling answer loop pads, trims and fills rows;
 * torch's oneDNN prepacked linear operators (`torch.ops.mkldnn._reorder_linear_weight`,
   `_linear_pointwise`), used by `ppow_trl.packed` with a fallback to the default matmul;
 * TRL's `GRPOTrainer`: the rollout and loss hooks `PPOWTrainer` overrides (`_generate_and_score_completions`,
@@ -123,6 +123,19 @@ def copy_cache_slots(cache: Any, rows: Any, source: Any, destination: int) -> No
         for name in ("keys", "values"):
             tensor = _require("transformers", layer, name)
             tensor[rows, :, destination] = tensor[rows, :, source]
+
+
+def cache_tensors(cache: Any) -> list[Any]:
+    """Every layer's keys and values of a `DynamicCache`, in order (each (batch, heads, length, head_dim))."""
+    check_version("transformers")
+    return [_require("transformers", layer, name) for layer in cache.layers for name in ("keys", "values")]
+
+
+def set_cache_tensors(cache: Any, tensors: list[Any]) -> None:
+    """Put back tensors in `cache_tensors` order (the refilling answer loop pads, trims and appends rows)."""
+    layers = _require("transformers", cache, "layers")
+    for i, layer in enumerate(layers):
+        layer.keys, layer.values = tensors[2 * i], tensors[2 * i + 1]
 
 
 # --------------------------------------------------------------------------------------------------- TRL

@@ -31,6 +31,7 @@ from ppow_trl.data import (
     strip_generation,
 )
 from ppow_trl.data.cache import claim_shard
+from ppow_trl.data.refill import refill_generate
 from ppow_trl.data.regeneration import make_generation_config
 from ppow_trl.target import eos_token_ids
 from tests.conftest import build_tiny_target
@@ -196,11 +197,11 @@ def test_loss_mask_marks_exactly_the_generated_tokens(varied_target, tiny_tokeni
     calls = []
 
     def recording(*args, **kwargs):
-        outputs = batched_generate(*args, **kwargs)
+        outputs = refill_generate(*args, **kwargs)
         calls.extend((list(p), list(g)) for p, g in zip(args[1], outputs))
         return outputs
 
-    monkeypatch.setattr(regen_module, "batched_generate", recording)
+    monkeypatch.setattr(regen_module, "refill_generate", recording)  # greedy answers go through it
     data = regenerate(varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path), progress=False).dataset
     assert len(calls) == sum(len(e.turns) for e in PROMPTS)
     for example, row in zip(PROMPTS, data):
@@ -345,9 +346,9 @@ def test_resume_after_interruption_and_cache(varied_target, tiny_tokenizer, tmp_
     )
 
     def no_generate(*args, **kwargs):
-        raise AssertionError("generate must not run on a cache hit")
+        raise AssertionError("the target must not run on a cache hit")
 
-    monkeypatch.setattr(varied_target, "generate", no_generate)
+    monkeypatch.setattr(varied_target, "forward", no_generate)
     start = time.perf_counter()
     cached = regenerate(varied_target, tiny_tokenizer, PROMPTS, config, progress=False)
     assert time.perf_counter() - start < 5 and columns(cached.dataset) == columns(reference.dataset)

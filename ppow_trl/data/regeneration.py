@@ -48,6 +48,7 @@ from .cache import (
 )
 from .config import DataConfig
 from .filters import FilterSettings, malformed_reason
+from .refill import refill_generate
 from .sources import SELF_GENERATED, PromptExample
 
 logger = logging.getLogger(__name__)
@@ -399,7 +400,7 @@ def _generate_shard(
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[list[_Conversation], dict[str, Any]]:
-    """Regenerate one shard turn by turn; batches are formed from prompts of similar length."""
+    """Regenerate one shard turn by turn, `batch_size` conversations at a time."""
     stats = _empty_stats()
     conversations = [_Conversation(example, list(example.turns)) for example in examples]
     while True:
@@ -409,16 +410,28 @@ def _generate_shard(
         active = [c for c in conversations if c.active and _admit_turn(c, tokenizer, s, stats)]
         if not active:
             break
-        active.sort(key=lambda c: len(c.ids))
-        for start in range(0, len(active), batch_size):
-            batch = active[start : start + batch_size]
-            outputs = batched_generate(target, [c.ids for c in batch], s.generation, s.pad_id, s.eos_ids)
-            for conv, generated in zip(batch, outputs):
-                _record_answer(conv, generated, tokenizer, s)
-            new_tokens = sum(len(generated) for generated in outputs)
-            stats["generated_tokens"] += new_tokens
-            if on_batch is not None:
-                on_batch(len(batch), new_tokens)
+        if s.generation.do_sample:  # sampled answers: static batches of similar prompt lengths
+            active.sort(key=lambda c: len(c.ids))
+            outputs = []
+            for start in range(0, len(active), batch_size):
+                batch = [c.ids for c in active[start : start + batch_size]]
+                answers = batched_generate(target, batch, s.generation, s.pad_id, s.eos_ids)
+                outputs += answers
+                if on_batch is not None:
+                    on_batch(len(answers), sum(len(answer) for answer in answers))
+        else:  # greedy: a row whose answer ended takes the next conversation at once (refill.py)
+            outputs = refill_generate(
+                target,
+                [c.ids for c in active],
+                s.generation.max_new_tokens,
+                s.eos_ids,
+                s.pad_id,
+                batch_size,
+                on_answer=None if on_batch is None else lambda tokens: on_batch(1, tokens),
+            )
+        for conv, generated in zip(active, outputs):
+            _record_answer(conv, generated, tokenizer, s)
+        stats["generated_tokens"] += sum(len(generated) for generated in outputs)
     return [c for c in conversations if c.turns_done > 0], stats
 
 
