@@ -177,8 +177,11 @@ class PPOWConfig(GRPOConfig):
             "help": "GRPO's KL to a reference policy: unused (PPOW anchors the KL to the target instead)."
         },
     )
-    gradient_checkpointing: bool = field(
+    activation_checkpointing: bool | None = field(
         default=False, metadata={"help": "Off: the drafter is one layer and the target is frozen (no grad)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated transformers alias of activation_checkpointing."}
     )
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (use on GPUs)."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
