@@ -15,6 +15,7 @@ from ppow_trl.training.parser import (
     RecipeParser,
     check_distributed,
     has_accelerator,
+    launch_command,
     read_config,
 )
 from ppow_trl.training.ppow import is_ignored_grpo_field
@@ -76,3 +77,18 @@ def test_a_launch_of_several_processes_that_would_train_alone_is_refused(monkeyp
     check_distributed(SimpleNamespace(parallel_mode=ParallelMode.DISTRIBUTED))
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_distributed(SimpleNamespace(parallel_mode=ParallelMode.NOT_PARALLEL))
+
+
+def test_an_output_dir_that_is_a_file_fails_before_any_work(tmp_path):
+    (tmp_path / "results").write_text("not a folder")
+    parser = RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
+    with pytest.raises(ConfigError, match="is a file"):
+        parser.parse_args_and_config(["--output_dir", str(tmp_path / "results")])
+
+
+def test_cards_record_the_launch_command(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["recipes/eagle_ppow.py", "--config", "my config.yaml"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launch_command() == "python recipes/eagle_ppow.py --config 'my config.yaml'"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launch_command().startswith("accelerate launch --num_processes 4 recipes/eagle_ppow.py")

@@ -12,13 +12,12 @@ written logs a warning and never fails a save.
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ppow_trl.io import check_hub_access, push_to_hub, run_card_inputs, write_drafter_card
+from ppow_trl.training.parser import launch_command
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class DrafterCardMixin:
         started = getattr(self, "_card_train_started", None)
         if started is not None:  # a resumed run counts from its resume
             training["wall time (this run)"] = f"{(time.perf_counter() - started) / 60:.1f} min"
-        training["command"] = "python " + shlex.join(sys.argv)
+        training["command"] = launch_command()
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config:
             lora = next(iter(peft_config.values()))

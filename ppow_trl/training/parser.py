@@ -4,6 +4,7 @@
   overrides, so a variant states only its differences;
 - an unknown key, in the YAML file or on the command line, is an error that names close field names;
 - options a recipe rejects (e.g. the GRPO fields PPOW does not use) are hidden from `--help`;
+- an `output_dir` that is a file fails at once, before any work;
 - on a machine without an accelerator `use_cpu` defaults to true, so `accelerate launch` on CPU cores
   really runs DDP (gloo) instead of N unrelated copies; a training run started by a distributed launcher
   whose arguments are not distributed is refused instead of racing N copies into one `output_dir`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -93,7 +95,14 @@ class RecipeParser(TrlParser):
         for output in outputs:
             if isinstance(output, TrainingArguments):
                 check_distributed(output)
+            check_output_dir(getattr(output, "output_dir", None))
         return outputs
+
+
+def check_output_dir(output_dir: str | None) -> None:
+    """An output_dir that cannot hold results fails now, not after the run has done its work."""
+    if output_dir and Path(output_dir).expanduser().exists() and not Path(output_dir).expanduser().is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder: results could not be written")
 
 
 def check_distributed(args: TrainingArguments) -> None:
@@ -106,3 +115,11 @@ def check_distributed(args: TrainingArguments) -> None:
             "output_dir. On CPU cores use recipes/accelerate_configs/cpu_ddp.yaml and `use_cpu: true`; on GPUs "
             "check that every process sees its device."
         )
+
+
+def launch_command() -> str:
+    """The command that started this run, as a user would retype it (the accelerate form under a launcher
+    that started several processes), for model cards."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"accelerate launch --num_processes {world_size}" if world_size > 1 else "python"
+    return f"{launcher} {shlex.join(sys.argv)}"
