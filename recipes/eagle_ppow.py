@@ -29,6 +29,7 @@ from ppow_trl.training.ppow import is_ignored_grpo_field
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
+    eval_split,
     evaluate_and_save,
     lora_config,
     train_save_evaluate,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
         target,
         args,
         train_dataset=data.train,
-        eval_dataset=data.eval if len(data.eval) else None,
+        eval_dataset=eval_split(args, data),
         processing_class=tokenizer,
         peft_config=lora_config(model_args),
         feature_provider=make_feature_provider(

@@ -26,6 +26,7 @@ from ppow_trl.training.parser import RecipeParser
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
+    eval_split,
     lora_config,
     train_save_evaluate,
 )
@@ -75,7 +76,7 @@ def main(
         target,
         args,
         train_dataset=data.train,
-        eval_dataset=data.eval if len(data.eval) else None,
+        eval_dataset=eval_split(args, data),
         feature_provider=provider,
         processing_class=tokenizer,
         peft_config=peft_config,

@@ -441,3 +441,21 @@ def test_warm_start_on_the_embedded_target_improves_tau(tmp_path):
     trainer.train()
     after = trainer.evaluate()["eval_tau"]
     assert after > before + 0.05, (before, after)
+
+
+def test_an_empty_eval_split_turns_evaluation_off(tmp_path, tiny_target_dir, caplog):
+    recipe = load_recipe()
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 6)
+    args = recipe.parse_args(
+        [
+            "--target_name_or_path", tiny_target_dir, "--dataset_name", str(prompts),
+            "--cache_dir", str(tmp_path / "cache"), "--max_new_tokens", "6", "--draft_vocab_size", "32",
+            "--eval_fraction", "0", "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+            "--window_size", "2", "--per_device_train_batch_size", "2", "--eval_strategy", "steps",
+            "--eval_steps", "1", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
+        ]
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        trainer = recipe.main(*args)
+    assert trainer.state.global_step == 1 and trainer.args.eval_strategy == "no"
+    assert "eval split is empty" in caplog.text and not (tmp_path / "out" / "eval_results.json").exists()

@@ -121,6 +121,10 @@ def split_by_side(dataset: Dataset, eval_ids: set[str]) -> tuple[Dataset, Datase
     return dataset, train, dataset.select([i for i, side in enumerate(sides) if side == "eval"])
 
 
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def later_turn_tokens(loss_masks: list[list[int]]) -> int:
     """Supervised tokens after each conversation's first answer (answers to second and later turns)."""
     total = 0
@@ -231,8 +235,9 @@ def build_training_data(
     sanity = cached_sanity_check(config, target, regen, progress)
     report = {
         "data_fingerprint": regen.fingerprint,
-        "data_dir": str(regen.directory),
-        "split_file": str(build_dir / "split.json"),
+        # relative to the cache root, so a dataset directory's card holds no machine's paths
+        "data_dir": _relative(regen.directory, config.cache_path),
+        "split_file": _relative(build_dir / "split.json", config.cache_path),
         "source": config.dataset_name,
         "num_prompts": len(examples),
         "prompt_filters": prompt_report,

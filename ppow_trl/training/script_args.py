@@ -117,6 +117,20 @@ def resume_arg(value: str | None, output_dir: str) -> str | bool | None:
     return None
 
 
+def eval_split(args, data):
+    """The held-out split for the Trainer, or None with evaluation turned off (and said so) when it is empty:
+    a small dataset whose eval_fraction rounds to no prompt still trains."""
+    if len(data.eval):
+        return data.eval
+    if args.eval_strategy != "no":
+        logger.warning(
+            "The eval split is empty (eval_fraction %s): evaluation is off for this run",
+            data.report.get("config", {}).get("eval_fraction"),
+        )
+        args.eval_strategy = "no"
+    return None
+
+
 def evaluate_and_save(trainer: Trainer, prefix: str = "eval") -> None:
     """Held-out metrics, printed and written to `<output_dir>/<prefix>_results.json` (skipped without eval data)."""
     if trainer.eval_dataset is not None:
