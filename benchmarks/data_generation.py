@@ -59,6 +59,7 @@ def throughput(args: argparse.Namespace) -> None:
     rows = []
     for batch in args.prompt_batch_sizes:
         config = DataConfig(
+            dataset_name="self_generated",
             self_generated_prompts=args.num_prompts,
             prompt_batch_size=batch,
             prompt_shard_size=args.num_prompts,
@@ -79,7 +80,9 @@ def throughput(args: argparse.Namespace) -> None:
         for t in texts[: args.num_answers]
     ]
     eos, pad = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
-    generation = make_generation_config(DataConfig(max_new_tokens=args.max_new_tokens), eos, pad)
+    generation = make_generation_config(
+        DataConfig(dataset_name="self_generated", max_new_tokens=args.max_new_tokens), eos, pad
+    )
     warm_up = copy.deepcopy(generation)
     warm_up.max_new_tokens = 4
     batched_generate(target, prompts[:2], warm_up, pad, eos)
@@ -150,7 +153,7 @@ def filters(args: argparse.Namespace) -> None:
     if not shards:
         raise SystemExit(f"no written prompts under {directory}/prompts: run recipes/regenerate.py first")
     written = [json.loads(line) for p in shards for line in p.read_text().splitlines()]
-    settings = FilterSettings.from_config(DataConfig())
+    settings = FilterSettings.from_config(DataConfig(dataset_name="self_generated"))
     kept_rows, report = filter_prompts(
         written, settings, ContaminationIndex.cached(settings.decontamination_ngram)
     )

@@ -47,10 +47,11 @@ def main() -> None:
     ]
     eos = eos_token_ids(target, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    generation = make_generation_config(DataConfig(max_new_tokens=args.max_new_tokens), eos, pad)
-    batched_generate(
-        target, prompts[:2], make_generation_config(DataConfig(max_new_tokens=4), eos, pad), pad, eos
+    generation = make_generation_config(
+        DataConfig(dataset_name=args.source, max_new_tokens=args.max_new_tokens), eos, pad
     )
+    warm_up = make_generation_config(DataConfig(dataset_name=args.source, max_new_tokens=4), eos, pad)
+    batched_generate(target, prompts[:2], warm_up, pad, eos)
 
     start = time.perf_counter()
     single = [batched_generate(target, [p], generation, pad, eos)[0] for p in prompts]

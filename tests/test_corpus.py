@@ -25,6 +25,7 @@ PROMPTS = [
 
 def make_config(tmp_path, **overrides) -> DataConfig:
     values = dict(
+        dataset_name="mt_bench",
         corpus_name="pydoc_topics",
         corpus_max_tokens=1000,
         corpus_seq_len=64,
@@ -42,15 +43,17 @@ def corpus_of(config: DataConfig, tokenizer, **kwargs):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="corpus_mix"):
-        DataConfig(corpus_name="pydoc_topics", corpus_mix="interleave")
+        DataConfig(dataset_name="mt_bench", corpus_name="pydoc_topics", corpus_mix="interleave")
     with pytest.raises(ValueError, match="needs a corpus_name"):
-        DataConfig(corpus_mix="corpus_only")
+        DataConfig(dataset_name="mt_bench", corpus_mix="corpus_only")
     with pytest.raises(ValueError, match="eval_fraction must be > 0"):
-        DataConfig(corpus_name="pydoc_topics", corpus_mix="corpus_only", eval_fraction=0.0)
+        DataConfig(
+            dataset_name="mt_bench", corpus_name="pydoc_topics", corpus_mix="corpus_only", eval_fraction=0.0
+        )
     with pytest.raises(ValueError, match="online features only"):
-        DataConfig(corpus_name="pydoc_topics", feature_mode="offline")
+        DataConfig(dataset_name="mt_bench", corpus_name="pydoc_topics", feature_mode="offline")
     with pytest.raises(ValueError, match="corpus_seq_len"):
-        DataConfig(corpus_name="pydoc_topics", corpus_seq_len=0)
+        DataConfig(dataset_name="mt_bench", corpus_name="pydoc_topics", corpus_seq_len=0)
 
 
 def test_pydoc_topics_chunks_deterministically_within_budget(tiny_tokenizer, tmp_path):

@@ -58,7 +58,13 @@ def varied_target(tiny_tokenizer) -> LlamaForCausalLM:
 
 
 def make_config(tmp_path, **overrides) -> DataConfig:
-    values = dict(max_new_tokens=12, regen_batch_size=3, shard_size=2, cache_dir=str(tmp_path / "cache"))
+    values = dict(
+        dataset_name="mt_bench",
+        max_new_tokens=12,
+        regen_batch_size=3,
+        shard_size=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     values.update(overrides)
     return DataConfig(**values)
 
@@ -72,11 +78,11 @@ def test_config_unknown_key_and_bad_values():
     with pytest.raises(ValueError, match=r"max_new_token\b.*Valid keys: .*max_new_tokens"):
         DataConfig.from_dict({"max_new_token": 3})
     with pytest.raises(TypeError):
-        DataConfig(**{"bogus": 1})
+        DataConfig(dataset_name="mt_bench", **{"bogus": 1})
     with pytest.raises(ValueError, match="prompt_truncation"):
-        DataConfig(prompt_truncation="right")
+        DataConfig(dataset_name="mt_bench", prompt_truncation="right")
     with pytest.raises(ValueError, match="feature_mode"):
-        DataConfig(feature_mode="disk")
+        DataConfig(dataset_name="mt_bench", feature_mode="disk")
     config = DataConfig.from_dict({"dataset_name": "humaneval", "max_new_tokens": 8})
     assert config.max_new_tokens == 8 and config.draft_vocab_size == 8192 and not config.do_sample
 

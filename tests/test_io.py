@@ -107,7 +107,7 @@ def bad_drafters(tmp_path: Path, tiny_target) -> dict[str, tuple[Path, type, str
 
 def run_recipe(name: str, drafter: Path, target_dir: str, out: Path) -> None:
     module = recipe(name)
-    train = ["--use_cpu", "true", "--report_to", "none", "--output_dir", str(out)]
+    train = ["--dataset_name", "mt_bench", "--use_cpu", "true", "--report_to", "none", "--output_dir", str(out)]  # fmt: skip
     if name == "eagle_ppow":
         module.main(["--drafter_name_or_path", str(drafter), "--target_name_or_path", target_dir, *train])
     elif name == "sft_drafter":

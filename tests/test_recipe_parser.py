@@ -58,12 +58,30 @@ def test_ppow_help_hides_the_grpo_options_it_rejects():
         assert rejected not in text, rejected
     # Hidden, not removed: a value still parses, so PPOWConfig refuses it with its own message.
     with pytest.raises(ValueError, match="beta"):
-        parser.parse_args_and_config(["--output_dir", "x", "--beta", "0.5"])
+        parser.parse_args_and_config(["--output_dir", "x", "--dataset_name", "mt_bench", "--beta", "0.5"])
+
+
+def test_training_data_must_be_named_and_the_error_lists_the_choices(tmp_path):
+    # No default: an evaluation set silently becoming the training data would void every held-out number.
+    parser = RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
+    with pytest.raises(
+        ValueError, match=r"dataset_name is required .*self_generated.*mt_bench.*regenerate\.py"
+    ):
+        parser.parse_args_and_config(["--output_dir", str(tmp_path)])
+    (tmp_path / "no_data.yaml").write_text("max_new_tokens: 8\n")
+    with pytest.raises(ValueError, match="dataset_name is required"):
+        parser.parse_args_and_config(
+            ["--config", str(tmp_path / "no_data.yaml"), "--output_dir", str(tmp_path)]
+        )
+    with pytest.raises(ValueError, match="dataset_name is required"):
+        DataConfig(max_new_tokens=8)
+    _, data, _ = parser.parse_args_and_config(["--output_dir", str(tmp_path), "--dataset_name", "humaneval"])
+    assert data.dataset_name == "humaneval"
 
 
 def test_cpu_machines_default_to_use_cpu_so_launchers_run_ddp():
     _, _, args = RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig)).parse_args_and_config(
-        ["--output_dir", "x"]
+        ["--output_dir", "x", "--dataset_name", "mt_bench"]
     )
     assert args.use_cpu is (not has_accelerator())
 
@@ -83,7 +101,9 @@ def test_an_output_dir_that_is_a_file_fails_before_any_work(tmp_path):
     (tmp_path / "results").write_text("not a folder")
     parser = RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
     with pytest.raises(ConfigError, match="is a file"):
-        parser.parse_args_and_config(["--output_dir", str(tmp_path / "results")])
+        parser.parse_args_and_config(
+            ["--output_dir", str(tmp_path / "results"), "--dataset_name", "mt_bench"]
+        )
 
 
 def test_cards_record_the_launch_command(monkeypatch):

@@ -437,7 +437,9 @@ def test_regenerate_checks_a_hub_push_before_any_work(tmp_path, monkeypatch):
         regenerate.main(*regenerate.parse_args([*argv, "--hub_dataset_id", "me/data"]))
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
-        regenerate.main(*regenerate.parse_args([*argv[:2], "--output_dir", str(tmp_path / "file")]))
+        regenerate.main(
+            *regenerate.parse_args([*argv[:2], *argv[4:6], "--output_dir", str(tmp_path / "file")])
+        )
     assert not (tmp_path / "d").exists()
 
 

