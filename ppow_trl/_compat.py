@@ -9,6 +9,8 @@ ppow-trl hooks into a few internals that these libraries do not promise to keep:
   that a `custom_generate` callable receives;
 * the per-layer key/value tensors of transformers' `DynamicCache` (`cache.layers[i].keys` / `.values`), where
   a draft tree's accepted branch is moved into place and the refilling answer loop pads, trims and fills rows;
+* transformers' `Trainer._save`, which both drafter trainers extend to write the drafter card beside every
+  checkpoint (`ppow_trl.training.card`), and `Trainer._prepare_inputs`, which the SFT evaluation step calls;
 * torch's oneDNN prepacked linear operators (`torch.ops.mkldnn._reorder_linear_weight`,
   `_linear_pointwise`), used by `ppow_trl.packed` with a fallback to the default matmul;
 * TRL's `GRPOTrainer`: the rollout and loss hooks `PPOWTrainer` overrides (`_generate_and_score_completions`,
@@ -16,8 +18,9 @@ ppow-trl hooks into a few internals that these libraries do not promise to keep:
 
 Each accessor checks the installed version against the range this release was tested with
 (`SUPPORTED`, the same bounds as pyproject.toml) and that the attribute still exists, and otherwise fails
-with an error naming the supported range. Everything else in the package uses public APIs only; decoding
-prefers transformers' public `custom_generate` argument (`ppow_trl.decoding.generate`).
+with an error naming the supported range. These are all the private names the package calls or overrides;
+beyond them it only declares the class attributes TRL's trainers read (`_tag_names`, `_name`, `_paper`), and
+decoding prefers transformers' public `custom_generate` argument (`ppow_trl.decoding.generate`).
 """
 
 from __future__ import annotations
@@ -136,6 +139,18 @@ def set_cache_tensors(cache: Any, tensors: list[Any]) -> None:
     layers = _require("transformers", cache, "layers")
     for i, layer in enumerate(layers):
         layer.keys, layer.values = tensors[2 * i], tensors[2 * i + 1]
+
+
+TRAINER_HOOKS = ("_save", "_prepare_inputs")
+
+
+def check_trainer_hooks() -> None:
+    """The `transformers.Trainer` internals the drafter trainers build on must still exist: without `_save` a
+    checkpoint would silently lose its card."""
+    from transformers import Trainer
+
+    for name in TRAINER_HOOKS:
+        _require("transformers", Trainer, name)
 
 
 # --------------------------------------------------------------------------------------------------- TRL

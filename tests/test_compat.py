@@ -54,3 +54,12 @@ def test_grpo_subclasses_must_override_the_rollout_and_loss_hooks():
     _compat.check_grpo_hooks(type("Recording", (PPOWTrainer,), {}))
     with pytest.raises(TypeError, match="_generate_and_score_completions"):
         _compat.check_grpo_hooks(type("Plain", (GRPOTrainer,), {}))
+
+
+def test_the_trainer_internals_the_drafter_trainers_extend_are_checked(monkeypatch):
+    from transformers import Trainer
+
+    _compat.check_trainer_hooks()
+    monkeypatch.delattr(Trainer, "_save")
+    with pytest.raises(_compat.UnsupportedVersionError, match=r"Trainer\._save"):
+        _compat.check_trainer_hooks()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ppow_trl import _compat
 from ppow_trl.io import check_hub_access, push_to_hub, run_card_inputs, write_drafter_card
 from ppow_trl.training.parser import launch_command
 
@@ -32,6 +33,10 @@ class DrafterCardMixin:
     _card_method: str = "supervised warm start"
     _card_fields: tuple[str, ...] = ()
     _card_window_field: str = "window_size"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _compat.check_trainer_hooks()  # `_save` below and SFT's `prediction_step` use Trainer internals
+        super().__init__(*args, **kwargs)
 
     def _card_kwargs(self) -> dict[str, Any]:
         args = self.args
@@ -81,6 +86,8 @@ class DrafterCardMixin:
             self._write_card(self.args.output_dir, model_name=model_name)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """`Trainer._save` (private, checked by `_compat.check_trainer_hooks`) writes every checkpoint and the
+        final model: the card goes beside each."""
         super()._save(output_dir, state_dict)
         self._write_card(output_dir or self.args.output_dir)
 
