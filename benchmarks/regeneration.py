@@ -21,7 +21,7 @@ import torch
 
 from ppow_trl.data import DataConfig, batched_generate, load_prompts
 from ppow_trl.data.regeneration import make_generation_config
-from ppow_trl.target import eos_token_ids, load_target
+from ppow_trl.target import eos_token_ids, load_target, pad_token_id
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
         for e in examples
     ]
     eos = eos_token_ids(target, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = pad_token_id(tokenizer)
     generation = make_generation_config(
         DataConfig(dataset_name=args.source, max_new_tokens=args.max_new_tokens), eos, pad
     )

