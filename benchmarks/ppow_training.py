@@ -48,20 +48,20 @@ from tqdm.auto import tqdm  # noqa: E402
 from ppow_trl.data import DataConfig, collate_sequences, load_prompts, regenerate  # noqa: E402
 from ppow_trl.decoding.speculative import feature_layers  # noqa: E402
 from ppow_trl.export import load_drafter  # noqa: E402
-from ppow_trl.metrics import paired_tau_difference  # noqa: E402
+from ppow_trl.metrics import acceptance_length, paired_tau_difference  # noqa: E402
 from ppow_trl.models.common import unwrap_drafter  # noqa: E402
-from ppow_trl.target import capture_features, load_target  # noqa: E402
+from ppow_trl.target import capture_features, load_target, pad_token_id  # noqa: E402
 from ppow_trl.training.acceptance import (  # noqa: E402
+    anchor_flags,
     dataset_acceptance,
     teacher_forced_acceptance,
     teacher_forced_expected_acceptance,
 )
-from ppow_trl.training.windowing import assistant_anchors  # noqa: E402
 
 
 def held_out_k(drafter, trainer, window_size: int):
     """k of every held-out window for `drafter`, scored with the trainer's eval data and target."""
-    pad = trainer.processing_class.pad_token_id
+    pad = pad_token_id(trainer.processing_class)
     return dataset_acceptance(drafter, trainer.feature_provider, trainer.eval_dataset, window_size, pad, 4)
 
 
@@ -108,7 +108,7 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path, war
         k_old, rows = held_out_k(load_drafter(cli.warm_start, trainer.target), trainer, window)
         warm_k[key] = {"k": k_old.tolist(), "rows": rows.tolist()}
     k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, window)
-    curve["0"] = 1.0 + sum(warm_k[key]["k"]) / len(warm_k[key]["k"])
+    curve["0"] = acceptance_length(torch.tensor(warm_k[key]["k"]))
     return {
         "arm": arm["name"], "kind": arm["kind"], "seed": seed, "overrides": arm["overrides"], "config": config,
         "curve": curve, "eval_set": key, "k": k_new.tolist(), "wall_s": round(wall, 1),
@@ -146,7 +146,7 @@ def summarise(results: dict, scored: dict, control: str | None) -> list[dict]:
     rows = []
     for arm, names in by_arm.items():
         runs = [results[n] for n in names]
-        finals = [1.0 + sum(scored[n][0]) / len(scored[n][0]) for n in names]
+        finals = [acceptance_length(torch.tensor(scored[n][0])) for n in names]
         mean = sum(finals) / len(finals)
         spread = (
             math.sqrt(sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) if len(finals) > 1 else 0.0
@@ -195,7 +195,7 @@ def score_transfer(cli: argparse.Namespace, results: dict, stored: dict) -> dict
     """k (T=0) and expected k (T=1) at every window of the transfer sets, for the warm start and every run's
     final drafter; one target forward per batch serves all drafters. Resumes: only unscored runs are scored."""
     target, tokenizer = load_target("embedded" if cli.target is None else cli.target)
-    pad = tokenizer.pad_token_id
+    pad = pad_token_id(tokenizer)
     for set_name, dataset in transfer_data(target, tokenizer, cli.transfer_prompts).items():
         entry = stored.setdefault(set_name, {"runs": {}})
         todo = [n for n in results if n not in entry["runs"]] + (
@@ -226,8 +226,7 @@ def score_transfer(cli: argparse.Namespace, results: dict, stored: dict) -> dict
                 else:
                     k = teacher_forced_acceptance(drafter, features, ids, attn, lmask, cli.transfer_window)
                 scores[n].extend(k.tolist())
-            per_row = (assistant_anchors(lmask) & attn.bool()).sum(1)
-            rows_of.extend(torch.arange(start, start + len(rows)).repeat_interleave(per_row).tolist())
+            rows_of.extend((start + anchor_flags(attn, lmask).nonzero()[:, 0]).tolist())
         entry["rows"] = rows_of
         for n, k in scores.items():
             if n == "warm_start":

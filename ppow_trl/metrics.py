@@ -1,10 +1,11 @@
 """Acceptance metrics, in one place: tau, per-position acceptance, their summary, the paired tau difference.
 
-Definitions (docs/metrics.md). A verification round (one window of up to K draft tokens) accepts k tokens,
-0 <= k <= K, and the target always adds one more, so:
+Definitions: docs/metrics.md, whose wording of tau is the one every other docstring refers to. A
+verification round (one window of up to K draft tokens) accepts k tokens, 0 <= k <= K, and the target always
+adds one more, so:
 
-* tau over windows = mean(k + 1) (`acceptance_length`); in real decoding tau = generated tokens / target
-  verification forwards, which `SpeculativeOutput.tau` computes from the same rounds;
+* tau = tokens produced per target verification forward = mean(k + 1) over windows (`acceptance_length`);
+  in real decoding, generated tokens / verification forwards (`SpeculativeOutput.tau`);
 * alpha_j = P(draft token j accepted | tokens 1..j-1 accepted) = #(k >= j) / #(k >= j-1)
   (`per_position_acceptance`); rounds that verified fewer than j tokens (a window capped at max_length)
   do not count at position j;
@@ -41,9 +42,12 @@ def _check_accepted(accepted: torch.Tensor, allow_empty: bool = False) -> torch.
 
 
 def acceptance_length(accepted: torch.Tensor) -> float:
-    """tau = mean(k + 1) over windows (the +1 is the target's own extra token)."""
-    accepted = _check_accepted(accepted)
-    return float((accepted + 1).double().mean())
+    """tau (docs/metrics.md) over windows: mean(k + 1). k may also be an expected accepted length (float),
+    e.g. from `teacher_forced_expected_acceptance`."""
+    accepted = torch.as_tensor(accepted).reshape(-1)
+    if accepted.numel() == 0:
+        raise ValueError("accepted is empty: need at least one verified window")
+    return float((accepted.double() + 1).mean())
 
 
 def per_position_acceptance(
@@ -99,8 +103,8 @@ def accepted_length_histogram(accepted: torch.Tensor, num_draft_tokens: int) -> 
 
 
 def acceptance_metrics(accepted: torch.Tensor, window_size: int) -> dict[str, float]:
-    """Summary of per-window k (e.g. from `dataset_acceptance`): `tau` (mean k+1, counting the target's
-    extra token), `mean_accepted`, `windows` and `alpha_1..alpha_K` (per-position acceptance)."""
+    """Summary of per-window k (e.g. from `dataset_acceptance`): `tau` (`acceptance_length`),
+    `mean_accepted`, `windows` and `alpha_1..alpha_K` (per-position acceptance)."""
     alpha = per_position_acceptance(accepted, window_size)
     metrics = {
         "tau": acceptance_length(accepted),

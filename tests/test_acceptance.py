@@ -1,11 +1,14 @@
 import pytest
 import torch
 
+from ppow_trl.data import collate_sequences
 from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.models.common import scatter_draft_probs
 from ppow_trl.target import capture_features
 from ppow_trl.training.acceptance import (
     accepted_prefix_length,
+    anchor_flags,
+    batch_acceptance,
     dataset_acceptance,
     teacher_forced_acceptance,
     teacher_forced_expected_acceptance,
@@ -51,6 +54,15 @@ def test_dataset_acceptance_names_the_sequence_of_every_window(tiny_target):
 
     k, sequence = dataset_acceptance(drafter, provider, rows, 3, pad_token_id=0, batch_size=2)
     assert sequence.tolist() == [0] * 7 + [1] * 4 and k.shape == (11,)
+    alone, _ = dataset_acceptance(drafter, provider, rows, 3, pad_token_id=0, batch_size=1)
+    assert torch.equal(alone, k)  # padding in a batch changes no window's k
+
+    # The per-batch map the SFT evaluation gathers: k at every scored anchor, -1 elsewhere.
+    batch = collate_sequences(rows, 0)
+    features = provider(batch).aux_hidden_states
+    scored = anchor_flags(batch["attention_mask"], batch["loss_mask"])
+    k_map = batch_acceptance(drafter, features, batch, 3)
+    assert torch.equal(k_map >= 0, scored) and torch.equal(k_map[scored], k)
 
 
 @pytest.mark.parametrize("kind", ["eagle3", "medusa"])

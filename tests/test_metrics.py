@@ -39,6 +39,7 @@ def test_metrics_edge_cases():
     assert per_position_acceptance(torch.tensor([2, 1]), 4).tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
     with pytest.raises(ValueError, match="empty"):
         acceptance_length(torch.tensor([], dtype=torch.long))
+    assert acceptance_length(torch.tensor([0.5, 1.25])) == pytest.approx(1.875)  # expected k (sampling)
     with pytest.raises(ValueError, match=r"\[0, 3\]"):
         per_position_acceptance(torch.tensor([4]), 3)
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from ppow_trl.metrics import acceptance_length
 from ppow_trl.models.common import unwrap_drafter
+from ppow_trl.training.acceptance import dataset_acceptance
 from ppow_trl.training.ppow import PPOWConfig, PPOWTrainer
 from tests.conftest import build_tiny_target
 from tests.ppow_fixtures import tiny_greedy_dataset, tiny_ppow_config
@@ -164,8 +166,19 @@ def test_train_logs_checkpoints_and_resumes(tiny_target, tiny_tokenizer, dataset
     resumed = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, max_steps=4)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4
-    metrics = resumed.evaluate(dataset.select(range(4)))
-    assert {"eval_tau", "eval_alpha_1"} <= set(metrics) and metrics["eval_tau"] >= 1.0
+    held_out = dataset.select(range(4))
+    metrics = resumed.evaluate(held_out)
+    # The trainer's held-out tau is the shared computation on its own feature provider, window and pad id.
+    k, _ = dataset_acceptance(
+        unwrap_drafter(resumed.model),
+        resumed.feature_provider,
+        held_out,
+        resumed.args.window_size,
+        resumed.window_pad_token_id,
+    )
+    assert metrics["eval_windows"] == k.numel() > 0
+    assert metrics["eval_tau"] == pytest.approx(acceptance_length(k))
+    assert metrics["eval_alpha_1"] == pytest.approx(float((k >= 1).float().mean()))
     assert "eval_tau_gain_over_start" not in metrics  # the first evaluation is the reference
     with torch.no_grad():  # a changed drafter: later evaluations report the paired gain over the first
         unwrap_drafter(resumed.model).lm_head.weight.mul_(-1.0)

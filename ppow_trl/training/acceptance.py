@@ -3,8 +3,10 @@ running the target again.
 
 On sequences the target generated greedily, the target's argmax at every position is the next token
 of the sequence (the data pipeline checks this), so a window drafted at anchor row r is accepted for
-exactly as long as it matches x_{r+2}, x_{r+3}, ... This is what the warm-start evaluation, PPOW's
-greedy reward and the data-scaling benchmark all measure; `ppow_trl.metrics` summarises the k it returns.
+exactly as long as it matches x_{r+2}, x_{r+3}, ... Held-out tau (docs/metrics.md) is computed here once:
+`batch_acceptance` scores a collated batch, the SFT trainer's evaluation step calls it, `dataset_acceptance`
+(PPOW's `evaluate`, the evaluation runner, the benchmarks) loops it over a dataset, and
+`ppow_trl.metrics.acceptance_metrics` summarises the k it returns.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def accepted_prefix_length(
     return match.long().cumprod(-1).sum(-1)
 
 
+def anchor_flags(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: where a window is drafted and scored, the assistant anchors on real tokens."""
+    return assistant_anchors(loss_mask) & attention_mask.bool()
+
+
 @torch.no_grad()
 def teacher_forced_acceptance(
     drafter: PreTrainedModel,
@@ -39,14 +46,26 @@ def teacher_forced_acceptance(
     window_size: int,
 ) -> torch.Tensor:
     """Greedy-draft a window at every assistant anchor of a batch; returns k (N,) per window."""
-    anchor_flags = assistant_anchors(loss_mask) & attention_mask.bool()
     b, t = input_ids.shape
     anchors = torch.arange(t, device=input_ids.device).expand(b, t)
     windows = draft_windows(drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask)
     reference, in_range = window_targets(input_ids, anchors, window_size)
     in_range &= window_targets(attention_mask, anchors, window_size)[0].bool()
     k = accepted_prefix_length(windows.tokens[:, :, 0], reference, in_range)
-    return k[anchor_flags]
+    return k[anchor_flags(attention_mask, loss_mask)]
+
+
+def batch_acceptance(
+    drafter: PreTrainedModel, features: torch.Tensor, batch: dict[str, torch.Tensor], window_size: int
+) -> torch.Tensor:
+    """k of the greedy window at every anchor of a collated batch as a (B, T) map, -1 where no window is
+    scored: the map keeps each window's sequence, and can be padded with -1 to gather across processes."""
+    input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    accepted = torch.full_like(input_ids, -1)
+    accepted[anchor_flags(attention_mask, loss_mask)] = teacher_forced_acceptance(
+        drafter, features, input_ids, attention_mask, loss_mask, window_size
+    )
+    return accepted
 
 
 @torch.no_grad()
@@ -70,7 +89,7 @@ def teacher_forced_expected_acceptance(
     """
     from ppow_trl.training.losses import acceptance_rate
 
-    anchor_flags = assistant_anchors(loss_mask) & attention_mask.bool()
+    scored = anchor_flags(attention_mask, loss_mask)
     b, t = input_ids.shape
     anchors = torch.arange(t, device=input_ids.device).expand(b, t)
     reference, in_range = window_targets(input_ids, anchors, window_size)
@@ -80,15 +99,15 @@ def teacher_forced_expected_acceptance(
         drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask,
         tokens=reference[:, :, None, :], temperature=1.0, return_logits=True,
     )  # fmt: skip
-    draft_logits = draft.logits[:, :, 0][anchor_flags]  # (N, K, V_d)
+    draft_logits = draft.logits[:, :, 0][scored]  # (N, K, V_d)
     # The target's distribution of x_{r+2+j} is its output at row r+1+j.
     rows = (anchors[..., None] + 1 + torch.arange(window_size, device=anchors.device)).clamp(max=t - 1)
     lse = torch.logsumexp(target_logits.float(), dim=-1)  # (B, T)
     restricted = target_logits[..., model.target_ids_of_draft_vocab().to(target_logits.device)]  # (B,T,V_d)
     batch_rows = torch.arange(b, device=rows.device)[:, None, None].expand_as(rows)
-    p_logits = restricted[batch_rows[anchor_flags], rows[anchor_flags]]  # (N, K, V_d)
-    beta = acceptance_rate(draft_logits, p_logits, lse[batch_rows[anchor_flags], rows[anchor_flags]])
-    beta = beta * in_range[anchor_flags]
+    p_logits = restricted[batch_rows[scored], rows[scored]]  # (N, K, V_d)
+    beta = acceptance_rate(draft_logits, p_logits, lse[batch_rows[scored], rows[scored]])
+    beta = beta * in_range[scored]
     return beta.cumprod(-1).sum(-1)
 
 
@@ -115,10 +134,10 @@ def dataset_acceptance(
         if device is not None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         features = getattr(feature_provider(batch), drafter.feature_name)
-        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        accepted.append(teacher_forced_acceptance(drafter, features, ids, attn, lmask, window_size).cpu())
-        per_row = (assistant_anchors(lmask) & attn.bool()).sum(1).cpu()
-        rows_of.append(torch.arange(start, start + len(rows)).repeat_interleave(per_row))
+        k = batch_acceptance(drafter, features, batch, window_size).cpu()
+        scored = k >= 0
+        accepted.append(k[scored])
+        rows_of.append(start + scored.nonzero()[:, 0])
     drafter.train(was_training)
     k = torch.cat(accepted)
     if k.numel() == 0:

@@ -615,7 +615,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Held-out teacher-forced greedy acceptance (tau, alpha_j) at `eval_window_size`."""
+        """Held-out tau and alpha_j (docs/metrics.md) at `eval_window_size`, through `dataset_acceptance`."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")

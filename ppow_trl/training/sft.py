@@ -14,8 +14,8 @@ One training step (docs/eagle3.md, training-time test):
    micro-batch, the same for every step: EAGLE-3 divides by B*T with micro-batch 1 and no padding,
    which is this count.
 
-Evaluation adds teacher-forced greedy acceptance at `eval_window_size` on the eval set: `eval_alpha_j`
-(per-position acceptance) and `eval_tau` (simulated tau = 1 + sum_k prod_{i<=k} alpha_i = mean(k + 1)).
+Evaluation adds held-out tau (docs/metrics.md: teacher-forced greedy acceptance at `eval_window_size` on the
+eval set, `ppow_trl.training.acceptance.batch_acceptance`): `eval_tau` and `eval_alpha_j`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.metrics import acceptance_metrics
 from ppow_trl.models import DRAFTER_CLASSES, unwrap_drafter
 from ppow_trl.models.common import lora_for_drafter
-from ppow_trl.training.acceptance import teacher_forced_acceptance
+from ppow_trl.target import pad_token_id
+from ppow_trl.training.acceptance import batch_acceptance
 from ppow_trl.training.card import DrafterCardMixin
 from ppow_trl.training.losses import (
     LOSSES,
@@ -45,7 +46,6 @@ from ppow_trl.training.losses import (
     step_weights,
     target_labels,
 )
-from ppow_trl.training.windowing import assistant_anchors
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,8 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
             )
         self.feature_provider = feature_provider
         if data_collator is None:
-            pad = getattr(processing_class, "pad_token_id", None)
-            data_collator = partial(collate_sequences, pad_token_id=pad if pad is not None else 0)
+            pad = pad_token_id(processing_class) if processing_class is not None else 0
+            data_collator = partial(collate_sequences, pad_token_id=pad)
         super().__init__(
             model=model,
             args=args,
@@ -306,21 +306,12 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             features, labels = self._target_batch(inputs)
             loss, stats = self._ttt_loss(model, inputs, features, labels)
-            accepted = teacher_forced_acceptance(
-                model,
-                features,
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                inputs["loss_mask"],
-                self.args.eval_window_size,
-            )
+            accepted = batch_acceptance(model, features, inputs, self.args.eval_window_size)
         self._stats["eval"] += stats
-        per_row = torch.full_like(inputs["input_ids"], -1)
-        per_row[assistant_anchors(inputs["loss_mask"]) & inputs["attention_mask"].bool()] = accepted
-        per_row = self.accelerator.gather_for_metrics(
-            self.accelerator.pad_across_processes(per_row, dim=1, pad_index=-1)
+        accepted = self.accelerator.gather_for_metrics(
+            self.accelerator.pad_across_processes(accepted, dim=1, pad_index=-1)
         )
-        self._accepted.append(per_row[per_row >= 0])
+        self._accepted.append(accepted[accepted >= 0])
         return loss.detach(), None, None
 
     def evaluation_loop(
