@@ -9,6 +9,7 @@ import shutil
 
 import huggingface_hub
 import pytest
+import torch
 import yaml
 from huggingface_hub import constants
 
@@ -22,6 +23,15 @@ from ppow_trl.io import (
 )
 from recipes.export_drafter import main as export_main
 from tests.test_export import make_drafter
+
+
+def assert_same_drafter(loaded, drafter) -> None:
+    """A drafter that went through a layout and back: same class, same weights."""
+    assert type(loaded) is type(drafter)
+    expected, got = drafter.state_dict(), loaded.state_dict()
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
 
 
 def metadata(card: str) -> dict:
@@ -108,7 +118,7 @@ def test_push_uploads_the_exported_folder_and_card(tiny_target, tmp_path, monkey
     assert json.loads((uploaded / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
     card = (uploaded / "README.md").read_text()
     assert '"model": "me/tiny-eagle3"' in card and "| 1.234 |" in card
-    assert load_drafter(uploaded, tiny_target) is not None
+    assert_same_drafter(load_drafter(uploaded, tiny_target), drafter)
 
 
 def test_push_without_token_or_network_fails_with_a_fix(monkeypatch):
@@ -151,7 +161,7 @@ def test_export_recipe_writes_every_layout(fmt, tiny_target, tiny_target_dir, tm
             ["--drafter", str(out), "--format", "ppow", "--output_dir", str(tmp_path / "back"),
              "--target_name_or_path", tiny_target_dir]
         )  # fmt: skip
-        assert load_drafter(again, tiny_target) is not None
+        assert_same_drafter(load_drafter(again, tiny_target), drafter)
 
 
 def test_export_recipe_push_fails_before_loading_anything(tmp_path):

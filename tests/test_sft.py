@@ -348,7 +348,7 @@ def test_recipe_yaml_parses_and_unknown_keys_fail(tmp_path):
     assert model_args.target_name_or_path == "embedded" and args.drafter_type == "eagle3"
     assert isinstance(data_config, DataConfig) and data_config.seed == args.seed == 3
     bad = tmp_path / "bad.yaml"
-    bad.write_text(config.read_text() + "\nnot_a_field: 1\n")
+    bad.write_text(f"include: {config}\nnot_a_field: 1\n")  # its own includes resolve from its folder
     with pytest.raises(ValueError, match="not_a_field"):
         recipe.parse_args(["--config", str(bad)])
 

@@ -182,7 +182,8 @@ def test_quantized_target_trains_one_sft_and_one_ppow_step(
     ppow.train()
     assert ppow.state.global_step == 1 and not torch.equal(before, drafter.fc.weight)
     logged = [h for h in ppow.state.log_history if "tau" in h]
-    assert logged and logged[0]["tau"] >= 1.0
+    assert logged and logged[0]["tau"] == pytest.approx(1.0 + logged[0]["accepted_length/mean"])
+    assert 1.0 <= logged[0]["tau"] <= 1.0 + ppow.args.window_size
 
 
 if __name__ == "__main__":
