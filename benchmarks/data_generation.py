@@ -38,9 +38,9 @@ import torch
 from ppow_trl.data import DataConfig, batched_generate, load_prompts
 from ppow_trl.data.filters import ContaminationIndex, FilterSettings, filter_prompts
 from ppow_trl.data.refill import refill_generate
-from ppow_trl.data.regeneration import make_generation_config, pad_token_id, render
+from ppow_trl.data.regeneration import make_generation_config, render
 from ppow_trl.data.self_generated import write_prompts
-from ppow_trl.target import eos_token_ids, load_target
+from ppow_trl.target import eos_token_ids, load_target, pad_token_id
 
 print = functools.partial(print, flush=True)  # noqa: A001 -- rows appear as they are measured
 

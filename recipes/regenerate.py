@@ -61,8 +61,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[RegenerateArguments, Data
 def main(args: RegenerateArguments, data_config: DataConfig) -> Path:
     start = time.perf_counter()
     directory = Path(args.output_dir).expanduser()
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"output_dir {directory} is a file: the dataset directory must be a folder")
     token = None
     if args.push_to_hub:  # before hours of generation, not after
         if not args.hub_dataset_id:

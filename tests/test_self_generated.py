@@ -422,6 +422,7 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
 def test_regenerate_checks_a_hub_push_before_any_work(tmp_path, monkeypatch):
     """--push_to_hub is checked before the target is even loaded (the Hub itself cannot be reached here)."""
     from ppow_trl.io import HubAccessError
+    from ppow_trl.training.parser import ConfigError
 
     sys.path.insert(0, str(REPO / "recipes"))
     try:
@@ -436,7 +437,7 @@ def test_regenerate_checks_a_hub_push_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(HubAccessError, match="HF_HUB_OFFLINE"):
         regenerate.main(*regenerate.parse_args([*argv, "--hub_dataset_id", "me/data"]))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="is a file"):
+    with pytest.raises(ConfigError, match="is a file"):
         regenerate.main(
             *regenerate.parse_args([*argv[:2], *argv[4:6], "--output_dir", str(tmp_path / "file")])
         )

@@ -171,6 +171,44 @@ def cached_sanity_check(
     return json.loads(path.read_text())
 
 
+def _split_settings(config: DataConfig, regen: Regeneration, corpus) -> dict[str, Any]:
+    """What `split.json` records about how the split was made."""
+    return {
+        "source": config.dataset_name,
+        "dataset_config": config.dataset_config,
+        "dataset_split": config.dataset_split,
+        "max_turns": config.max_turns,
+        "eval_fraction": config.eval_fraction,
+        "split_seed": config.split_seed,
+        "max_prompts": config.max_prompts,
+        "num_answers_per_prompt": config.num_answers_per_prompt,
+        "data_fingerprint": regen.fingerprint,
+        "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
+    }
+
+
+def _log_report(report: dict[str, Any]) -> None:
+    logger.info(
+        "Data: %d regenerated sequences, %d tokens, %d assistant tokens; %d train sequences (%d positions, "
+        "corpus %s) / %d eval; argmax==next on %s of %d sampled assistant positions; draft vocab %d covers "
+        "%.4f; dropped %d prompts (+%d turns), truncated %d",
+        report["num_sequences"],
+        report["tokens"],
+        report["assistant_tokens"],
+        report["num_train"],
+        report["train_positions"],
+        report["corpus"],
+        report["num_eval"],
+        report["argmax_match_fraction"],
+        report["checked_positions"],
+        report["draft_vocab_size"],
+        report["draft_vocab_coverage"],
+        report["dropped_prompts"],
+        report["dropped_turns"],
+        report["truncated_prompts"],
+    )
+
+
 def build_training_data(
     config: DataConfig, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, progress: bool = True
 ) -> RegeneratedData:
@@ -213,18 +251,7 @@ def build_training_data(
         build_dir / "split.json",
         train_examples,
         eval_examples,
-        {
-            "source": config.dataset_name,
-            "dataset_config": config.dataset_config,
-            "dataset_split": config.dataset_split,
-            "max_turns": config.max_turns,
-            "eval_fraction": config.eval_fraction,
-            "split_seed": config.split_seed,
-            "max_prompts": config.max_prompts,
-            "num_answers_per_prompt": config.num_answers_per_prompt,
-            "data_fingerprint": regen.fingerprint,
-            "corpus_fingerprint": None if corpus is None else corpus.fingerprint,
-        },
+        _split_settings(config, regen, corpus),
         dropped_ids=regen.stats["dropped_ids"],
     )
     vocab_size = vocab_size_of(target)
@@ -262,25 +289,7 @@ def build_training_data(
         "config": asdict(config),
     }
     (build_dir / "report.json").write_text(json.dumps(report, indent=1))
-    logger.info(
-        "Data: %d regenerated sequences, %d tokens, %d assistant tokens; %d train sequences (%d positions, "
-        "corpus %s) / %d eval; argmax==next on %s of %d sampled assistant positions; draft vocab %d covers "
-        "%.4f; dropped %d prompts (+%d turns), truncated %d",
-        report["num_sequences"],
-        report["tokens"],
-        report["assistant_tokens"],
-        report["num_train"],
-        report["train_positions"],
-        report["corpus"],
-        report["num_eval"],
-        report["argmax_match_fraction"],
-        report["checked_positions"],
-        report["draft_vocab_size"],
-        report["draft_vocab_coverage"],
-        report["dropped_prompts"],
-        report["dropped_turns"],
-        report["truncated_prompts"],
-    )
+    _log_report(report)
     return RegeneratedData(train, eval_, draft_vocab, report, build_dir, regen)
 
 

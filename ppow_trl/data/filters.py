@@ -38,7 +38,6 @@ ANSWER_OPENINGS = re.compile(
     re.IGNORECASE,
 )
 _WORD = re.compile(r"[a-z0-9]+")
-_MASK64 = (1 << 64) - 1
 _PRIME = np.uint64(1_000_003)
 
 

@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from ..packed import packed_linears, use_packed_linears
-from ..target import eos_token_ids, target_name
+from ..target import eos_token_ids, pad_token_id, target_name
 from .cache import (
     check_manifest,
     content_shard_path,
@@ -155,13 +155,6 @@ def regeneration_inputs(
 
 
 # ------------------------------------------------------------------------------------------ templating
-def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
-    return int(pad)
-
-
 def render(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool
 ) -> str:
@@ -503,6 +496,27 @@ def _shard_rng(config: DataConfig, shard: int, target: PreTrainedModel) -> Itera
 
 
 # ------------------------------------------------------------------------------------------ entry point
+def _settings(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[PromptExample],
+    config: DataConfig,
+) -> _Settings:
+    eos_ids = eos_token_ids(target, tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    follow_ups = _follow_ups(config, tokenizer, eos_ids, pad_id) if writes_follow_ups(config) else None
+    multi_turn = follow_ups is not None or any(len(e.turns) > 1 for e in examples)
+    return _Settings(
+        generation=make_generation_config(config, eos_ids, pad_id),
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        limit=context_limit(target, config),
+        policy=config.prompt_truncation,
+        closing=turn_closing_text(tokenizer) if multi_turn else None,
+        follow_ups=follow_ups,
+    )
+
+
 def regenerate(
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -534,19 +548,7 @@ def regenerate(
     # a dataset grown from a cached one (more prompts appended) reuses its unchanged shards
     missing = [i for i, path in enumerate(paths) if not path.is_file() and not reuse_shard(path)]
     if missing:
-        eos_ids = eos_token_ids(target, tokenizer)
-        pad_id = pad_token_id(tokenizer)
-        follow_ups = _follow_ups(config, tokenizer, eos_ids, pad_id) if writes_follow_ups(config) else None
-        multi_turn = follow_ups is not None or any(len(e.turns) > 1 for e in examples)
-        settings = _Settings(
-            generation=make_generation_config(config, eos_ids, pad_id),
-            eos_ids=eos_ids,
-            pad_id=pad_id,
-            limit=context_limit(target, config),
-            policy=config.prompt_truncation,
-            closing=turn_closing_text(tokenizer) if multi_turn else None,
-            follow_ups=follow_ups,
-        )
+        settings = _settings(target, tokenizer, examples, config)
         logger.info(
             "Regenerating %d of %d shards into %s (%s, max_new_tokens=%d)",
             len(missing),
@@ -555,7 +557,7 @@ def regenerate(
             "sampling" if config.do_sample else "greedy",
             config.max_new_tokens,
         )
-        turns_each = (config.max_turns or 1) if follow_ups else 0
+        turns_each = (config.max_turns or 1) if settings.follow_ups else 0
         turns_of = [sum(max(len(e.turns), turns_each) for e in chunk) for chunk in chunks]
         total_turns = sum(turns_of[i] for i in missing)
         with tqdm(total=total_turns, desc="regenerating", unit="turn", disable=not progress) as bar:

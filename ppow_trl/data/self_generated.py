@@ -21,13 +21,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..target import eos_token_ids, pad_token_id
 from .cache import check_manifest, content_shard_path, fill_shards, fingerprint_of, sha, write_text_atomic
 from .config import DataConfig
 from .filters import ContaminationIndex, FilterSettings, filter_prompts
 from .regeneration import (
     DEFAULT_SYSTEM,
-    eos_token_ids,
-    pad_token_id,
     pre_query_prefix,
     prompt_generation_config,
     target_identity,
