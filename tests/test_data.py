@@ -208,7 +208,8 @@ def test_loss_mask_marks_exactly_the_generated_tokens(varied_target, tiny_tokeni
         return outputs
 
     monkeypatch.setattr(regen_module, "refill_generate", recording)  # greedy answers go through it
-    data = regenerate(varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path), progress=False).dataset
+    config = replace(make_config(tmp_path), refill_rows=True)
+    data = regenerate(varied_target, tiny_tokenizer, PROMPTS, config, progress=False).dataset
     assert len(calls) == sum(len(e.turns) for e in PROMPTS)
     for example, row in zip(PROMPTS, data):
         ids, mask = row["input_ids"], row["loss_mask"]
@@ -533,3 +534,12 @@ def test_embedded_target_regenerates_mt_bench(tmp_path):
         for start in starts:
             assert tokenizer.decode(ids[:start]).endswith("<|im_start|>assistant\n")
         assert tokenizer.decode([t for t, m in zip(ids, mask) if not m]).count("<|im_start|>user\n") == 2
+
+
+def test_refilled_rows_regenerate_the_same_data(varied_target, tiny_tokenizer, tmp_path):
+    static = regenerate(varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "a"), progress=False)
+    refilled = regenerate(
+        varied_target, tiny_tokenizer, PROMPTS, make_config(tmp_path / "b", refill_rows=True), progress=False
+    )
+    assert refilled.fingerprint == static.fingerprint  # the engine does not change the data's identity
+    assert columns(refilled.dataset) == columns(static.dataset)

@@ -50,7 +50,7 @@ class DataConfig:
 
     > Regeneration: the target's answers, the sequences the drafter learns from
 
-        max_new_tokens, regen_batch_size, do_sample, regen_temperature, regen_top_p, seed,
+        max_new_tokens, regen_batch_size, refill_rows, do_sample, regen_temperature, regen_top_p, seed,
         num_answers_per_prompt
 
     > Corpus: plain text trained on without regeneration (off unless corpus_name is set)
@@ -201,6 +201,14 @@ class DataConfig:
         default=256, metadata={"help": "Tokens the target generates per turn at most."}
     )
     regen_batch_size: int = field(default=8, metadata={"help": "Prompts per batched `generate` call."})
+    refill_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "Greedy answers with finished rows refilled at once (ppow_trl.data.refill) instead of static "
+            "batches of similar prompt lengths. Same tokens; not yet faster on a 2-core CPU "
+            "(benchmarks/RESULTS_data_generation.md)."
+        },
+    )
     do_sample: bool = field(default=False, metadata={"help": "Sample the responses (default: greedy)."})
     regen_temperature: float = field(
         default=1.0, metadata={"help": "Regeneration sampling temperature (only with do_sample)."}

@@ -225,6 +225,7 @@ class _Settings:
     policy: str
     closing: str | None
     follow_ups: _FollowUps | None = None
+    refill_rows: bool = False
 
 
 def writes_follow_ups(config: DataConfig) -> bool:
@@ -403,7 +404,7 @@ def _generate_shard(
         active = [c for c in conversations if c.active and _admit_turn(c, tokenizer, s, stats)]
         if not active:
             break
-        if s.generation.do_sample:  # sampled answers: static batches of similar prompt lengths
+        if s.generation.do_sample or not s.refill_rows:  # static batches of similar prompt lengths
             active.sort(key=lambda c: len(c.ids))
             outputs = []
             for start in range(0, len(active), batch_size):
@@ -412,7 +413,7 @@ def _generate_shard(
                 outputs += answers
                 if on_batch is not None:
                     on_batch(len(answers), sum(len(answer) for answer in answers))
-        else:  # greedy: a row whose answer ended takes the next conversation at once (refill.py)
+        else:  # greedy, refilled: a row whose answer ended takes the next conversation (refill.py)
             outputs = refill_generate(
                 target,
                 [c.ids for c in active],
@@ -514,6 +515,7 @@ def _settings(
         policy=config.prompt_truncation,
         closing=turn_closing_text(tokenizer) if multi_turn else None,
         follow_ups=follow_ups,
+        refill_rows=config.refill_rows,
     )
 
 
