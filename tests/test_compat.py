@@ -24,12 +24,12 @@ def test_installed_versions_are_supported():
         assert _compat.check_version(package)
 
 
-@pytest.mark.parametrize("installed", ["5.25.0", "5.25.0rc1", "4.57.1", "6.0.0"])
+@pytest.mark.parametrize("installed", ["5.25.0", "5.25.0rc1", "5.19.0", "4.57.1", "6.0.0"])
 def test_an_unsupported_version_names_the_range(monkeypatch, installed):
     monkeypatch.setattr(_compat.importlib.metadata, "version", lambda package: installed)
     _compat.check_version.cache_clear()
     try:
-        with pytest.raises(_compat.UnsupportedVersionError, match=r"transformers>=5\.0,<5\.25"):
+        with pytest.raises(_compat.UnsupportedVersionError, match=r"transformers>=5\.24,<5\.25"):
             _compat.check_version("transformers")
     finally:
         _compat.check_version.cache_clear()
