@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_generation.py throughput --num-prompts 64
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_generation.py filters \
-        --dataset-dir ~/.cache/ppow_trl/datasets/smollm2-135m-self-generated
+        --dataset-dir data/smollm2-135m-self-generated
 
 `throughput`: the target writes --num-prompts user turns (Magpie, the pipeline's `write_prompts` path) at
 each prompt batch size, then answers the same chat-templated prompts greedily at each answer batch size

@@ -1,7 +1,7 @@
 """How large a draft vocabulary pays: held-out coverage against the drafter's measured per-step cost.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/draft_vocab_size.py \
-        --dataset-dir ~/.cache/ppow_trl/datasets/smollm2-135m-self-generated
+        --dataset-dir data/smollm2-135m-self-generated
 
 For each size N the vocabulary is the N most frequent answer tokens of the dataset's train split (the
 EAGLE-3 recipe, `build_draft_vocab`); coverage is the share of held-out answer tokens (the eval split: the

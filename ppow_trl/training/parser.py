@@ -87,7 +87,7 @@ class RecipeParser(TrlParser):
             unknown = self.set_defaults_with_config(**config)
             if unknown:
                 raise self._unknown([flag[2:] for flag in unknown[::2]], "key(s) in the YAML config")
-        namespace, remaining = self.parse_known_args(args)
+        _, remaining = self.parse_known_args(args)
         if remaining:
             flags = [a.lstrip("-").split("=")[0] for a in remaining if a.startswith("-")]
             raise self._unknown(flags or remaining, "command-line argument(s)")
