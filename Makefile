@@ -24,10 +24,12 @@ OUT := outputs/smollm2-135m
 WARMSTART := drafters/smollm2-135m-eagle3
 
 .PHONY: warmstart demo-from-scratch
-# The shipped warm start -> PPOW on fresh self-generated data -> evaluation of both drafters on MT-Bench
-# and HumanEval, offline on CPU (the regenerated data is cached, so a second run starts training at once).
+DATA := data/smollm2-135m-self-generated
+
+# The shipped warm start -> PPOW on the shipped self-generated dataset (nothing is regenerated) -> evaluation of
+# both drafters on MT-Bench and HumanEval, offline on CPU.
 demo: setup
-	$(RUN) recipes/eagle_ppow.py --config $(CONFIGS)/ppow_eagle3.yaml
+	$(RUN) recipes/eagle_ppow.py --config $(CONFIGS)/ppow_eagle3.yaml --dataset_name $(DATA)
 	$(RUN) recipes/evaluate_drafter.py --config $(CONFIGS)/evaluate.yaml --drafter $(WARMSTART) \
 		--output_dir $(OUT)/eval-warmstart
 	$(RUN) recipes/evaluate_drafter.py --config $(CONFIGS)/evaluate.yaml
