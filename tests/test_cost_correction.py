@@ -13,13 +13,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ppow_trl.decoding import cost as cost_module
 from ppow_trl.decoding import generate, speculative_generate
 from ppow_trl.decoding.cost import measure_costs
 from ppow_trl.decoding.speculative import draft_length_policy
-from tests.test_speculative import VOCAB, make_oracle, plain_greedy, prompts
+from tests.test_speculative import build_varied_target, make_oracle, plain_greedy, prompts
 
 NEW_TOKENS = 48
 MAX_ROUNDS_TO_CORRECT = 48
@@ -36,16 +36,7 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def deep_target() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    return model.eval().requires_grad_(False)
+    return build_varied_target(num_layers=16)
 
 
 @pytest.fixture(scope="module")

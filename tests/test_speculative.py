@@ -47,12 +47,12 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def build_varied_target(seed: int = 0) -> LlamaForCausalLM:
+def build_varied_target(seed: int = 0, num_layers: int = 4) -> LlamaForCausalLM:
     """A tiny random Llama whose greedy continuations vary (untied head; the tied tiny target of conftest
     repeats its last token forever, which would make equality tests blind to many bugs)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
         tie_word_embeddings=False,
     )  # fmt: skip
