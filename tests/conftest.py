@@ -89,3 +89,12 @@ def tiny_target_dir(tmp_path_factory, tiny_target, tiny_tokenizer) -> str:
     tiny_target.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and the CPU is shared): `pytestmark = usefixtures(...)`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -26,12 +26,7 @@ MAX_ROUNDS_TO_CORRECT = 48
 SETTLE = 8  # rounds for the policy to lengthen its windows again once the table is corrected
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,7 @@ from tests.test_drafting import make_drafter
 VOCAB = 320
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and the CPU is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_varied_target(seed: int = 0, num_layers: int = 4) -> LlamaForCausalLM:
