@@ -133,3 +133,12 @@ def paired_tau_difference(
     residual = torch.zeros(n, dtype=torch.float64).index_add_(0, cluster, diff - delta)
     se = math.sqrt(n / max(n - 1, 1) * float(residual.square().sum())) / diff.numel()
     return delta, se
+
+
+def format_number(value, digits: int = 3) -> str:
+    """A metric for a table or card: '-' for a missing value or NaN (nothing was measured there)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.{digits}f}"
+    return str(value)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ppow_trl.evaluation.config import EvaluationConfig
-from ppow_trl.metrics import accepted_length_histogram, per_position_acceptance
+from ppow_trl.metrics import accepted_length_histogram, format_number, per_position_acceptance
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +194,7 @@ def hardware_line(hardware: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------- files
 def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        # NaN: nothing to measure (no window reached that position).
-        return "-" if value != value else f"{value:.{digits}f}"
-    return str(value)
+    return format_number(value, digits)
 
 
 def markdown_table(report: dict[str, Any]) -> str:

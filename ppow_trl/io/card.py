@@ -22,6 +22,7 @@ from ppow_trl.hub_id import is_hub_id
 from ppow_trl.io.convert import serving_layer_ids, target_hub_id
 from ppow_trl.io.layouts import LAYOUTS, check_format
 from ppow_trl.io.source import UNKNOWN_TARGETS
+from ppow_trl.metrics import format_number
 from ppow_trl.models.common import unwrap_drafter
 
 LIBRARY_NAME = "ppow-trl"
@@ -45,14 +46,6 @@ TAU_DEFINITION = (
 ALPHA_DEFINITION = "alpha_j = P(draft token j accepted | draft tokens 1..j-1 accepted)"
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "-" if value != value else f"{value:.{digits}f}"
-    return str(value)
-
-
 def _held_out(eval_results: dict[str, Any] | None) -> dict[str, Any] | None:
     """The held-out table (tau, alpha_1..K) of the trainers' `eval_*` metrics."""
     if not eval_results:
@@ -66,7 +59,7 @@ def _held_out(eval_results: dict[str, Any] | None) -> dict[str, Any] | None:
     return {
         "k": len(alphas),
         "columns": ["tau", *(f"alpha_{j}" for j, _ in alphas)],
-        "cells": [_fmt(eval_results.get(prefix + "tau")), *(_fmt(v) for _, v in alphas)],
+        "cells": [format_number(eval_results.get(prefix + "tau")), *(format_number(v) for _, v in alphas)],
     }
 
 
@@ -80,9 +73,9 @@ def _decoding_rows(report: dict[str, Any] | None) -> list[list[str]]:
                 str(r.get("prompt_set")),
                 str(r.get("temperature")),
                 str(r.get("window_size")),
-                _fmt(r.get("tau")),
-                " / ".join(_fmt(a, 2) for a in r.get("alpha") or []),
-                f"{_fmt(r.get('speedup'), 2)}x",
+                format_number(r.get("tau")),
+                " / ".join(format_number(a, 2) for a in r.get("alpha") or []),
+                f"{format_number(r.get('speedup'), 2)}x",
                 match,
                 str(r.get("hardware", "-")),
             ]
@@ -165,7 +158,7 @@ def drafter_model_card(
         imported=_imported(config),
         method=method,
         settings=settings,
-        data={k: v if k == "data_fingerprint" else _fmt(v) for k, v in data.items()},
+        data={k: v if k == "data_fingerprint" else format_number(v) for k, v in data.items()},
         tau_definition=TAU_DEFINITION,
         alpha_definition=ALPHA_DEFINITION,
         held_out=_held_out(eval_results),
