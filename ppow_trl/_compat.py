@@ -118,16 +118,16 @@ def generation_special_tokens(generation_config: Any) -> tuple[Any, Any]:
     return generation_config._eos_token_tensor, getattr(generation_config, "_pad_token_tensor", None)
 
 
-def copy_cache_slots(cache: Any, rows: Any, source: Any, destination: int) -> None:
-    """In every layer of a `DynamicCache`, copy the keys/values at sequence slot `source[i]` of batch row
-    `rows[i]` to slot `destination` (the accepted branch of a draft tree takes the slot of the first draft
-    token before the cache is cropped)."""
+def gather_cache_slots(cache: Any, start: int, path: Any) -> None:
+    """In every layer of a `DynamicCache`, slot `start + s` of batch row b takes the keys/values of slot
+    `start + path[b, s]` ((B, n) int64): the accepted branch of a draft tree moves into the slots after the
+    context before the cache is cropped."""
     check_version("transformers")
-    layers = _require("transformers", cache, "layers")
-    for layer in layers:
+    for layer in _require("transformers", cache, "layers"):
         for name in ("keys", "values"):
             tensor = _require("transformers", layer, name)
-            tensor[rows, :, destination] = tensor[rows, :, source]
+            index = (start + path)[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+            tensor[:, :, start : start + path.shape[1]] = tensor.gather(2, index)
 
 
 def cache_tensors(cache: Any) -> list[Any]:

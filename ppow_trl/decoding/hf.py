@@ -269,6 +269,8 @@ def assisted_decoding_with_drafter(
     packed: bool | str = "auto",
     draft_tree_width: int = 1,
     correct_costs: bool | None = None,
+    prompt_lookup_tokens: int = 0,
+    prompt_lookup_ngram: int = 3,
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable: transformers' assisted decoding with a `DrafterCandidateGenerator`.
@@ -282,10 +284,11 @@ def assisted_decoding_with_drafter(
     attachment, drafter, num_draft_tokens = _attached(model, drafter, num_draft_tokens)
     drafter_model = check_drafter_for_target(model, drafter)
     num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
-    if draft_tree_width != 1:
+    if draft_tree_width != 1 or prompt_lookup_tokens:
         raise ValueError(
-            "transformers' assisted decoding verifies chains only; draft trees (draft_tree_width > 1) run in "
-            "the loop: method='loop' or speculative_generate"
+            "transformers' assisted decoding verifies chains only; draft trees (draft_tree_width > 1) and "
+            "prompt-lookup branches (prompt_lookup_tokens > 0) run in the loop: method='loop' or "
+            "speculative_generate"
         )
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -380,6 +383,8 @@ def speculative_decoding(
     packed: bool | str = "auto",
     draft_tree_width: int = 1,
     correct_costs: bool | None = None,
+    prompt_lookup_tokens: int = 0,
+    prompt_lookup_ngram: int = 3,
     **model_kwargs,
 ) -> torch.LongTensor | SpeculativeOutput:
     """`custom_generate` callable running `speculative_generate` (any batch size, left padding).
@@ -418,6 +423,8 @@ def speculative_decoding(
         packed=packed,
         draft_tree_width=draft_tree_width,
         correct_costs=correct_costs,
+        prompt_lookup_tokens=prompt_lookup_tokens,
+        prompt_lookup_ngram=prompt_lookup_ngram,
     )
     if attachment is not None:
         attachment.last_output = output
@@ -453,15 +460,17 @@ def generate(
             through `generate_kwargs`).
         method: "assisted" (transformers' assisted decoding with `DrafterCandidateGenerator`, batch 1),
             "loop" (`speculative_generate`, any batch size), "auto" (assisted for B == 1 with a chain, else
-            loop; `draft_tree_width` > 1 needs the loop).
+            loop; `draft_tree_width` > 1 and `prompt_lookup_tokens` > 0 need the loop).
         **generate_kwargs: passed to `generate` (max_new_tokens, do_sample, temperature, eos_token_id, ...).
 
     Greedy (the default) reproduces plain greedy decoding; `do_sample=True` is lossless speculative sampling.
     """
     check_drafter_for_target(target, drafter)
     check_num_draft_tokens(num_draft_tokens)
-    if method == "auto" and generate_kwargs.get("draft_tree_width", 1) != 1:
-        method = "loop"  # draft trees are verified by the loop only
+    if method == "auto" and (
+        generate_kwargs.get("draft_tree_width", 1) != 1 or generate_kwargs.get("prompt_lookup_tokens", 0)
+    ):
+        method = "loop"  # draft trees and lookup branches are verified by the loop only
     decode = _resolve_method(method, input_ids.shape[0])
     generate_kwargs["return_dict_in_generate"] = True
     generate_kwargs.setdefault("pad_token_id", _default_pad(target))

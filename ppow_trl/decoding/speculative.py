@@ -30,6 +30,7 @@ from ppow_trl.decoding.cost import CostMonitor, CostTable, cost_clock, measure_c
 from ppow_trl.decoding.draft_length import DraftLengthPolicy, top_probability
 from ppow_trl.decoding.drafting import ChainDrafter
 from ppow_trl.decoding.kernels import verify_windows
+from ppow_trl.decoding.lookup import lookup_continuation
 from ppow_trl.models.common import positions_from_mask, sample_token_ids, scatter_draft_probs, unwrap_drafter
 from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import capture_features, vocab_size_of
@@ -54,6 +55,7 @@ class SpeculativeOutput:
     timings: seconds per phase when profiling was requested (see `speculative_generate`).
     costs: the cost table "auto" priced the last round with (after any correction from timed rounds, see
         `ppow_trl.decoding.cost.CostMonitor`); None for a fixed K.
+    lookup_rounds: (round, row) pairs whose accepted tokens came from the prompt-lookup branch.
     """
 
     sequences: torch.Tensor
@@ -63,6 +65,7 @@ class SpeculativeOutput:
     new_tokens: torch.Tensor
     timings: dict[str, float] | None = None
     costs: CostTable | None = None
+    lookup_rounds: int = 0
 
     @property
     def rounds_per_row(self) -> torch.Tensor:
@@ -176,6 +179,11 @@ def check_drafter_for_target(target: PreTrainedModel, drafter: PreTrainedModel) 
         raise TypeError(f"{type(model).__name__} is not a ppow_trl drafter (Eagle3Drafter or MedusaDrafter)")
     model.check_target(target)
     return model
+
+
+def _check_integer(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_context(target: PreTrainedModel, prompt_lengths: torch.Tensor, max_new_tokens: int) -> None:
@@ -362,6 +370,8 @@ def speculative_generate(
     packed: bool | str = "auto",
     draft_tree_width: int = 1,
     correct_costs: bool | None = None,
+    prompt_lookup_tokens: int = 0,
+    prompt_lookup_ngram: int = 3,
 ) -> SpeculativeOutput:
     """Batched speculative decoding (chain drafting, K tokens per round) with a drafter; lossless.
 
@@ -402,6 +412,12 @@ def speculative_generate(
             target's token after it is the bonus token. Rounds verify K + w tokens.
         correct_costs: with "auto", time the rounds and reprice windows when the observed costs disagree with
             the table (`ppow_trl.decoding.cost.CostMonitor`); default: for measured tables only.
+        prompt_lookup_tokens: greedy only: each round also verifies up to this many tokens of prompt lookup (the
+            continuation of the latest earlier occurrence of the row's last n-gram in its prompt and output,
+            `ppow_trl.decoding.lookup`) as one more branch of the draft tree; the round keeps whichever path the
+            target accepts for longer. In rounds where "auto" skips drafting, the lookup is verified alone, at
+            no drafter cost. 0 = off.
+        prompt_lookup_ngram: the longest n-gram prompt lookup matches (it falls back to shorter ones).
 
     Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens
     stay in the (shared, batched) target cache only when another row accepted more, and are masked out
@@ -409,12 +425,14 @@ def speculative_generate(
     sliding attention window, so sliding-window targets are exact at batch size 1 only.
     """
     model = check_drafter_for_target(target, drafter)
-    if isinstance(draft_tree_width, bool) or not isinstance(draft_tree_width, int) or draft_tree_width < 1:
-        raise ValueError(f"draft_tree_width must be an integer >= 1, got {draft_tree_width!r}")
-    if draft_tree_width > 1 and temperature > 0:
+    _check_integer("draft_tree_width", draft_tree_width, 1)
+    _check_integer("prompt_lookup_tokens", prompt_lookup_tokens, 0)
+    _check_integer("prompt_lookup_ngram", prompt_lookup_ngram, 1)
+    if (draft_tree_width > 1 or prompt_lookup_tokens) and temperature > 0:
         raise ValueError(
-            "draft trees are verified greedily; speculative sampling over several branches is not implemented "
-            "(use draft_tree_width=1 with temperature > 0)"
+            "draft trees (draft_tree_width > 1) and prompt-lookup branches (prompt_lookup_tokens > 0) are verified "
+            "greedily; speculative sampling over several branches is not implemented: with temperature > 0 use "
+            "chains (draft_tree_width=1, prompt_lookup_tokens=0)"
         )
     use_packed = use_packed_linears(target, packed)
     device = next(target.parameters()).device
@@ -438,26 +456,32 @@ def speculative_generate(
         output = _speculative_loop(
             target, model, input_ids, mask, max_new_tokens, window, policy, temperature,
             eos_token_id, pad_token_id, generator, logits_warper, verify_backend, profile, device,
-            costs.verify_shape if padded else None, draft_tree_width - 1,
+            costs.verify_shape if padded else None, draft_tree_width - 1, prompt_lookup_tokens,
+            prompt_lookup_ngram,
         )  # fmt: skip
     output.costs = policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None
     return output
 
 
 def _tree_attention(
-    attn: torch.Tensor, window: int, branches: int, filler: int, dtype: torch.dtype
+    attn: torch.Tensor, window: int, branches: int, lookup: int, filler: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """(B, 1, n, L + n) additive attention mask of a draft tree's forward, n = window + 1 + branches + filler:
-    the past as `attn` (B, L + window + 1) says, the chain [x_n, d_1..d_K] causal, each branch (a runner-up
-    of d_1) sees x_n and itself only, filler rows see what precedes them."""
+    """(B, 1, n, L + n) additive attention mask of a draft tree's forward, n = window + 1 + branches + lookup +
+    filler: the past as `attn` (B, L + window + 1) says, the chain [x_n, d_1..d_K] causal, each runner-up branch
+    (an alternative d_1) sees x_n and itself, the lookup branch sees x_n and itself causally, filler rows see
+    what precedes them."""
     chain = window + 1
-    n = chain + branches + filler
+    n = chain + branches + lookup + filler
     past = attn[:, : attn.shape[1] - chain]
     new = torch.ones(n, n, dtype=torch.bool, device=attn.device).tril()
     rows = torch.arange(chain, chain + branches, device=attn.device)
     new[rows] = False
     new[rows, 0] = True
     new[rows, rows] = True
+    first = chain + branches
+    new[first : first + lookup] = False
+    new[first : first + lookup, 0] = True
+    new[first : first + lookup, first : first + lookup] = torch.ones(lookup, lookup, dtype=torch.bool).tril()
     batch = attn.shape[0]
     allowed = torch.cat([past[:, None, None, :].expand(-1, 1, n, -1), new.expand(batch, 1, n, n)], dim=-1)
     return torch.zeros(allowed.shape, dtype=dtype, device=attn.device).masked_fill(
@@ -465,34 +489,58 @@ def _tree_attention(
     )
 
 
-def _take_branch(
+def _take_branches(
     logits: torch.Tensor,
+    forward_ids: torch.Tensor,
     window: int,
-    alternatives: torch.Tensor,
+    branches: int,
+    lookup_valid: torch.Tensor,
     accepted: torch.Tensor,
     bonus: torch.Tensor,
     draft_tokens: torch.Tensor,
-    features: torch.Tensor,
     active: torch.Tensor,
-    cache: DynamicCache,
-    past: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy: where the chain's first token was rejected and the target's token is one of its runner-ups,
-    accept that branch: it becomes d_1 (accepted = 1), its KV and features take d_1's slot, and the target's
-    token after it is the bonus. Returns (accepted, bonus, draft_tokens, features)."""
-    target_first = logits[:, 0].argmax(-1)
-    hit = (alternatives == target_first[:, None]) & ((accepted == 0) & active)[:, None]
-    took = hit.any(1)
-    if not bool(took.any()):
-        return accepted, bonus, draft_tokens, features
-    row = window + 1 + hit.long().argmax(1)  # the branch's row in the forward
-    index = took.nonzero().squeeze(1)
-    _compat.copy_cache_slots(cache, index, past + row[index], past + 1)
-    features, draft_tokens = features.clone(), draft_tokens.clone()
-    features[index, 1] = features[index, row[index]]
-    draft_tokens[index, 0] = target_first[index]
-    branch_bonus = logits[torch.arange(logits.shape[0], device=logits.device), row].argmax(-1)
-    return torch.where(took, 1, accepted), torch.where(took, branch_bonus, bonus), draft_tokens, features
+    """Greedy: the longest accepted path through the round's tree. A runner-up branch counts when the chain's
+    first token was rejected and the target's token is that runner-up (accepted = 1); the lookup branch when it
+    matches the target's greedy tokens for longer than the chain's path.
+
+    Returns (accepted, bonus, tokens (B, W) of the path, path (B, W + 1) the forward row of each slot of the path
+    [x_n, t_1..t_W]), W = max(window, lookup length)."""
+    batch, lookup = lookup_valid.shape
+    width = max(window, lookup)
+    device = logits.device
+    greedy = logits.argmax(-1)  # (B, n) the target's token after each row of the forward
+    every = torch.arange(batch, device=device)
+    tokens = _pad_right(draft_tokens, width - window) if window else draft_tokens.new_zeros(batch, width)
+    path = torch.arange(width + 1, device=device).expand(batch, -1)
+    if branches:
+        alternatives = forward_ids[:, window + 1 : window + 1 + branches]
+        hit = (alternatives == greedy[:, :1]) & ((accepted == 0) & active)[:, None]
+        took = hit.any(1)
+        row = window + 1 + hit.long().argmax(1)
+        path = torch.cat([path[:, :1], torch.where(took, row, path[:, 1])[:, None], path[:, 2:]], dim=1)
+        tokens = torch.cat([torch.where(took, greedy[:, 0], tokens[:, 0])[:, None], tokens[:, 1:]], dim=1)
+        bonus = torch.where(took, greedy[every, row], bonus)
+        accepted = torch.where(took, 1, accepted)
+    if lookup:
+        first = window + 1 + branches
+        proposed = forward_ids[:, first : first + lookup]
+        expected = torch.cat([greedy[:, :1], greedy[:, first : first + lookup - 1]], dim=1)
+        run = ((proposed == expected) & lookup_valid).long().cumprod(1).sum(1)
+        took = (run > accepted) & active
+        slots = torch.arange(1, width + 1, device=device)
+        use = took[:, None] & (slots[None] <= run[:, None])
+        path = torch.cat([path[:, :1], torch.where(use, first + slots - 1, path[:, 1:])], dim=1)
+        tokens = torch.where(use, _pad_right(proposed, width - lookup), tokens)
+        bonus = torch.where(took, greedy[every, (first + run - 1).clamp(min=0)], bonus)
+        accepted = torch.where(took, run, accepted)
+    return accepted, bonus, tokens, path
+
+
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def _pad_right(values: torch.Tensor, count: int, step: int = 0) -> torch.Tensor:
@@ -506,11 +554,13 @@ def _pad_right(values: torch.Tensor, count: int, step: int = 0) -> torch.Tensor:
 
 def _speculative_loop(
     target, model, input_ids, mask, max_new_tokens, window, policy, temperature, eos_token_id, pad_token_id,
-    generator, logits_warper, verify_backend, profile, device, verify_shape, tree_branches,
+    generator, logits_warper, verify_backend, profile, device, verify_shape, tree_branches, lookup_tokens,
+    lookup_ngram,
 ) -> SpeculativeOutput:  # fmt: skip
     """The loop of `speculative_generate` (arguments checked there); `policy` None = K = `window` always;
     `verify_shape` (None: no padding) maps a window's token count to the count its forward runs;
-    `tree_branches` runner-ups of each window's first token are verified beside it (greedy)."""
+    `tree_branches` runner-ups of each window's first token are verified beside it (greedy), and so are up to
+    `lookup_tokens` tokens of prompt lookup (`lookup_continuation` with n-grams up to `lookup_ngram`)."""
     batch = input_ids.shape[0]
     eos = (
         None
@@ -554,8 +604,13 @@ def _speculative_loop(
     # that skip drafting add theirs to the queue).
     to_commit = [(features, torch.cat([input_ids[:, 1:], first[:, None]], dim=1), positions, mask)]
 
+    # prompt + generated tokens in one buffer, so prompt lookup searches both without copying
+    context = torch.cat(
+        [input_ids, torch.full_like(input_ids[:, :1], pad_token_id).expand(-1, max_new_tokens)], 1
+    )
+    context_start = input_ids.shape[1] - mask.sum(1)
     rows = _Rows(
-        generated=torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
+        generated=context[:, input_ids.shape[1] :],
         num_generated=torch.ones(batch, dtype=torch.long, device=device),
         finished=torch.zeros(batch, dtype=torch.bool, device=device),
         pending=first,
@@ -568,6 +623,7 @@ def _speculative_loop(
     attn = mask.clone()
     accepted_log: list[torch.Tensor] = []
     window_log: list[int] = []
+    lookup_rounds = 0
     # Rounds timed for the policy's CostMonitor, on the clock the cost table was measured with.
     clock = cost_clock(device) if policy is not None and policy.monitor is not None else None
     prompt_queued = True  # the first drafting commits the prompt's rows: not a representative round
@@ -592,19 +648,32 @@ def _speculative_loop(
         prompt_queued = prompt_queued and bool(to_commit)
         timer.lap("drafter_draft")
         window = draft_tokens.shape[1]
-        steps = torch.arange(window + 1, device=device)
         window_ids = torch.cat([rows.pending[:, None], draft_tokens], dim=1)
-        window_pos = rows.cur_pos[:, None] + steps
+        window_pos = rows.cur_pos[:, None] + torch.arange(window + 1, device=device)
+        past_attn = attn
         attn = torch.cat([attn, torch.ones(batch, window + 1, dtype=torch.bool, device=device)], dim=1)
         branches = tree_branches if window else 0
         forward_ids, forward_pos, forward_mask = window_ids, window_pos, attn.long() if has_holes else None
         if branches:  # the first token's runner-ups, at its position, seeing only the context and x_n
-            forward_ids = torch.cat([window_ids, chain.first_alternatives(branches)], dim=1)
-            forward_pos = torch.cat([window_pos, (rows.cur_pos + 1)[:, None].expand(-1, branches)], dim=1)
-        tokens_in = window + 1 + branches
+            forward_ids = torch.cat([forward_ids, chain.first_alternatives(branches)], dim=1)
+            forward_pos = torch.cat([forward_pos, (rows.cur_pos + 1)[:, None].expand(-1, branches)], dim=1)
+        lookup_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        if lookup_tokens:  # the context's continuation of the last n-gram, from the position after x_n
+            found, lookup_valid = lookup_continuation(
+                context, context_start, input_ids.shape[1] + rows.num_generated, lookup_tokens, lookup_ngram
+            )
+            lookup_valid &= active[:, None]
+            lookup = int(lookup_valid.sum(1).max())
+            found, lookup_valid = found[:, :lookup], lookup_valid[:, :lookup]
+            forward_ids = torch.cat([forward_ids, found], dim=1)
+            forward_pos = torch.cat(
+                [forward_pos, rows.cur_pos[:, None] + 1 + torch.arange(lookup, device=device)], 1
+            )
+        lookup = lookup_valid.shape[1]
+        tokens_in = window + 1 + branches + lookup
         filler = (verify_shape(tokens_in) if verify_shape else tokens_in) - tokens_in
-        if branches:
-            forward_mask = _tree_attention(attn, window, branches, filler, lm_head.weight.dtype)
+        if branches or lookup:
+            forward_mask = _tree_attention(attn, window, branches, lookup, filler, lm_head.weight.dtype)
         elif filler and forward_mask is not None:
             forward_mask = _pad_right(forward_mask, filler)
         past = cache.get_seq_length()
@@ -637,13 +706,18 @@ def _speculative_loop(
             accepted, bonus = result.accepted, result.next_token
         if policy is not None:  # the chain's own acceptance calibrates the policy
             policy.end_round(window, accepted[active])
-        if branches:
-            accepted, bonus, draft_tokens, features = _take_branch(
-                logits, window, forward_ids[:, window + 1 :], accepted, bonus, draft_tokens, features, active,
-                cache, past,
-            )  # fmt: skip
-            cache.crop(-branches)
         window_log.append(window)
+        if branches or lookup:
+            accepted, bonus, draft_tokens, path = _take_branches(
+                logits, forward_ids, window, branches, lookup_valid, accepted, bonus, draft_tokens, active
+            )
+            if not bool((path == torch.arange(path.shape[1], device=device)).all()):
+                _compat.gather_cache_slots(cache, past, path)
+                features = features.gather(1, path[..., None].expand(-1, -1, features.shape[-1]))
+            lookup_rounds += int(((accepted > 0) & (path[:, 1] > window + branches)).sum())
+            window = draft_tokens.shape[1]
+            _crop_to(cache, past + window + 1)
+        steps = torch.arange(window + 1, device=device)
         timer.lap("verify")
 
         emitted, kept, count, hit_eos = _round_tokens(
@@ -659,16 +733,15 @@ def _speculative_loop(
         # Keep the KV (and drafter rows) of the accepted prefix [x_n, d_1..d_a] of rows still running.
         slot_valid = kept & ~rows.finished[:, None]
         used = int(slot_valid.sum(1).max())
-        if used < window + 1:
-            cache.crop(used - window - 1)
-        attn = torch.cat([attn[:, : attn.shape[1] - window - 1], slot_valid[:, :used]], dim=1)
+        _crop_to(cache, past + used)
+        attn = torch.cat([past_attn, slot_valid[:, :used]], dim=1)
         has_holes = has_holes or not bool(slot_valid[:, :used].all())
         cur_features = features[:, :used]
         to_commit.append(
             (
                 cur_features.masked_fill(~slot_valid[:, :used, None], 0.0),
                 emitted[:, :used],
-                window_pos[:, :used],
+                rows.cur_pos[:, None] + steps[:used],
                 slot_valid[:, :used],
             )
         )
@@ -687,4 +760,5 @@ def _speculative_loop(
         num_verify_forwards=len(accepted_log),
         new_tokens=rows.num_generated.cpu(),
         timings=timer.times if profile else None,
+        lookup_rounds=lookup_rounds,
     )
