@@ -255,3 +255,194 @@ def test_two_processes_keep_identical_weights_and_normalise_over_the_whole_group
         torch.testing.assert_close(
             torch.cat([a["advantages"], b["advantages"]]), expected, atol=1e-5, rtol=1e-4
         )
+
+
+def test_greedy_baseline_compares_each_window_with_the_drafter_greedy_window(
+    tiny_target, tiny_tokenizer, dataset, tmp_path
+):
+    """baseline='greedy': A_i = R_i - R(greedy window at the anchor); 'group_and_greedy': minus the mean of the
+    G windows and the greedy one. On greedy data both k follow from the sequence's own tokens."""
+    from ppow_trl.decoding.drafting import draft_windows, window_targets
+    from ppow_trl.training.acceptance import accepted_prefix_length
+    from ppow_trl.training.rewards import speedup_value
+
+    rows = [dataset[i] for i in [0, 0, 0, 0, 1, 1, 1, 1]]
+    for baseline in ("greedy", "group_and_greedy"):
+        trainer = make_trainer(
+            tiny_target, tiny_tokenizer, dataset, tmp_path, baseline=baseline, scale_rewards="none",
+            reward_funcs=["cost_aware_speedup"], temperature=0.5,
+        )  # fmt: skip
+        out = trainer._generate_and_score_completions(rows)
+        reference = window_targets(out["input_ids"], out["anchors"], 4)[0]
+        greedy = draft_windows(
+            trainer.model, out["features"], out["input_ids"], out["anchors"], 4,
+            attention_mask=out["attention_mask"],
+        ).tokens[:, :, 0]  # fmt: skip
+        reward = speedup_value(accepted_prefix_length(out["window_tokens"], reference), 0.12).view(2, 4, -1)
+        greedy_reward = speedup_value(accepted_prefix_length(greedy, reference), 0.12).view(2, 4, -1)[:, :1]
+        if baseline == "greedy":
+            expected = reward - greedy_reward
+        else:
+            expected = reward - (reward.sum(1, keepdim=True) + greedy_reward) / 5
+        torch.testing.assert_close(out["advantages"], expected.view(8, -1), atol=1e-5, rtol=1e-5)
+        assert "greedy/accepted_length/mean" in trainer._metrics["train"]
+    # Samples that tie with the greedy window score 0 whatever the group does.
+    assert bool((out["advantages"][expected.view(8, -1) == 0] == 0).all())
+
+
+def test_advantage_scaling_includes_the_greedy_window_and_batch_scale(
+    tiny_target, tiny_tokenizer, dataset, tmp_path
+):
+    has = torch.ones(8, dtype=torch.bool)
+    samples = torch.zeros(8, 2, 1)
+    samples[4:, :, 0] = torch.tensor([1.0, 0.0])  # group 2 varies at anchor 0 only
+    greedy = torch.zeros(8, 2, 1)
+    greedy[:4] = 4.5  # group 1: four equal misses where the greedy window is accepted
+    trainer = make_trainer(
+        tiny_target, tiny_tokenizer, dataset, tmp_path, baseline="greedy", reward_funcs=["cost_aware_speedup"]
+    )
+    adv, std = trainer._group_advantages(samples, has, greedy)
+    # Group scale over the G windows and the greedy one: the all-equal group still has spread, no 1e4 blow-up.
+    spread = torch.tensor([0.0, 0.0, 0.0, 0.0, 4.5]).std()
+    torch.testing.assert_close(adv[:4], torch.full((4, 2), -4.5 / (float(spread) + 1e-4)))
+    assert float(std[0].max()) == 0.0  # the logged std is the samples' (frac_reward_zero_std)
+    trainer.args.scale_rewards = "batch"
+    adv, _ = trainer._group_advantages(samples, has, greedy)
+    members = torch.cat([samples.view(2, 4, 2), greedy.view(2, 4, 2)[:, :1]], 1)
+    torch.testing.assert_close(adv[:4], torch.full((4, 2), -4.5 / (float(members.std()) + 1e-4)))
+    trainer.args.baseline = "group"
+    adv, _ = trainer._group_advantages(samples, has)
+    expected = (samples.view(2, 4, 2) - samples.view(2, 4, 2).mean(1, keepdim=True)) / (samples.std() + 1e-4)
+    torch.testing.assert_close(adv, expected.view(8, 2))
+
+
+def test_first_token_proximity_needs_no_target_forward(
+    tiny_target, tiny_tokenizer, dataset, tmp_path, monkeypatch
+):
+    """proximity_span='first_token': Delta_1 = max_v log P(v | x) - log P(yhat_1 | x) from the teacher-forced
+    target logits alone; on greedy data no target forward along the windows runs."""
+    import ppow_trl.training.ppow as ppow
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("target forward along the drafted windows")
+
+    monkeypatch.setattr(ppow, "window_logits", no_forward)
+    trainer = make_trainer(
+        tiny_target, tiny_tokenizer, dataset, tmp_path, proximity_span="first_token", proximity_eps=1e9
+    )
+    out = trainer._generate_and_score_completions([dataset[i] for i in [0, 0, 0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_target(out["input_ids"]).logits.float(), -1)
+    batch = torch.arange(8)[:, None]
+    first = logp[batch, out["anchors"] + 1]  # (B, A, V): the target at the window's first token
+    delta = first.amax(-1) - first.gather(-1, out["window_tokens"][..., :1]).squeeze(-1)
+    missed = out["loss_mask"].sum(-1) == 1  # k = 0
+    metrics = trainer._metrics["train"]
+    assert metrics["proximity_delta_at_k0/mean"][-1] == pytest.approx(float(delta[missed].mean()), rel=1e-4)
+    # eps 1e9: every first-token miss is a near miss.
+    reward = metrics["rewards/proximity_reward/mean"][-1]
+    assert reward == pytest.approx(0.3 * float(missed.float().mean()), rel=1e-5)
+
+
+def test_anchors_are_limited_to_winnable_ones(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    """The first window token's target argmax is in the draft vocabulary, and with adaw_top_w among the
+    drafter's top-w step-0 candidates; without the filter, unwinnable anchors are drawn too."""
+    from ppow_trl.decoding.drafting import draft_windows
+
+    rows = [dataset[i] for i in [0, 0, 0, 0, 1, 1, 1, 1]]
+    drafter = make_drafter("eagle3", tiny_target)
+    in_vocab = {}
+    for flag in (True, False):
+        trainer = make_trainer(
+            tiny_target, tiny_tokenizer, dataset, tmp_path, drafter=drafter, anchors_in_draft_vocab=flag,
+            anchors_per_sequence=16,
+        )  # fmt: skip
+        out = trainer._generate_and_score_completions(rows)
+        with torch.no_grad():
+            target_argmax = tiny_target(out["input_ids"]).logits.argmax(-1)
+        first = target_argmax[torch.arange(8)[:, None], out["anchors"] + 1]
+        in_vocab[flag] = drafter.t2d[first]
+        assert ("anchors/winnable_fraction" in trainer._metrics["train"]) == flag
+    assert bool(in_vocab[True].all()) and not bool(in_vocab[False].all())
+    # The untrained drafter ranks the target's token in its top 50 at some anchors of sequence 0 and at none of
+    # sequence 1 (ranks 96 and 114), which keeps its unfiltered anchors.
+    trainer = make_trainer(
+        tiny_target, tiny_tokenizer, dataset, tmp_path, drafter=drafter, adaw_warmup_steps=0, adaw_top_w=50,
+        anchors_per_sequence=16,
+    )  # fmt: skip
+    out = trainer._generate_and_score_completions(rows)
+    with torch.no_grad():
+        first = tiny_target(out["input_ids"]).logits.argmax(-1)[torch.arange(8)[:, None], out["anchors"] + 1]
+        step0 = draft_windows(
+            drafter, out["features"], out["input_ids"], out["anchors"], 1, attention_mask=out["attention_mask"],
+            return_logits=True, tokens=out["window_tokens"][:, :, None, :1],
+        ).logits[:, :, 0, 0]  # fmt: skip
+    in_top = (drafter.draft_to_target(step0.topk(50, -1).indices) == first[..., None]).any(-1)
+    assert bool(in_top[:4].all()) and not bool(in_top[4:].any())
+    assert 0 < trainer._metrics["train"]["anchors/winnable_fraction"][-1] < 0.5
+
+
+def test_sampling_acceptance_scores_the_accept_coin(tiny_target, tiny_tokenizer, dataset, tmp_path):
+    """In sampling mode the old log-probabilities are the outcome's (token and coin): log min(q, p) up to k,
+    log(q - p) at the rejection; the loss at the rollout policy has ratio 1. score_accept_coin=False keeps log q."""
+    from ppow_trl.training.ppow import speculative_outcome_logprobs
+
+    rows = [dataset[i] for i in [0, 0, 0, 0, 1, 1, 1, 1]]
+    trainer = make_trainer(tiny_target, tiny_tokenizer, dataset, tmp_path, acceptance_mode="sampling")
+    out = trainer._generate_and_score_completions(rows)
+    from ppow_trl.decoding.drafting import draft_windows
+
+    with torch.no_grad():
+        log_q = draft_windows(
+            trainer.model, out["features"], out["input_ids"], out["anchors"], 4, temperature=1.0,
+            attention_mask=out["attention_mask"], tokens=out["window_tokens"][:, :, None],
+        ).logprobs[:, :, 0]  # fmt: skip
+    expected = speculative_outcome_logprobs(log_q, out["target_token_logprobs"], out["accepted"])
+    torch.testing.assert_close(out["old_logprobs"], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out["old_logprobs"], log_q)
+    loss = trainer._compute_loss(trainer.model, out)
+    assert torch.isfinite(loss) and trainer._metrics["train"]["clip_ratio"][-1] == 0.0
+    loss.backward()
+    plain = make_trainer(
+        tiny_target, tiny_tokenizer, dataset, tmp_path, acceptance_mode="sampling", score_accept_coin=False
+    )
+    assert "accepted" not in plain._generate_and_score_completions(rows)
+    # The greedy window is verified with the samples (one-hot q) in the same packed target forward.
+    greedy = make_trainer(
+        tiny_target, tiny_tokenizer, dataset, tmp_path, acceptance_mode="sampling", baseline="greedy"
+    )
+    out = greedy._generate_and_score_completions(rows)
+    assert out["old_logprobs"].shape == (8, 4, 4) and torch.isfinite(out["advantages"]).all()
+    assert "greedy/accepted_length/mean" in greedy._metrics["train"]
+
+
+def test_a_step_sees_8_sequences_x_32_anchors_and_keeps_the_optimizer_settings(
+    tiny_target, tiny_tokenizer, dataset, tmp_path
+):
+    """per_device_train_batch_size x gradient_accumulation_steps / num_generations distinct sequences per
+    optimizer step (one rollout per step), anchors_per_sequence each; adam_beta2 and max_grad_norm pass through."""
+    seen = []
+
+    class Recording(PPOWTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            seen.append(({int(r["index"]) for r in inputs}, tuple(out["anchors"].shape)))
+            return out
+
+    config = tiny_ppow_config(
+        tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=4, anchors_per_sequence=32,
+        max_steps=1, adam_beta2=0.95, max_grad_norm=0.5,
+    )  # fmt: skip
+    trainer = Recording(make_drafter("eagle3", tiny_target), tiny_target, config, dataset, tiny_tokenizer)
+    trainer.train()
+    assert seen == [(seen[0][0], (32, 32))] and len(seen[0][0]) == 8
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.95) and trainer.args.max_grad_norm == 0.5
+
+
+def test_new_options_are_validated_by_name(tmp_path):
+    for name, value in (
+        ("baseline", "mean"), ("proximity_span", "all"), ("scale_rewards", "std"), ("adaw_top_w", -1),
+        ("temperature", 0.0), ("adaw_temperature", 0.0),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            tiny_ppow_config(tmp_path, **{name: value})

@@ -12,11 +12,14 @@ from ppow_trl.training.rewards import (
     proximity_reward,
 )
 from ppow_trl.training.windowing import (
+    anchor_first_tokens,
     assistant_anchors,
     position_scores,
+    restrict_anchors,
     sample_anchors,
     valid_anchors,
     window_scores,
+    winnable_anchors,
 )
 
 
@@ -99,3 +102,25 @@ def test_anchor_sampling_respects_validity_and_is_reproducible():
 def test_assistant_anchors_point_two_rows_before_assistant_tokens():
     mask = torch.tensor([[0, 0, 0, 1, 1, 0]])
     assert assistant_anchors(mask).nonzero()[:, 1].tolist() == [1, 2]
+
+
+def test_winnable_anchors_need_the_target_token_in_the_draft_vocab_and_top_w():
+    # Target argmax per position 0..3 (vocabulary 6); anchor row r's first token is the argmax at r+1.
+    target = torch.nn.functional.one_hot(torch.tensor([[0, 4, 1, 3]]), 6).float()
+    first = anchor_first_tokens(target)
+    assert first.tolist() == [[4, 1, 3, 0]]
+    t2d = torch.tensor([True, True, False, True, True, False])  # draft ids: 0->0, 1->1, 3->2, 4->3
+    assert winnable_anchors(first, t2d).tolist() == [[True, True, True, True]]
+    t2d[3] = False
+    t2d[2] = True  # draft ids: 0->0, 1->1, 2->2, 4->3
+    assert winnable_anchors(first, t2d).tolist() == [[True, True, False, True]]
+    # Step-0 drafter logits over the 4 draft ids: target token 4 (draft 3) ranks 1st, 1 (draft 1) ranks 3rd.
+    step0 = torch.tensor([[[0.0, 1.0, 2.0, 3.0], [3.0, 1.0, 2.0, 0.0], [0.0] * 4, [3.0, 2.0, 1.0, 0.0]]])
+    assert winnable_anchors(first, t2d, step0, top_w=2).tolist() == [[True, False, False, True]]
+    assert winnable_anchors(first, t2d, step0, top_w=3).tolist() == [[True, True, False, True]]
+
+
+def test_restricting_anchors_keeps_sequences_with_no_winnable_anchor():
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    keep = torch.tensor([[False, True, True], [False, False, False]])
+    assert restrict_anchors(valid, keep).tolist() == [[False, True, False], [True, True, True]]

@@ -2,7 +2,7 @@
 
 One rollout (`_generate_and_score_completions`) on a batch of target-generated sequences:
   1. the frozen target gives the drafter's features and its logits (teacher-forced, no grad);
-  2. anchors are picked per sequence: uniformly during `adaw_warmup_steps`, then by ADAW scores;
+  2. anchors are picked per sequence among winnable ones: uniformly during `adaw_warmup_steps`, then by ADAW;
      every copy of a sequence in a GRPO group (TRL's sampler repeats each row `num_generations`
      times, possibly across processes) picks the same anchors, so a group is G windows at one anchor;
   3. the drafter samples one window of K tokens at every anchor (batched drafting);
@@ -10,8 +10,10 @@ One rollout (`_generate_and_score_completions`) on a batch of target-generated s
      on greedy data); sampling = lossless speculative sampling against the target's distribution
      along the drafted window (one packed target forward for all windows);
   5. rewards through TRL-style reward functions (cost-aware speedup, proximity, user functions),
-     gathered across processes and normalised within each group.
-`_compute_loss` re-scores the windows with grad: PPO-clipped surrogate on the drafted tokens plus
+     gathered across processes, minus a baseline (the group mean, or the reward of the drafter's greedy
+     window at the anchor, drafted and verified as one more member) and scaled (`scale_rewards`).
+`_compute_loss` re-scores the windows with grad: PPO-clipped surrogate on the drafted tokens (under sampling
+acceptance, on each token's outcome including its accept coin: `speculative_outcome_logprobs`) plus
 beta * KL(target || drafter) on the window positions, both on the tokens up to and including the
 first rejection (later tokens cannot change k; see `loss_positions`). The method: docs/ppow.md.
 """
@@ -24,6 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import AutoModel, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -36,12 +39,20 @@ from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.decoding.kernels import verify_windows
 from ppow_trl.io import PPOW_PAPER
 from ppow_trl.metrics import acceptance_metrics, paired_tau_difference, per_position_acceptance
-from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, unwrap_drafter
+from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, token_logprobs, unwrap_drafter
 from ppow_trl.target import pad_token_id, window_logits
 from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance
 from ppow_trl.training.card import DrafterCardMixin
 from ppow_trl.training.rewards import get_reward_funcs
-from ppow_trl.training.windowing import position_scores, sample_anchors, valid_anchors, window_scores
+from ppow_trl.training.windowing import (
+    anchor_first_tokens,
+    position_scores,
+    restrict_anchors,
+    sample_anchors,
+    valid_anchors,
+    window_scores,
+    winnable_anchors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +86,42 @@ def ignored_grpo_fields_set(config) -> dict[str, tuple]:
         if value != default:
             set_fields[f.name] = (value, default)
     return set_fields
+
+
+class Verification(NamedTuple):
+    """Verified windows, one row per member.
+
+    accepted: (N, A) k. delta: (N, A) proximity Delta (`proximity_span`), None when not computed.
+    target_logits: (N, A, K, V) the target along each window, which the KL term uses: the drafted path when
+        scored, else the reference path (equal to it up to the first rejection on greedy data).
+    token_logprobs: (N, A, K) log p of each drafted token at `verify_temperature` (sampling acceptance only).
+    """
+
+    accepted: torch.Tensor
+    delta: torch.Tensor | None
+    target_logits: torch.Tensor
+    token_logprobs: torch.Tensor | None
+
+
+def speculative_outcome_logprobs(
+    draft_logprobs: torch.Tensor, target_logprobs: torch.Tensor, accepted: torch.Tensor
+) -> torch.Tensor:
+    """(..., K) log-probability of each window position's outcome under speculative sampling, the terms whose
+    gradient is the exact score function of a window's reward.
+
+    Position j drafts x_j ~ q and accepts it with probability min(1, p/q), so the joint probability of the
+    token and its coin is min(q, p) when accepted and q - p at the first rejection (only possible where
+    q > p); later positions drafted no coin and keep log q. `draft_logprobs` / `target_logprobs` (..., K) are
+    log q(x_j) and log p(x_j); `accepted` (...) is k. An outcome the current q makes impossible (q <= p at the
+    rejection) gets a log-probability ~14 nats below log q, so its ratio is ~0 rather than NaN.
+    """
+    position = torch.arange(draft_logprobs.shape[-1], device=draft_logprobs.device)
+    k = accepted[..., None]
+    accept = torch.minimum(draft_logprobs, target_logprobs)
+    # log(q - p) = log q + log(1 - p/q)
+    gap = (target_logprobs - draft_logprobs).clamp(max=-1e-6)
+    reject = draft_logprobs + torch.log(-torch.expm1(gap))
+    return torch.where(position < k, accept, torch.where(position == k, reject, draft_logprobs))
 
 
 @dataclass
@@ -125,6 +172,39 @@ class PPOWConfig(GRPOConfig):
             "proximity_eps_used."
         },
     )
+    proximity_span: str = field(
+        default="window",
+        metadata={
+            "help": "Which tokens Delta compares: 'window' (all K, the paper's; needs the target along the drafted "
+            "window) or 'first_token' (Delta_1 = max_v log P(v | x) - log P(yhat_1 | x), the only token a k=0 "
+            "window's loss trains; free, and defined on any data). Drop 'proximity' from reward_funcs to turn "
+            "the reward off."
+        },
+    )
+    baseline: str = field(
+        default="group",
+        metadata={
+            "help": "What a window's reward is compared with: 'group' (mean of the G windows at the anchor, GRPO), "
+            "'greedy' (self-critical: the reward of the drafter's greedy window at the same anchor, drafted and "
+            "verified with the rollout; the metric temperature-0 serving measures) or 'group_and_greedy' (mean of "
+            "the G windows and the greedy one). The greedy window is a baseline only: it carries no loss."
+        },
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={
+            "help": "Divide advantages by: 'group' the reward std of the group (the G windows, plus the greedy "
+            "window when the baseline uses it), 'batch' the std over all windows of the batch, 'none' nothing."
+        },
+    )
+    anchors_in_draft_vocab: bool = field(
+        default=True,
+        metadata={
+            "help": "Only anchors whose first window token (the target's argmax there) is in the draft vocabulary: "
+            "elsewhere no drafted window can be accepted (supervised training masks those positions too). A "
+            "sequence with no such anchor keeps its unfiltered anchors."
+        },
+    )
     use_adaw: bool = field(
         default=True, metadata={"help": "Pick anchors by ADAW divergence scores after warm-up."}
     )
@@ -132,7 +212,19 @@ class PPOWConfig(GRPOConfig):
         default=5, metadata={"help": "Optimizer steps of uniform anchor sampling before ADAW takes over."}
     )
     adaw_temperature: float = field(
-        default=1.0, metadata={"help": "Softmax temperature over ADAW window scores (lower = greedier)."}
+        default=1.0,
+        metadata={
+            "help": "Softmax temperature over ADAW window scores (lower = greedier). Scores are in nats (logged as "
+            "adaw/window_score/mean and /std): at 1.0 sampling concentrates on the highest-KL anchors, where the "
+            "drafter rarely samples the target's token; a value near the scores' std spreads it."
+        },
+    )
+    adaw_top_w: int = field(
+        default=0,
+        metadata={
+            "help": "With ADAW, only anchors where the target's first token is among the drafter's top-w step-0 "
+            "candidates, where G samples can find it (0 = off). A sequence with no such anchor keeps the others."
+        },
     )
     target_kl_coef: float = field(
         default=0.1, metadata={"help": "beta of the KL(target || drafter) penalty on window positions."}
@@ -146,6 +238,15 @@ class PPOWConfig(GRPOConfig):
     )
     verify_temperature: float = field(
         default=1.0, metadata={"help": "Target temperature for acceptance_mode='sampling'."}
+    )
+    score_accept_coin: bool = field(
+        default=True,
+        metadata={
+            "help": "acceptance_mode='sampling': score each verified token by the probability of its whole outcome, "
+            "draft and accept coin (log min(q, p) when accepted, log(q - p) at the rejection), the exact "
+            "REINFORCE gradient of the reward; False scores the drafted token alone (log q), which is biased "
+            "because the coin's probability min(1, p/q) depends on q (docs/ppow.md)."
+        },
     )
     loss_positions: str = field(
         default="through_first_rejection",
@@ -165,9 +266,10 @@ class PPOWConfig(GRPOConfig):
     temperature: float = field(
         default=1.0,
         metadata={
-            "help": "Drafter sampling temperature for rollouts (the paper: 1). With greedy acceptance a lower "
-            "value (e.g. 0.5) makes the G windows compete among the drafter's top candidates, the choice greedy "
-            "decoding makes; see benchmarks/RESULTS_ppow_training.md."
+            "help": "Drafter sampling temperature for rollouts (the paper: 1); the loss's log-probabilities and, "
+            "with acceptance_mode='sampling', the drafter distribution q that verification sees use it too. With "
+            "greedy acceptance a lower value (e.g. 0.5) makes the G windows compete among the drafter's top "
+            "candidates, the choice greedy decoding makes; see benchmarks/RESULTS_ppow_training.md."
         },
     )
     num_generations: int | None = field(default=8, metadata={"help": "G, windows sampled per anchor (>= 2)."})
@@ -199,6 +301,24 @@ class PPOWConfig(GRPOConfig):
             raise ValueError(f"window_size (K) must be >= 1, got {self.window_size}")
         if self.proximity_eps_quantile is not None and not 0.0 < self.proximity_eps_quantile < 1.0:
             raise ValueError(f"proximity_eps_quantile must be in (0, 1), got {self.proximity_eps_quantile}")
+        choices = {
+            "proximity_span": ("window", "first_token"),
+            "baseline": ("group", "greedy", "group_and_greedy"),
+            # GRPOConfig maps True / False to "group" / "none" after this check.
+            "scale_rewards": ("group", "batch", "none", True, False),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature (the drafter's rollout temperature) must be > 0, got {self.temperature}: at 0 the G "
+                "windows of a group are identical; baseline='greedy' compares samples with the greedy window"
+            )
+        if self.adaw_temperature <= 0:
+            raise ValueError(f"adaw_temperature must be > 0, got {self.adaw_temperature}")
+        if self.adaw_top_w < 0:
+            raise ValueError(f"adaw_top_w must be >= 0 (0 = off), got {self.adaw_top_w}")
         if self.acceptance_mode not in ("greedy", "sampling"):
             raise ValueError(f"acceptance_mode must be 'greedy' or 'sampling', got {self.acceptance_mode!r}")
         if self.loss_positions not in ("through_first_rejection", "all"):
@@ -246,8 +366,10 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
     _card_method = "PPOW"
     _card_fields = (
         "window_size", "num_generations", "anchors_per_sequence", "gamma", "reward_funcs", "proximity_eta",
-        "proximity_eps", "proximity_eps_quantile", "use_adaw", "target_kl_coef", "acceptance_mode", "temperature", "epsilon",
-        "learning_rate", "per_device_train_batch_size",
+        "proximity_eps", "proximity_eps_quantile", "proximity_span", "baseline", "scale_rewards",
+        "anchors_in_draft_vocab", "use_adaw", "adaw_temperature", "adaw_top_w", "target_kl_coef", "acceptance_mode",
+        "score_accept_coin", "temperature", "epsilon", "learning_rate", "per_device_train_batch_size",
+        "gradient_accumulation_steps", "adam_beta2", "max_grad_norm",
     )  # fmt: skip
 
     def __init__(
@@ -302,7 +424,10 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         self.feature_provider = feature_provider or TargetFeatureProvider.online(
             target, base.config.aux_layer_ids
         )
-        self._needs_target_path = args.acceptance_mode == "sampling" or "proximity" in names
+        # The target along the drafted windows: for sampling acceptance and for the whole-window proximity Delta.
+        self._needs_target_path = args.acceptance_mode == "sampling" or (
+            "proximity" in names and args.proximity_span == "window"
+        )
         self.gamma = (
             measure_gamma(target, base, args.window_size) if args.gamma == "auto" else float(args.gamma)
         )
@@ -341,41 +466,85 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         start = time.perf_counter()
         args, k_len = self.args, self.args.window_size
         mode = "train" if self.model.training else "eval"
+        sampling = args.acceptance_mode == "sampling"
         batch, rows, copy = self._unique_sequences(inputs)
         ids, attn = batch["input_ids"], batch["attention_mask"]
         drafter = unwrap_drafter(self.model)
         # The target and pass 0 of the drafter run once per distinct sequence, not once per group copy.
         target_features = self.feature_provider(batch)
         features = getattr(target_features, drafter.feature_name)
-        seq_anchors, has_anchor = self._pick_anchors(mode, batch, drafter, features, target_features.logits)
-        windows = draft_windows(
-            drafter, features, ids, seq_anchors, k_len, num_windows=int(copy.max()) + 1,
-            temperature=args.temperature, attention_mask=attn, return_logits=args.acceptance_mode == "sampling",
-        )  # fmt: skip
-        # Each batch row is copy `copy` of distinct sequence `rows`: it takes that copy's windows.
-        tokens, anchors, has_anchor = windows.tokens[rows, :, copy], seq_anchors[rows], has_anchor[rows]
-        accepted, delta, target_on_path = self._verify(
-            mode, batch, rows, copy, seq_anchors, has_anchor, windows, target_features.logits, drafter
+        seq_anchors, seq_has_anchor = self._pick_anchors(
+            mode, batch, drafter, features, target_features.logits
         )
-        rewards = self._window_rewards(batch["index"][rows], anchors, tokens, accepted, delta, has_anchor)
-        advantages, group_std = self._group_advantages(rewards, has_anchor)
+        copies = int(copy.max()) + 1
+        windows = draft_windows(
+            drafter, features, ids, seq_anchors, k_len, num_windows=copies,
+            temperature=args.temperature, attention_mask=attn, return_logits=sampling,
+        )  # fmt: skip
+        # Members to verify: batch row i is copy copy[i] of distinct sequence rows[i]; with a greedy baseline the
+        # drafter's greedy window of each distinct sequence is one more member (copy index `copies`).
+        member_rows, member_copy, member_tokens = rows, copy, windows.tokens
+        draft_probs = (
+            torch.softmax(windows.logits[rows, :, copy].float() / args.temperature, -1) if sampling else None
+        )
+        uses_greedy = args.baseline != "group"
+        if uses_greedy:
+            greedy = draft_windows(drafter, features, ids, seq_anchors, k_len, attention_mask=attn)
+            sequences = torch.arange(ids.shape[0], device=ids.device)
+            member_rows = torch.cat([rows, sequences])
+            member_copy = torch.cat([copy, torch.full_like(sequences, copies)])
+            member_tokens = torch.cat([windows.tokens, greedy.tokens], dim=2)
+            if sampling:  # served greedily, q is one-hot: the target accepts x with probability p(x)
+                one_hot = torch.nn.functional.one_hot(
+                    greedy.draft_ids[:, :, 0], drafter.config.draft_vocab_size
+                )
+                draft_probs = torch.cat([draft_probs, one_hot.float()])
+        n = rows.numel()
+        tokens, anchors = member_tokens[member_rows, :, member_copy], seq_anchors[member_rows]
+        has_anchor = seq_has_anchor[member_rows]
+        verified = self._verify(
+            batch, member_rows, member_copy, seq_anchors, has_anchor, member_tokens, draft_probs,
+            target_features.logits, drafter,
+        )  # fmt: skip
+        accepted, delta = verified.accepted, verified.delta
+        scored = has_anchor & (torch.arange(len(member_rows), device=ids.device) < n)  # rollout windows only
+        if delta is not None:  # the distribution proximity_eps is compared with: first-token misses
+            self._record_stats(
+                mode,
+                "proximity_delta_at_k0",
+                delta[scored[:, None] & (accepted == 0) & torch.isfinite(delta)],
+            )
+        rewards = self._window_rewards(batch["index"][member_rows], anchors, tokens, accepted, delta, scored)
+        # Subclasses may override the two-argument form used with the group baseline.
+        baseline_rewards = (rewards[n:][rows],) if uses_greedy else ()
+        advantages, group_std = self._group_advantages(rewards[:n], has_anchor[:n], *baseline_rewards)
+        if uses_greedy:
+            self._record_stats(mode, "greedy/accepted_length", accepted[n:][seq_has_anchor].float())
 
+        accepted, has_anchor = accepted[:n], has_anchor[:n]
         loss_mask = has_anchor[:, None, None].expand(-1, anchors.shape[1], k_len)
         if args.loss_positions == "through_first_rejection":
             loss_mask = loss_mask & (torch.arange(k_len, device=ids.device) <= accepted[..., None])
         vocab_rows = drafter.target_ids_of_draft_vocab()
         self._log_rollout(mode, accepted[has_anchor], group_std, start)
-        return {
+        out = {
             "input_ids": ids[rows],
             "attention_mask": attn[rows],
             "features": features[rows],
-            "anchors": anchors,
-            "window_tokens": tokens,
+            "anchors": anchors[:n],
+            "window_tokens": tokens[:n],
             "old_logprobs": windows.logprobs[rows, :, copy],
             "advantages": advantages,
             "loss_mask": loss_mask,
-            "target_logprobs": torch.log_softmax(target_on_path[..., vocab_rows].float(), -1),
+            "target_logprobs": torch.log_softmax(verified.target_logits[:n][..., vocab_rows].float(), -1),
         }
+        if sampling and args.score_accept_coin:
+            out["accepted"] = accepted
+            out["target_token_logprobs"] = verified.token_logprobs[:n]
+            out["old_logprobs"] = speculative_outcome_logprobs(
+                out["old_logprobs"], out["target_token_logprobs"], accepted
+            )
+        return out
 
     def _pick_anchors(
         self,
@@ -386,12 +555,15 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         target_logits: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(anchors (B, A), has_anchor (B,)) per distinct sequence: uniform during the ADAW warm-up, then
-        sampled by ADAW window scores; every copy of a sequence gets the same anchors."""
+        sampled by ADAW window scores, over winnable anchors (`anchors_in_draft_vocab`, `adaw_top_w`); every
+        copy of a sequence gets the same anchors."""
         args, k_len = self.args, self.args.window_size
         ids, attn = batch["input_ids"], batch["attention_mask"]
         valid = valid_anchors(batch["loss_mask"], attn, k_len)
-        scores = None
-        if args.use_adaw and self.state.global_step >= args.adaw_warmup_steps:
+        use_adaw = args.use_adaw and self.state.global_step >= args.adaw_warmup_steps
+        top_w = args.adaw_top_w if use_adaw else 0
+        scores = step0 = None
+        if use_adaw:
             all_rows = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
             step0 = draft_windows(
                 drafter, features, ids, all_rows, 1, attention_mask=attn, return_logits=True,
@@ -402,6 +574,12 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             )
             scores = window_scores(per_row, k_len)
             self._record_stats(mode, "adaw/window_score", scores[valid])
+        if args.anchors_in_draft_vocab or top_w:
+            winnable = winnable_anchors(anchor_first_tokens(target_logits), drafter.t2d, step0, top_w)
+            self._record(
+                mode, "anchors/winnable_fraction", (valid & winnable).sum() / valid.sum().clamp(min=1)
+            )
+            valid = restrict_anchors(valid, winnable)
         generators = self._anchor_generators(batch["index"])
         anchors, has_anchor = sample_anchors(
             valid, args.anchors_per_sequence, generators, scores, args.adaw_temperature
@@ -414,15 +592,14 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         return anchors, has_anchor
 
     def _verify(
-        self, mode, batch, rows, copy, seq_anchors, has_anchor, windows, target_logits, drafter
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Accepted length k (B, A) of every batch row's windows, the proximity Delta (B, A) when the target
-        scored the drafted path (else None), and the target's logits along each window (B, A, K, V), which the
-        KL term uses: the drafted path when scored, else the reference path (equal to it up to the first
-        rejection on greedy data)."""
+        self, batch, rows, copy, seq_anchors, has_anchor, seq_tokens, draft_probs, target_logits, drafter
+    ) -> Verification:
+        """Verify windows `seq_tokens` (D, A, M, K) of the distinct sequences: row i of the result is member
+        copy[i] of sequence rows[i]. `draft_probs` (N, A, K, V_d) is the drafter distribution each window was
+        drawn from (sampling acceptance only)."""
         args, k_len = self.args, self.args.window_size
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        tokens, anchors = windows.tokens[rows, :, copy], seq_anchors[rows]
+        tokens, anchors = seq_tokens[rows, :, copy], seq_anchors[rows]
         reference = window_targets(ids, seq_anchors, k_len)[0][rows]
         ref_positions = (anchors[..., None] + 1 + torch.arange(k_len, device=ids.device)).clamp(
             max=ids.shape[1] - 1
@@ -433,34 +610,33 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         )
         target_on_reference = torch.log_softmax(
             on_reference.view(*ref_positions.shape, -1).float(), -1
-        )  # (B, A, K, V)
+        )  # (N, A, K, V)
 
         # Greedy acceptance is free when the sequence is the target's greedy path over the window (regenerated
         # greedy data); otherwise (corpus text, sampled answers) it needs the target along the drafted path.
-        on_greedy_path = (target_on_reference.argmax(-1) == reference).all(-1)  # (B, A)
+        on_greedy_path = (target_on_reference.argmax(-1) == reference).all(-1)  # (N, A)
         local_free = torch.tensor(
             [args.acceptance_mode == "greedy" and bool(on_greedy_path[has_anchor].all())]
         )
         # Agreed across processes: every process must take the same branch (the stats below are collective).
         free_greedy = bool(self.accelerator.gather(local_free.to(ids.device)).all())
-        path_logits = None
+        path_logits = drafted_logprobs = None
         if self._needs_target_path or not free_greedy:
-            # One packed target forward per distinct sequence scores the windows of all its copies.
-            copies = windows.tokens.shape[2]
+            # One packed target forward per distinct sequence scores the windows of all its members.
+            members = seq_tokens.shape[2]
             per_sequence = window_logits(
                 self.target,
                 ids,
                 attn,
-                seq_anchors.repeat_interleave(copies, dim=1),
-                windows.tokens.flatten(1, 2),
+                seq_anchors.repeat_interleave(members, dim=1),
+                seq_tokens.flatten(1, 2),
             )
-            path_logits = per_sequence.view(*windows.tokens.shape[:3], k_len + 1, -1)[rows, :, copy]
+            path_logits = per_sequence.view(*seq_tokens.shape[:3], k_len + 1, -1)[rows, :, copy]
         if free_greedy:
             accepted = accepted_prefix_length(tokens, reference)
         elif args.acceptance_mode == "greedy":
             accepted = accepted_prefix_length(tokens, path_logits[:, :, :k_len].argmax(-1))
         else:
-            draft_probs = torch.softmax(windows.logits[rows, :, copy].float() / args.temperature, -1)
             q = scatter_draft_probs(draft_probs, drafter.d2t, drafter.config.vocab_size)
             result = verify_windows(
                 path_logits.flatten(0, 1),
@@ -469,18 +645,21 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
                 temperature=args.verify_temperature,
             )
             accepted = result.accepted.view_as(anchors)
-        if path_logits is None:
-            return accepted, None, target_on_reference
-        path_log = torch.log_softmax(path_logits[:, :, :k_len], -1)
-        drafted_lp = path_log.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
-        greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
-        # Delta needs the target's greedy window y: the reference is y only where it is the target's greedy
-        # path; other windows (corpus text, sampled answers) get no proximity reward (Delta = inf).
-        delta = (greedy_lp - drafted_lp).masked_fill(~on_greedy_path, math.inf)
-        # The distribution proximity_eps is compared with: first-token misses only.
-        near = has_anchor[:, None] & (accepted == 0) & on_greedy_path
-        self._record_stats(mode, "proximity_delta_at_k0", delta[near])
-        return accepted, delta, path_logits[:, :, :k_len]
+            drafted_logprobs = token_logprobs(path_logits[:, :, :k_len], tokens, args.verify_temperature)
+        if args.proximity_span == "first_token":
+            # The first token's context is the prefix for every window: its greedy token is the argmax there.
+            first = target_on_reference[:, :, 0]
+            delta = first.amax(-1) - first.gather(-1, tokens[..., :1]).squeeze(-1)
+        elif path_logits is not None:
+            drafted_lp = token_logprobs(path_logits[:, :, :k_len], tokens, 1.0).sum(-1)
+            greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
+            # Delta needs the target's greedy window y: the reference is y only where it is the target's greedy
+            # path; other windows (corpus text, sampled answers) get no proximity reward (Delta = inf).
+            delta = (greedy_lp - drafted_lp).masked_fill(~on_greedy_path, math.inf)
+        else:
+            delta = None
+        on_path = target_on_reference if path_logits is None else path_logits[:, :, :k_len]
+        return Verification(accepted, delta, on_path, drafted_logprobs)
 
     def _log_rollout(self, mode: str, accepted: torch.Tensor, group_std: torch.Tensor, start: float) -> None:
         """Acceptance of the rollout's windows (k of windows at real anchors) and its throughput."""
@@ -493,21 +672,22 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             mode, "windows_per_second", torch.tensor(accepted.numel() / (time.perf_counter() - start))
         )
 
-    def _proximity_eps(self, mode: str, accepted, delta, has_anchor) -> float:
+    def _proximity_eps(self, mode: str, accepted, delta, scored) -> float:
         """proximity_eps, or with proximity_eps_quantile that quantile of Delta over this batch's first-token
-        misses on the target's greedy path."""
+        misses (of `scored` rows) where Delta is defined."""
         quantile = self.args.proximity_eps_quantile
         if quantile is None or delta is None:
             return self.args.proximity_eps
-        misses = delta[has_anchor[:, None] & (accepted == 0) & torch.isfinite(delta)]
+        misses = delta[scored[:, None] & (accepted == 0) & torch.isfinite(delta)]
         if misses.numel() == 0:
             return self.args.proximity_eps
         eps = float(torch.quantile(misses.float(), quantile))
         self._record(mode, "proximity_eps_used", torch.tensor(eps))
         return eps
 
-    def _window_rewards(self, indices, anchors, tokens, accepted, delta, has_anchor) -> torch.Tensor:
-        """(B, A, n_funcs) rewards from every reward function, called once on all windows of the batch."""
+    def _window_rewards(self, indices, anchors, tokens, accepted, delta, scored) -> torch.Tensor:
+        """(N, A, n_funcs) rewards from every reward function, called once on all windows of the batch; the
+        logged reward statistics and the proximity eps quantile cover the `scored` (N,) rows only."""
         mode = "train" if self.model.training else "eval"
         b, a = anchors.shape
         window_ids = [f"{i}:{r}" for i, row in zip(indices.tolist(), anchors.tolist()) for r in row]
@@ -518,7 +698,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             gamma=self.gamma,
             proximity_delta=None if delta is None else delta.flatten().tolist(),
             proximity_eta=self.args.proximity_eta,
-            proximity_eps=self._proximity_eps(mode, accepted, delta, has_anchor),
+            proximity_eps=self._proximity_eps(mode, accepted, delta, scored),
         )
         completions = self.window_tokenizer.batch_decode(flat_tokens)
         columns = []
@@ -537,21 +717,37 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
                     f"reward function {name!r} returned NaN/inf at step {self.state.global_step}: check its inputs"
                 )
             columns.append(column.view(b, a))
-            self._record_stats(mode, f"rewards/{name}", column.view(b, a)[has_anchor])
+            self._record_stats(mode, f"rewards/{name}", column.view(b, a)[scored])
         return torch.stack(columns, -1)
 
-    def _group_advantages(self, rewards: torch.Tensor, has_anchor: torch.Tensor):
-        """Weighted reward per window, gathered from all processes, normalised over the G copies of each
-        (sequence, anchor); returns this process's (B, A) advantages and the (groups, A) reward std."""
+    def _group_advantages(
+        self, rewards: torch.Tensor, has_anchor: torch.Tensor, greedy_rewards: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted reward per window, gathered from all processes, minus the baseline (`baseline`: the group
+        mean, or the reward of the greedy window at the anchor `greedy_rewards` (B, A, n_funcs), each batch
+        row carrying its sequence's), scaled by `scale_rewards`; returns this process's (B, A) advantages and
+        the (groups, A) reward std of the sampled windows."""
         b = rewards.shape[0]
-        total = (rewards * self.reward_weights.to(rewards.device)).sum(-1)
+        weights = self.reward_weights.to(rewards.device)
+        total = (rewards * weights).sum(-1)
         all_total = self.accelerator.gather(total)  # (B_global, A)
         grouped = all_total.view(-1, self.num_generations, total.shape[1])
         mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
-        if self.args.scale_rewards == "none":
-            advantages = grouped - mean
-        else:
-            advantages = (grouped - mean) / (std + 1e-4)
+        members, baseline = grouped, mean
+        if greedy_rewards is not None:
+            # Every copy carries the same greedy window; averaging the copies averages the verification draws
+            # that processes made for it under sampling acceptance (identical under greedy acceptance).
+            greedy = self.accelerator.gather((greedy_rewards * weights).sum(-1)).view_as(grouped)
+            greedy = greedy.mean(1, keepdim=True)
+            members = torch.cat([grouped, greedy], 1)
+            baseline = greedy if self.args.baseline == "greedy" else members.mean(1, keepdim=True)
+        advantages = grouped - baseline
+        # The scale includes the greedy window: a group of equal samples that differ from it has spread.
+        if self.args.scale_rewards == "group":
+            advantages = advantages / (members.std(1, keepdim=True) + 1e-4)
+        elif self.args.scale_rewards == "batch":
+            real = self.accelerator.gather(has_anchor).view(-1, self.num_generations)[:, 0]
+            advantages = advantages / (members[real].std() + 1e-4)
         start = self.accelerator.process_index * b
         local = advantages.view_as(all_total)[start : start + b]
         mode = "train" if self.model.training else "eval"
@@ -570,6 +766,10 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             return_logits=args.target_kl_coef > 0,
         )  # fmt: skip
         logprobs = windows.logprobs[:, :, 0]
+        if "target_token_logprobs" in inputs:  # sampling acceptance: the token and its accept coin
+            logprobs = speculative_outcome_logprobs(
+                logprobs, inputs["target_token_logprobs"], inputs["accepted"]
+            )
         mask = inputs["loss_mask"].float()
         ratio = torch.exp(logprobs - inputs["old_logprobs"])
         adv = inputs["advantages"][..., None]

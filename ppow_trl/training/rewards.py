@@ -8,7 +8,8 @@ with one entry per drafted window. `PPOWTrainer` passes, per window:
     window_size: K; gamma: drafter step cost relative to one verification;
     proximity_delta: Delta = sum_j [log P(y_j | x, y_<j) - log P(yhat_j | x, yhat_<j)] (target's greedy
         window y vs drafted window yhat, both scored by the target); inf where y is unknown (the window's
-        anchor is not on the target's greedy path, e.g. corpus text); None when not computed;
+        anchor is not on the target's greedy path, e.g. corpus text); None when not computed. With
+        `proximity_span="first_token"` the sum has the first token only (Delta_1, always finite);
     proximity_eta / proximity_eps: the proximity reward's parameters.
 Users add their own with `register_reward("name")` or by passing callables to the trainer.
 """

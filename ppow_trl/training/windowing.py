@@ -4,6 +4,10 @@ Per target position t (teacher-forced): v_t = C(P_t) * KL(P_t || Q_t) with C(P_t
 i.e. large where the target is confident and the drafter disagrees. A window at anchor row r covers
 target positions r+1 .. r+K (they predict the drafted tokens x_{r+2} .. x_{r+K+1}); its score is the
 mean of v over them. Q_t is the drafter's one-step (step-0) distribution at row t-1.
+
+Winnable anchors: a window can only be accepted at its first token if the drafter can propose the target's
+choice there, so anchors whose first target token is outside the draft vocabulary (or, optionally, outside the
+drafter's top-w) can be excluded (`winnable_anchors`, `restrict_anchors`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ppow_trl.data.draft_vocab import target_to_draft
 
 
 def position_scores(
@@ -54,6 +60,37 @@ def valid_anchors(loss_mask: torch.Tensor, attention_mask: torch.Tensor, window_
     lengths = attention_mask.long().sum(1, keepdim=True)
     rows = torch.arange(t, device=loss_mask.device).expand(b, t)
     return assistant_anchors(loss_mask) & (rows + window_size + 1 < lengths)
+
+
+def anchor_first_tokens(target_logits: torch.Tensor) -> torch.Tensor:
+    """(B, T) the target's argmax for the first token of the window at every anchor row r (its output at
+    position r+1, which predicts x_{r+2}; the last row gets 0). On greedy data this is x_{r+2}."""
+    first = target_logits[:, 1:].argmax(-1)
+    return torch.cat([first, torch.zeros_like(first[:, :1])], dim=1)
+
+
+def winnable_anchors(
+    first_tokens: torch.Tensor,
+    t2d: torch.Tensor,
+    step0_logits: torch.Tensor | None = None,
+    top_w: int = 0,
+) -> torch.Tensor:
+    """(B, T) bool: anchor rows whose first target token (`anchor_first_tokens`) is in the draft vocabulary
+    (`t2d` (V,) bool) and, with `top_w` > 0, among the top-w of the drafter's step-0 logits (B, T, V_d) at that
+    row."""
+    winnable = t2d[first_tokens]
+    if top_w > 0:
+        draft_ids = target_to_draft(first_tokens, t2d)  # -1 outside the draft vocabulary: never in the top-w
+        top = step0_logits.topk(min(top_w, step0_logits.shape[-1]), dim=-1).indices
+        winnable &= (top == draft_ids[..., None]).any(-1)
+    return winnable
+
+
+def restrict_anchors(valid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`valid & keep` per sequence, except sequences where that leaves no anchor keep `valid`: a sequence
+    is never dropped from a batch by the filter, only narrowed."""
+    kept = valid & keep
+    return torch.where(kept.any(1, keepdim=True), kept, valid)
 
 
 def sample_anchors(
