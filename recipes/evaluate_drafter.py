@@ -7,7 +7,9 @@
 
 Every field of `ppow_trl.evaluation.EvaluationConfig` is a flag (or a YAML key with --config); the target
 defaults to the one recorded in the drafter's config. Use `--prompt_sets split:<run>/split.json` to evaluate
-on the held-out prompts of a training run. Writes results.json, results.md and PNG plots to --output_dir;
+on the held-out prompts of a training run. Greedy results include the teacher-forced chain tau
+(`--teacher_forced_window`) and tree tau (`--teacher_forced_tree_width`, `--teacher_forced_tree_window`) over
+the target's own answers (docs/metrics.md). Writes results.json, results.md and PNG plots to --output_dir;
 both record the machine's load while timing (with a warning when other processes needed the cores torch
 uses) and the cost table `auto` priced windows with. `--remeasure_costs` measures that table again first.
 """

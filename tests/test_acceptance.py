@@ -9,9 +9,13 @@ from ppow_trl.training.acceptance import (
     accepted_prefix_length,
     anchor_flags,
     batch_acceptance,
+    batch_acceptances,
     dataset_acceptance,
     teacher_forced_acceptance,
     teacher_forced_expected_acceptance,
+    teacher_forced_ranks,
+    tree_accepted_length,
+    tree_tau_metrics,
 )
 from ppow_trl.training.windowing import assistant_anchors
 from tests.test_drafting import make_drafter
@@ -95,3 +99,84 @@ def test_expected_acceptance_at_temperature_one(tiny_target, kind):
     # Longer windows add non-negative terms; the last window has one token left, so K=3 adds nothing there.
     assert bool((expected[3][:-1] > expected[1][:-1]).all())
     assert float(expected[3][-1]) == pytest.approx(float(expected[1][-1]))
+
+
+def planted_batch(drafter, target, window: int = 10):
+    """Two right-padded sequences that end in the drafter's own greedy window (so chain and tree windows are
+    accepted for a while) after two random answer tokens; in the second, the last 3 tokens are not
+    marked as the target's (as if the answer had ended and the next turn happened to match)."""
+    rows = []
+    for seed, (prompt, tail) in enumerate(((6, 0), (4, 3))):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 300, (1, prompt + 2), generator=g)
+        feats = capture_features(target, ids).aux_hidden_states
+        anchor = torch.tensor([[prompt]])
+        greedy = draft_windows(drafter, feats, ids, anchor, window).tokens[0, 0, 0]
+        ids = torch.cat([ids[0], greedy])
+        mask = [0] * prompt + [1] * (len(ids) - prompt - tail) + [0] * tail
+        rows.append({"input_ids": ids.tolist(), "loss_mask": mask})
+    batch = collate_sequences(rows, 0)
+    features = capture_features(target, batch["input_ids"], batch["attention_mask"]).aux_hidden_states
+    return batch, features
+
+
+def test_tree_acceptance_at_width_one_is_the_greedy_chain(tiny_target):
+    drafter = make_drafter("eagle3", tiny_target)
+    batch, features = planted_batch(drafter, tiny_target)
+    ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    b, t = ids.shape
+    # The chain as decoding drafts it: the drafter's greedy tokens fed back, compared with the sequence; a
+    # token that is padding or not the target's (the second answer's end) is a rejection.
+    anchors = torch.arange(t).expand(b, t)
+    reference, valid = window_targets(ids, anchors, 10)
+    valid &= window_targets(attn, anchors, 10)[0].bool() & window_targets(loss_mask, anchors, 10)[0].bool()
+    greedy = draft_windows(drafter, features, ids, anchors, 10, attention_mask=attn).tokens[:, :, 0]
+    scored = anchor_flags(attn, loss_mask)
+    chain = accepted_prefix_length(greedy, reference, valid)[scored]
+    assert int(chain.max()) == 10 and int(chain.min()) == 0  # planted windows are accepted in full
+    for k in (1, 5, 10):
+        tree = teacher_forced_acceptance(drafter, features, ids, attn, loss_mask, k, width=1)
+        assert torch.equal(tree, chain.clamp(max=k)), k
+    # Counting the text after an answer too (the first answer ends the sequence: no difference there).
+    in_sequence = window_targets(ids, anchors, 10)[1] & window_targets(attn, anchors, 10)[0].bool()
+    anywhere = accepted_prefix_length(greedy, reference, in_sequence)[scored]
+    first = int(scored[0].sum())
+    assert torch.equal(anywhere[:first], chain[:first]) and not torch.equal(anywhere, chain)
+
+    # Width w: the sequence's token is among the top-w draft logits at every depth accepted.
+    ranks = teacher_forced_ranks(drafter, features, ids, attn, loss_mask, 10)
+    logits = draft_windows(
+        drafter, features, ids, anchors, 10, attention_mask=attn, tokens=reference[:, :, None],
+        return_logits=True,
+    ).logits[:, :, 0][scored]  # fmt: skip
+    top4 = drafter.draft_to_target(logits.topk(4, dim=-1).indices)
+    in_top4 = (top4 == reference[scored][..., None]).any(-1) & valid[scored]
+    assert torch.equal(ranks < 4, in_top4)
+    widths = [tree_accepted_length(ranks, w) for w in (1, 2, 4, 120)]
+    assert all(bool((wide >= narrow).all()) for narrow, wide in zip(widths, widths[1:]))
+    assert bool((widths[2] > widths[0]).any())
+    # Every draft-vocabulary token is in the widest tree: it stops only where the window leaves the answer or
+    # meets a token the drafter cannot propose.
+    proposable = valid & drafter.t2d[reference]
+    assert torch.equal(widths[-1], accepted_prefix_length(reference, reference, proposable)[scored])
+
+
+def test_batch_acceptances_score_every_shape_from_one_forward(tiny_target):
+    drafter = make_drafter("eagle3", tiny_target)
+    batch, features = planted_batch(drafter, tiny_target)
+    both = batch_acceptances(drafter, features, batch, [(1, 5), (4, 10)])
+    assert both.shape == (*batch["input_ids"].shape, 2)
+    assert torch.equal(both[..., 0], batch_acceptance(drafter, features, batch, 5))
+    assert torch.equal(both[..., 1], batch_acceptance(drafter, features, batch, 10, width=4))
+    scored = both[..., 0] >= 0
+    assert bool((both[..., 1][scored] >= both[..., 0][scored]).all())
+    assert tree_tau_metrics(both[..., 1][scored], 4, 10) == {
+        "tree_tau_w4_k10": pytest.approx(1 + float(both[..., 1][scored].double().mean()))
+    }
+
+
+def test_tree_accepted_length_stops_at_the_first_depth_outside_the_width():
+    ranks = torch.tensor([[0, 3, 0], [1, 0, 2], [5, 0, 0]])
+    assert tree_accepted_length(ranks, 1).tolist() == [1, 0, 0]
+    assert tree_accepted_length(ranks, 3).tolist() == [1, 3, 0]
+    assert tree_accepted_length(ranks, 6).tolist() == [3, 3, 3]

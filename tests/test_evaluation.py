@@ -22,6 +22,7 @@ RESULT_FIELDS = {
     "drafter_seconds", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup", "greedy_matches",
     "greedy_total", "mismatched_ids", "baselines", "generations", "settings", "hardware", "mean_window",
     "num_draft_tokens", "teacher_forced_tau", "teacher_forced_window", "teacher_forced_windows",
+    "teacher_forced_tree_tau", "teacher_forced_tree_width", "teacher_forced_tree_window",
 }  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -94,9 +95,15 @@ def test_evaluation_report_has_every_field_and_valid_plots(saved_drafter, tmp_pa
     assert greedy["teacher_forced_windows"] == sum(g["plain_tokens"] for g in greedy["generations"]) > 0
     assert 1.0 <= greedy["teacher_forced_tau"] <= 1.0 + greedy["teacher_forced_window"] == 6.0
     assert sampled["teacher_forced_tau"] is None and sampled["teacher_forced_windows"] == 0
+    # The tree (top-4 at each of 10 depths) over the same windows contains the chain (top-1, 5 depths).
+    assert (greedy["teacher_forced_tree_width"], greedy["teacher_forced_tree_window"]) == (4, 10)
+    assert greedy["teacher_forced_tau"] <= greedy["teacher_forced_tree_tau"] <= 11.0
+    assert sampled["teacher_forced_tree_tau"] is None
     table = (out / "results.md").read_text()
     assert "| prompt set | T | method |" in table and "prompt_lookup" in table and "3/3" in table
     assert "teacher-forced tau (K=5)" in table and f"| {greedy['teacher_forced_tau']:.3f} |" in table
+    assert "teacher-forced tree tau (w=4, K=10)" in table
+    assert f"| {greedy['teacher_forced_tree_tau']:.3f} |" in table
 
     import matplotlib.image
 
@@ -130,6 +137,10 @@ def test_bad_configuration_and_inputs(saved_drafter, tiny_target_dir, tmp_path):
         EvaluationConfig(drafter=saved_drafter, decoding="tree")
     with pytest.raises(ValueError, match="temperatures"):
         EvaluationConfig(drafter=saved_drafter, temperatures=[-1.0])
+    with pytest.raises(ValueError, match="teacher_forced_tree_width"):
+        EvaluationConfig(drafter=saved_drafter, teacher_forced_tree_width=0)
+    with pytest.raises(ValueError, match="teacher_forced_tree_window"):
+        EvaluationConfig(drafter=saved_drafter, teacher_forced_tree_window=-1)
 
     target, tokenizer = load_target(tiny_target_dir)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello there"}])

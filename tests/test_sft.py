@@ -25,10 +25,12 @@ from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
 from ppow_trl.training.losses import (
     acceptance_rate,
     drafter_loss,
+    expected_accepted_length,
     forward_kl,
     soft_cross_entropy,
     step_weights,
     target_labels,
+    window_loss,
 )
 from ppow_trl.training.script_args import train_save_evaluate
 from tests.conftest import build_tiny_target
@@ -127,6 +129,31 @@ def test_objectives_follow_their_definitions():
         drafter_loss("mse", draft, target)
 
 
+def test_window_objective_by_hand():
+    q = torch.tensor([[0.5, 0.4, 0.9], [0.5, 0.4, 0.9], [0.5, 0.4, 0.9]])
+    scored = torch.tensor([[True, True, True], [True, False, True], [False, True, True]])
+    # E[R] = q1 + q1 q2 + q1 q2 q3; a window ends at its first unscored depth.
+    expected = expected_accepted_length(q.log(), scored)
+    torch.testing.assert_close(expected, torch.tensor([0.5 + 0.2 + 0.18, 0.5, 0.0]))
+    loss, same = window_loss(q.log(), scored)
+    torch.testing.assert_close(same, expected)
+    torch.testing.assert_close(loss, torch.tensor([(3 - 0.88) / 3, (1 - 0.5) / 3, 0.0]))
+
+    # Descending the loss raises q of the target token at every scored depth and lowers the others.
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    targets = torch.tensor([[1, 4, 0], [2, 2, 3]])
+    scored = torch.tensor([[True, True, True], [True, True, False]])
+    logq = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1)
+    window_loss(logq, scored)[0].sum().backward()
+    on_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, targets[..., None], True)
+    grad = logits.grad[scored]
+    assert bool((grad[on_target[scored]] < 0).all()) and bool((grad[~on_target[scored]] > 0).all())
+    assert bool((logits.grad[~scored] == 0).all())  # past the window's end nothing is trained
+    with torch.no_grad():
+        stepped = logits - 0.1 * logits.grad
+    assert bool((torch.softmax(stepped, -1) > torch.softmax(logits, -1))[on_target & scored[..., None]].all())
+
+
 @pytest.mark.parametrize("chunk_size", [7, 50, 64])
 def test_target_labels_match_the_full_lm_head(chunk_size):
     torch.manual_seed(0)
@@ -142,7 +169,8 @@ def test_target_labels_match_the_full_lm_head(chunk_size):
 
 def test_ttt_loss_matches_an_explicit_reference(tmp_path, sft_target, sft_data, tiny_tokenizer):
     """Label of step j at row r = target distribution at r+1+j on the draft vocabulary; mask =
-    loss_mask[r+j] * real(r+1+j) * [full argmax in draft vocab]; weights 0.8^j; denominator = real tokens."""
+    loss_mask[r+2+j] (the predicted token) * real(r+1+j) * [full argmax in draft vocab]; weights 0.8^j;
+    denominator = real tokens."""
     # A 24-id draft vocabulary leaves some target argmaxes outside it: those rows must get no loss.
     train = sft_data.train
     vocab = build_draft_vocab(
@@ -175,7 +203,7 @@ def test_ttt_loss_matches_an_explicit_reference(tmp_path, sft_target, sft_data, 
         for r in range(t):
             for j in range(K):
                 p = r + 1 + j
-                if p >= t or not (loss_mask[i, r + j] and valid[i, p]):
+                if p + 1 >= t or not (loss_mask[i, p + 1] and valid[i, p]):
                     continue
                 if not t2d[z[i, p].argmax()]:
                     masked_out_of_vocab += 1
@@ -185,6 +213,98 @@ def test_ttt_loss_matches_an_explicit_reference(tmp_path, sft_target, sft_data, 
                 expected += 0.8**j * float(ce) / float(valid.sum())
     assert masked_out_of_vocab > 0
     assert math.isclose(loss.item(), expected, rel_tol=1e-4)
+
+
+def test_the_first_assistant_tokens_are_supervised(tmp_path, sft_target, sft_data):
+    """Step j at row r predicts x_{r+2+j}: it is supervised iff that token is an assistant token, so an answer
+    of two tokens gets a loss at every step (on the two rows that predict them)."""
+    prompt = torch.randint(3, 300, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = sft_target.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False
+    )
+    batch = collate_sequences([{"input_ids": ids[0].tolist(), "loss_mask": [0] * 8 + [1, 1]}], 0)
+    torch.manual_seed(0)
+    drafter = build_drafter("eagle3", sft_target)  # the full vocabulary: every target argmax is proposable
+    trainer = DrafterSFTTrainer(drafter, sft_target, make_args(tmp_path), train_dataset=sft_data.train)
+    with torch.no_grad():
+        loss, stats = trainer._ttt_loss(trainer.model, batch, *trainer._target_batch(batch))
+    _, supervised, _, with_target = stats["steps"].tolist()
+    assert supervised == with_target == [2.0] * K and loss > 0
+
+
+def test_window_objective_matches_an_explicit_reference(tmp_path, sft_target, sft_data, tiny_tokenizer):
+    """loss="window": sum over anchors of (L - E[R]) / K / real tokens, E[R] = sum_j prod_{i<=j} q_T(x*_i)
+    along the target's argmax x*, the window ending at its first step without a loss; and as a weighted
+    term added to soft_ce."""
+    train = sft_data.train
+    vocab = build_draft_vocab(
+        draft_vocab_size=24, vocab_size=len(tiny_tokenizer), sequences=train["input_ids"],
+        loss_masks=train["loss_mask"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    drafter = build_drafter("eagle3", sft_target, vocab)
+    args = make_args(tmp_path, loss="window", window_temperature=0.5)
+    trainer = DrafterSFTTrainer(drafter, sft_target, args, train_dataset=train)
+    batch = collate_sequences([train[i] for i in (0, 5)], tiny_tokenizer.pad_token_id)
+    features, labels = trainer._target_batch(batch)
+    with torch.no_grad():
+        loss, stats = trainer._ttt_loss(trainer.model, batch, features, labels)
+
+    ids, valid, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    b, t = ids.shape
+    anchors = torch.arange(t).expand(b, t)
+    forced = window_targets(ids, anchors, K)[0][:, :, None]
+    with torch.no_grad():
+        logits = draft_windows(
+            drafter, features, ids, anchors, K, attention_mask=valid, tokens=forced, return_logits=True
+        ).logits[:, :, 0]
+        z = sft_target(input_ids=ids, attention_mask=valid).logits.float()
+    expected_loss, total_expected, windows = 0.0, 0.0, 0
+    for i in range(b):
+        for r in range(t):
+            reach, length, expected = 1.0, 0, 0.0
+            windows += bool(r + 2 < t and loss_mask[i, r + 2] and valid[i, r + 1])
+            for j in range(K):
+                p = r + 1 + j
+                if (
+                    p + 1 >= t
+                    or not (loss_mask[i, p + 1] and valid[i, p])
+                    or not drafter.t2d[z[i, p].argmax()]
+                ):
+                    break
+                draft_id = drafter.target_to_draft(z[i, p].argmax())
+                reach *= float(torch.softmax(logits[i, r, j] / 0.5, -1)[draft_id])
+                length, expected = length + 1, expected + reach
+            expected_loss += (length - expected) / K / float(valid.sum())
+            total_expected += expected
+    assert math.isclose(loss.item(), expected_loss, rel_tol=1e-4)
+    assert stats["window"][1] == windows and math.isclose(
+        stats["window"][0].item(), total_expected, rel_tol=1e-4
+    )
+
+    # An added term: soft_ce + w * window.
+    plain = DrafterSFTTrainer(drafter, sft_target, make_args(tmp_path), train_dataset=train)
+    mixed = DrafterSFTTrainer(
+        drafter,
+        sft_target,
+        make_args(tmp_path, window_loss_weight=0.3, window_temperature=0.5),
+        train_dataset=train,
+    )
+    with torch.no_grad():
+        ce = plain._ttt_loss(drafter, batch, features, labels)[0]
+        both = mixed._ttt_loss(drafter, batch, features, labels)[0]
+    torch.testing.assert_close(both, ce + 0.3 * loss)
+
+    # The temperature anneals linearly over the run's steps.
+    annealed = DrafterSFTTrainer(
+        drafter,
+        sft_target,
+        make_args(tmp_path, loss="window", window_temperature_end=0.1),
+        train_dataset=train,
+    )
+    assert annealed.window_temperature() == 1.0  # before training
+    annealed.state.max_steps, annealed.state.global_step = 10, 5
+    assert annealed.window_temperature() == pytest.approx(0.55)
 
 
 def test_offline_features_give_the_online_loss(tmp_path, sft_target, sft_data, tiny_tokenizer):
@@ -221,12 +341,20 @@ def test_eagle3_warm_start_lowers_the_loss_and_raises_simulated_tau(
     assert after["eval_tau"] > before["eval_tau"] + 0.3, (before["eval_tau"], after["eval_tau"])
     assert {f"eval_alpha_{j}" for j in range(1, K + 1)} <= set(after)
     assert after["eval_tau"] <= K + 1 and after["eval_windows"] > 0
+    # The tree (top-4 at each of 10 depths) contains the chain (top-1, K depths): it accepts at least as much.
+    assert after["eval_tau"] <= after["eval_tree_tau_w4_k10"] <= 11
     logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
     assert {f"step{j}_loss" for j in range(K)} | {f"step{j}_acc" for j in range(K)} <= set(logged)
 
 
 def test_medusa_heads_and_other_objectives_train(tmp_path, sft_target, sft_data, tiny_tokenizer):
-    for kind, loss in (("medusa", "soft_ce"), ("eagle3", "forward_kl"), ("eagle3", "acceptance")):
+    objectives = (
+        ("medusa", "soft_ce"),
+        ("eagle3", "forward_kl"),
+        ("eagle3", "acceptance"),
+        ("eagle3", "window"),
+    )
+    for kind, loss in objectives:
         args = make_args(tmp_path / f"{kind}-{loss}", drafter_type=kind, loss=loss, max_steps=15)
         trainer = make_trainer(kind, sft_target, sft_data, args, tiny_tokenizer)
         trainer.train()
@@ -314,8 +442,21 @@ def test_bad_inputs_fail_clearly(tmp_path, sft_target, sft_data, tiny_tokenizer)
         DrafterSFTTrainer(
             medusa, sft_target, make_args(tmp_path, drafter_type="medusa"), train_dataset=sft_data.train
         )
+    with pytest.raises(ValueError, match="eval_tree_window_size=5 exceeds"):
+        DrafterSFTTrainer(
+            medusa, sft_target, make_args(tmp_path, drafter_type="medusa", eval_window_size=2, eval_tree_window_size=5),
+            train_dataset=sft_data.train,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="loss must be one of"):
         make_args(tmp_path, loss="mse")
+    for field, value in (
+        ("window_loss_weight", -1.0), ("window_temperature", 0.0), ("window_temperature_end", -0.5),
+        ("eval_tree_width", 0), ("eval_tree_window_size", -1),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            make_args(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match="window_loss_weight"):
+        make_args(tmp_path, loss="window", window_loss_weight=0.5)
     with pytest.raises(ValueError, match="remove_unused_columns"):
         make_args(tmp_path, remove_unused_columns=True)
 

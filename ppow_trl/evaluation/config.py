@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ppow_trl.decoding.speculative import check_num_draft_tokens
+from ppow_trl.training.acceptance import DEFAULT_TREE_WIDTH, DEFAULT_TREE_WINDOW
 
 BASELINES = ("plain", "prompt_lookup")
 DECODINGS = ("assisted", "loop")
@@ -59,6 +60,19 @@ class EvaluationConfig:
             "help": "K of the teacher-forced greedy chain tau over the target's own greedy answers to the prompts "
             "(the drafter proposes K tokens at every answer position; what real decoding would accept at a fixed "
             "K on the same text); 0 = off."
+        },
+    )
+    teacher_forced_tree_width: int = field(
+        default=DEFAULT_TREE_WIDTH,
+        metadata={
+            "help": "Width w of the teacher-forced tree tau over the same answers: a depth of the window is accepted "
+            "while the target's token is among the drafter's top-w there (docs/metrics.md); 1 = chain."
+        },
+    )
+    teacher_forced_tree_window: int = field(
+        default=DEFAULT_TREE_WINDOW,
+        metadata={
+            "help": "Depths K of the teacher-forced tree tau (at most a Medusa drafter's heads); 0 = off."
         },
     )
     temperatures: list[float] = field(
@@ -133,6 +147,12 @@ class EvaluationConfig:
             raise ValueError("draft trees (draft_tree_width > 1) need decoding: loop and temperatures: [0]")
         if self.teacher_forced_window < 0:
             raise ValueError(f"teacher_forced_window must be >= 0, got {self.teacher_forced_window}")
+        if self.teacher_forced_tree_width < 1:
+            raise ValueError(f"teacher_forced_tree_width must be >= 1, got {self.teacher_forced_tree_width}")
+        if self.teacher_forced_tree_window < 0:
+            raise ValueError(
+                f"teacher_forced_tree_window must be >= 0, got {self.teacher_forced_tree_window}"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.prompt_sets:

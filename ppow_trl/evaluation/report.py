@@ -14,7 +14,12 @@ from typing import Any
 import torch
 
 from ppow_trl.evaluation.config import EvaluationConfig
-from ppow_trl.metrics import accepted_length_histogram, format_number, per_position_acceptance
+from ppow_trl.metrics import (
+    acceptance_length,
+    accepted_length_histogram,
+    format_number,
+    per_position_acceptance,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +37,9 @@ DEFINITIONS = {
     "its prefill forward also yields the first token and the prefill is not counted as a verification",
     "mean_accepted_length": "mean k over rounds that verified at least one draft token",
     "tau_windows": "mean (k + 1) over those rounds (tau per verification window, docs/metrics.md)",
+    "teacher_forced_tree_tau": "1 + mean accepted depths of a window forced along the target's own greedy answer, "
+    "a depth accepted while the answer's token is among the drafter's top-w there (teacher_forced_tree_width, "
+    "K = teacher_forced_tree_window)",
 }
 
 
@@ -128,14 +136,16 @@ def summarise(
     examples: list,
     records: list[dict],
     teacher_forced: torch.Tensor | None = None,
+    teacher_forced_tree: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """One result of the report: a prompt set at one temperature, from the per-turn `records` of the runner
     (each with the "plain", "spec" and optional "lookup" generations of one prompt turn) and the teacher-forced
-    k of every window over the target's own answers (greedy only)."""
+    k of every chain and tree window over the target's own answers (greedy only)."""
     windows = [w for r in records for w in r["spec"]["window_sizes"]]
     # The longest window verified sizes the per-position columns (auto draft length varies per round).
     k = config.num_draft_tokens if config.num_draft_tokens != "auto" else max(windows, default=1)
     greedy = temperature == 0
+    tree = teacher_forced_tree is not None
     spec_tokens, plain_tokens = _tokens(records, "spec"), _tokens(records, "plain")
     spec_seconds, plain_seconds = _total(records, "spec", "seconds"), _total(records, "plain", "seconds")
     forwards = _total(records, "spec", "verify_forwards")
@@ -153,11 +163,12 @@ def summarise(
         "generated_tokens": spec_tokens,
         "verify_forwards": forwards,
         "tau": spec_tokens / forwards if forwards else float("nan"),
-        "teacher_forced_tau": 1.0 + float(teacher_forced.float().mean())
-        if teacher_forced is not None
-        else None,
+        "teacher_forced_tau": acceptance_length(teacher_forced) if teacher_forced is not None else None,
         "teacher_forced_window": config.teacher_forced_window if teacher_forced is not None else None,
         "teacher_forced_windows": int(teacher_forced.numel()) if teacher_forced is not None else 0,
+        "teacher_forced_tree_tau": acceptance_length(teacher_forced_tree) if tree else None,
+        "teacher_forced_tree_width": config.teacher_forced_tree_width if tree else None,
+        "teacher_forced_tree_window": config.teacher_forced_tree_window if tree else None,
         **_acceptance(records, k),
         "plain_tokens": plain_tokens,
         "plain_seconds": plain_seconds,
@@ -199,7 +210,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The results as a markdown table (one row per prompt set, temperature and method)."""
-    results = report["results"]
+    results, settings = report["results"], report["settings"]
     k = max((r["window_size"] for r in results), default=0)
     alpha_cols = " | ".join(f"a{j}" for j in range(1, k + 1))
     requested = report["settings"]["num_draft_tokens"]
@@ -213,12 +224,15 @@ def markdown_table(report: dict[str, Any]) -> str:
         "tau = generated tokens / verification forwards (bonus token counted, prefill excluded); "
         "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j; "
         "teacher-forced tau = 1 + mean accepted draft tokens of a fixed-K greedy window at every position of the "
-        "target's own greedy answers.",
+        "target's own greedy answers; teacher-forced tree tau = the same with the drafter's top-w tokens at "
+        "every depth.",
         "",
         *_timing_lines(report),
         f"| prompt set | T | method | gens | tokens | tau | mean window | mean k | {alpha_cols} | tok/s | speedup "
-        f"| greedy match | teacher-forced tau (K={report['settings'].get('teacher_forced_window', '-')}) |",
-        "|" + "---|" * (12 + k),
+        f"| greedy match | teacher-forced tau (K={settings.get('teacher_forced_window', '-')}) "
+        f"| teacher-forced tree tau (w={settings.get('teacher_forced_tree_width', '-')}, "
+        f"K={settings.get('teacher_forced_tree_window', '-')}) |",
+        "|" + "---|" * (13 + k),
     ]
     for r in results:
         alphas = " | ".join(_fmt(a) for a in r["alpha"] + [float("nan")] * (k - len(r["alpha"])))
@@ -228,7 +242,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{r['generated_tokens']} | {_fmt(r['tau'])} | {_fmt(r['mean_window'])} | "
             f"{_fmt(r['mean_accepted_length'])} | {alphas} | "
             f"{_fmt(r['speculative_tokens_per_s'], 1)} | {_fmt(r['speedup'])}x | {match} | "
-            f"{_fmt(r.get('teacher_forced_tau'), 3)} |"
+            f"{_fmt(r.get('teacher_forced_tau'), 3)} | {_fmt(r.get('teacher_forced_tree_tau'), 3)} |"
         )
         blank = " | ".join("-" for _ in range(k))
         for name, b in r["baselines"].items():
@@ -238,7 +252,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['prompt_set']} | {r['temperature']:g} | {name} | {r['num_generations']} | "
                 f"{b['generated_tokens']} | {_fmt(b['tau'])} | - | - | {blank} | {_fmt(b['tokens_per_s'], 1)} | "
-                f"{_fmt(b['speedup'])}x | {bmatch} | - |"
+                f"{_fmt(b['speedup'])}x | {bmatch} | - | - |"
             )
     return "\n".join(lines) + "\n"
 

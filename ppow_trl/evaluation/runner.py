@@ -40,7 +40,7 @@ from ppow_trl.io import load_drafter, locate_drafter, recorded_target
 from ppow_trl.io.source import UNKNOWN_TARGETS
 from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import EMBEDDED_ALIAS, eos_token_ids, load_target
-from ppow_trl.training.acceptance import dataset_acceptance
+from ppow_trl.training.acceptance import dataset_acceptances
 
 SPLIT_PREFIX = "split:"
 logger = logging.getLogger(__name__)
@@ -148,6 +148,12 @@ class _Evaluator:
         self.pad = int(pad)
         self.context = getattr(target.config, "max_position_embeddings", None)
         self.costs = None  # the cost table "auto" priced the last speculative generation with
+        heads = drafter.max_draft_tokens
+        for name in ("teacher_forced_window", "teacher_forced_tree_window"):
+            if heads is not None and getattr(config, name) > heads:
+                raise ValueError(
+                    f"{name}={getattr(config, name)} exceeds the {type(drafter).__name__}'s {heads} heads"
+                )
 
     def kwargs(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
         kw = {"max_new_tokens": max_new_tokens, "eos_token_id": self.eos, "pad_token_id": self.pad}
@@ -283,9 +289,9 @@ class _Evaluator:
                 messages.append({"role": "assistant", "content": self.decode_answer(plain["tokens"])})
                 answered.append((ids[0].tolist(), plain["tokens"]))
         machine_load = load.result()
-        teacher_forced = self.teacher_forced(answered) if temperature == 0 else None
+        chain, tree = self.teacher_forced(answered) if temperature == 0 else (None, None)
         result = summarise(
-            self.config, type(self.drafter).__name__, name, temperature, examples, records, teacher_forced
+            self.config, type(self.drafter).__name__, name, temperature, examples, records, chain, tree
         )
         result["machine_load"] = machine_load
         result["cost_table"] = self.costs.summary() if self.costs is not None else None
@@ -298,18 +304,25 @@ class _Evaluator:
             )  # fmt: skip
         return result
 
-    def teacher_forced(self, answered: list[tuple[list[int], list[int]]]) -> torch.Tensor | None:
-        """k of the drafter's greedy chain window (K = `teacher_forced_window`) at every position of the
-        target's own greedy answers, the prompts as context (one target forward per answer)."""
-        window = self.config.teacher_forced_window
+    def teacher_forced(
+        self, answered: list[tuple[list[int], list[int]]]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """k of the drafter's greedy chain window (K = `teacher_forced_window`) and of its tree (top
+        `teacher_forced_tree_width` at each of `teacher_forced_tree_window` depths) at every position of the
+        target's own greedy answers, the prompts as context (one target forward per answer); None where off."""
+        config = self.config
         rows = [{"input_ids": p + a, "loss_mask": [0] * len(p) + [1] * len(a)} for p, a in answered if a]
-        if not window or not rows:
-            return None
+        shapes = {"chain": (1, config.teacher_forced_window)}
+        shapes["tree"] = (config.teacher_forced_tree_width, config.teacher_forced_tree_window)
+        shapes = {name: shape for name, shape in shapes.items() if shape[1]}
+        if not shapes or not rows:
+            return None, None
         provider = TargetFeatureProvider.online(self.target, feature_layers(self.drafter), with_logits=False)
-        k, _ = dataset_acceptance(
-            self.drafter, provider, rows, window, self.pad, batch_size=1, device=self.device
+        k, _ = dataset_acceptances(
+            self.drafter, provider, rows, list(shapes.values()), self.pad, batch_size=1, device=self.device
         )
-        return k
+        columns = dict(zip(shapes, k.unbind(-1)))
+        return columns.get("chain"), columns.get("tree")
 
 
 def _load_models(

@@ -3,21 +3,39 @@ running the target again.
 
 On sequences the target generated greedily, the target's argmax at every position is the next token
 of the sequence (the data pipeline checks this), so a window drafted at anchor row r is accepted for
-exactly as long as it matches x_{r+2}, x_{r+3}, ... Held-out tau (docs/metrics.md) is computed here once:
-`batch_acceptance` scores a collated batch, the SFT trainer's evaluation step calls it, `dataset_acceptance`
-(PPOW's `evaluate`, the evaluation runner, the benchmarks) loops it over a dataset, and
-`ppow_trl.metrics.acceptance_metrics` summarises the k it returns.
+exactly as long as it matches x_{r+2}, x_{r+3}, ... The drafter's training-time-test forward with the
+sequence's tokens forced gives its logits at every depth of that path at once: the chain's greedy window is
+accepted up to the first depth whose token is not the drafter's argmax, and a tree of width w (the top-w
+draft tokens at every depth, the branch along the target's path continuing) up to the first depth whose
+token is not among the drafter's top-w. A depth counts only on an assistant (`loss_mask`) token: text the
+target did not generate (the next user turn) is never a greedy continuation.
+
+Held-out tau (docs/metrics.md) is computed here once: `batch_acceptances` scores a collated batch at several
+(width, K) shapes from one drafter forward (the SFT trainer's evaluation step), `dataset_acceptances` loops
+it over a dataset (the evaluation runner), `batch_acceptance` / `dataset_acceptance` give one shape (PPOW's
+`evaluate`, the benchmarks), and `ppow_trl.metrics.acceptance_metrics` summarises the k they return.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel
 
 from ppow_trl.data import collate_sequences
 from ppow_trl.decoding.drafting import draft_windows, window_targets
+from ppow_trl.metrics import acceptance_length
 from ppow_trl.models.common import unwrap_drafter
 from ppow_trl.training.windowing import assistant_anchors
+
+#: The held-out tree shape logged next to the chain tau by default: width w = 4 at K = 10 draft depths.
+DEFAULT_TREE_WIDTH, DEFAULT_TREE_WINDOW = 4, 10
+
+
+def _prefix_length(accepted: torch.Tensor) -> torch.Tensor:
+    """Number of leading True entries along the last dimension."""
+    return accepted.long().cumprod(-1).sum(-1)
 
 
 def accepted_prefix_length(
@@ -28,7 +46,18 @@ def accepted_prefix_length(
     match = draft_tokens == reference_tokens
     if valid is not None:
         match &= valid
-    return match.long().cumprod(-1).sum(-1)
+    return _prefix_length(match)
+
+
+def tree_accepted_length(ranks: torch.Tensor, width: int) -> torch.Tensor:
+    """k of a tree of width `width` from the rank (..., K) of the reference token at every depth
+    (`teacher_forced_ranks`): the depths before the first one whose token is not among the top-w."""
+    return _prefix_length(ranks < width)
+
+
+def tree_tau_metrics(accepted: torch.Tensor, width: int, window_size: int) -> dict[str, float]:
+    """{`tree_tau_w{w}_k{K}`: 1 + mean k} of per-window tree k (docs/metrics.md), e.g. `tree_tau_w4_k10`."""
+    return {f"tree_tau_w{width}_k{window_size}": acceptance_length(accepted)}
 
 
 def anchor_flags(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -36,8 +65,21 @@ def anchor_flags(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch
     return assistant_anchors(loss_mask) & attention_mask.bool()
 
 
+def _forced_windows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, window_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anchors (B, T): every row, reference (B, T, K): x_{r+2+j}, scorable (B, T, K): the reference is a
+    real assistant token inside the sequence)."""
+    b, t = input_ids.shape
+    anchors = torch.arange(t, device=input_ids.device).expand(b, t)
+    reference, scorable = window_targets(input_ids, anchors, window_size)
+    scorable &= window_targets(attention_mask, anchors, window_size)[0].bool()
+    scorable &= window_targets(loss_mask, anchors, window_size)[0].bool()
+    return anchors, reference, scorable
+
+
 @torch.no_grad()
-def teacher_forced_acceptance(
+def teacher_forced_ranks(
     drafter: PreTrainedModel,
     features: torch.Tensor,
     input_ids: torch.Tensor,
@@ -45,27 +87,66 @@ def teacher_forced_acceptance(
     loss_mask: torch.Tensor,
     window_size: int,
 ) -> torch.Tensor:
-    """Greedy-draft a window at every assistant anchor of a batch; returns k (N,) per window."""
-    b, t = input_ids.shape
-    anchors = torch.arange(t, device=input_ids.device).expand(b, t)
-    windows = draft_windows(drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask)
-    reference, in_range = window_targets(input_ids, anchors, window_size)
-    in_range &= window_targets(attention_mask, anchors, window_size)[0].bool()
-    k = accepted_prefix_length(windows.tokens[:, :, 0], reference, in_range)
-    return k[anchor_flags(attention_mask, loss_mask)]
+    """(N, K) rank of the sequence's token among the drafter's draft-vocabulary logits at every depth of the
+    window forced along the sequence, at every assistant anchor of a batch (0: the drafter's argmax; ties
+    rank by draft id, the order in which argmax breaks them). A token outside the draft vocabulary or not
+    scorable (padding, past the end, not an assistant token) ranks V_d: no tree ever contains it."""
+    scored = anchor_flags(attention_mask, loss_mask)
+    anchors, reference, scorable = _forced_windows(input_ids, attention_mask, loss_mask, window_size)
+    draft = draft_windows(
+        drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask,
+        tokens=reference[:, :, None], return_logits=True,
+    )  # fmt: skip
+    logits, ids = draft.logits[:, :, 0][scored], draft.draft_ids[:, :, 0][scored]  # (N, K, V_d), (N, K)
+    own = logits.gather(-1, ids.clamp(min=0)[..., None])
+    earlier = torch.arange(logits.shape[-1], device=ids.device) < ids[..., None]
+    ranks = ((logits > own) | ((logits == own) & earlier)).sum(-1)
+    return ranks.masked_fill((ids < 0) | ~scorable[scored], logits.shape[-1])
+
+
+def teacher_forced_acceptance(
+    drafter: PreTrainedModel,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    window_size: int,
+    width: int = 1,
+) -> torch.Tensor:
+    """k (N,) of the window at every assistant anchor of a batch: the greedy chain (width 1), or a tree of
+    top-`width` draft tokens at every depth."""
+    ranks = teacher_forced_ranks(drafter, features, input_ids, attention_mask, loss_mask, window_size)
+    return tree_accepted_length(ranks, width)
+
+
+def batch_acceptances(
+    drafter: PreTrainedModel,
+    features: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    shapes: Sequence[tuple[int, int]],
+) -> torch.Tensor:
+    """k at every anchor of a collated batch for each (width, K) in `shapes` (width 1: the chain), from one
+    forward at the largest K, as a (B, T, S) map, -1 where no window is scored: the map keeps each window's
+    sequence, and can be padded with -1 to gather across processes."""
+    input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    longest = max(k for _, k in shapes)
+    ranks = teacher_forced_ranks(drafter, features, input_ids, attention_mask, loss_mask, longest)
+    accepted = torch.full((*input_ids.shape, len(shapes)), -1, dtype=torch.long, device=input_ids.device)
+    accepted[anchor_flags(attention_mask, loss_mask)] = torch.stack(
+        [tree_accepted_length(ranks[:, :k], width) for width, k in shapes], dim=-1
+    )
+    return accepted
 
 
 def batch_acceptance(
-    drafter: PreTrainedModel, features: torch.Tensor, batch: dict[str, torch.Tensor], window_size: int
+    drafter: PreTrainedModel,
+    features: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    window_size: int,
+    width: int = 1,
 ) -> torch.Tensor:
-    """k of the greedy window at every anchor of a collated batch as a (B, T) map, -1 where no window is
-    scored: the map keeps each window's sequence, and can be padded with -1 to gather across processes."""
-    input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    accepted = torch.full_like(input_ids, -1)
-    accepted[anchor_flags(attention_mask, loss_mask)] = teacher_forced_acceptance(
-        drafter, features, input_ids, attention_mask, loss_mask, window_size
-    )
-    return accepted
+    """`batch_acceptances` at one shape: a (B, T) map of k, -1 where no window is scored."""
+    return batch_acceptances(drafter, features, batch, [(width, window_size)])[..., 0]
 
 
 @torch.no_grad()
@@ -84,16 +165,15 @@ def teacher_forced_expected_acceptance(
     The window follows the sequence's own tokens (teacher forcing); step j is accepted with probability
     beta_j = sum_v min(p_j(v), q_j(v)) (p: the target at that position over its full vocabulary, so mass
     outside the draft vocabulary is never accepted; q: the drafter at temperature 1), and E[k] =
-    sum_j prod_{i<=j} beta_i. A proxy: real decoding continues from the accepted token, not the sequence's.
+    sum_j prod_{i<=j} beta_i; steps past the sequence or off the assistant tokens are rejections. A proxy:
+    real decoding continues from the accepted token, not the sequence's.
     `target_logits` (B, T, V) are the target's full-vocabulary logits over the batch.
     """
     from ppow_trl.training.losses import acceptance_rate
 
     scored = anchor_flags(attention_mask, loss_mask)
     b, t = input_ids.shape
-    anchors = torch.arange(t, device=input_ids.device).expand(b, t)
-    reference, in_range = window_targets(input_ids, anchors, window_size)
-    in_range &= window_targets(attention_mask, anchors, window_size)[0].bool()
+    anchors, reference, in_range = _forced_windows(input_ids, attention_mask, loss_mask, window_size)
     model = unwrap_drafter(drafter)
     draft = draft_windows(
         drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask,
@@ -112,18 +192,19 @@ def teacher_forced_expected_acceptance(
 
 
 @torch.no_grad()
-def dataset_acceptance(
+def dataset_acceptances(
     drafter: PreTrainedModel,
     feature_provider,
     dataset,
-    window_size: int,
+    shapes: Sequence[tuple[int, int]],
     pad_token_id: int,
     batch_size: int = 8,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced greedy k of a window at every assistant anchor of a dataset of target-generated
-    sequences (chain drafting, temperature 0): returns k (N,) and the dataset row of each window (N,).
-    `feature_provider` is a `ppow_trl.data.TargetFeatureProvider` (or any callable batch -> TargetFeatures).
+    """Teacher-forced k of a window at every assistant anchor of a dataset of target-generated sequences
+    (temperature 0) for each (width, K) in `shapes` (width 1: chain drafting): returns k (N, S) and the
+    dataset row of each window (N,). `feature_provider` is a `ppow_trl.data.TargetFeatureProvider` (or any
+    callable batch -> TargetFeatures).
     """
     was_training = drafter.training
     drafter.eval()
@@ -134,8 +215,8 @@ def dataset_acceptance(
         if device is not None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         features = getattr(feature_provider(batch), drafter.feature_name)
-        k = batch_acceptance(drafter, features, batch, window_size).cpu()
-        scored = k >= 0
+        k = batch_acceptances(drafter, features, batch, shapes).cpu()
+        scored = k[..., 0] >= 0
         accepted.append(k[scored])
         rows_of.append(start + scored.nonzero()[:, 0])
     drafter.train(was_training)
@@ -143,3 +224,21 @@ def dataset_acceptance(
     if k.numel() == 0:
         raise ValueError("no assistant positions to evaluate acceptance on (empty eval dataset?)")
     return k, torch.cat(rows_of)
+
+
+def dataset_acceptance(
+    drafter: PreTrainedModel,
+    feature_provider,
+    dataset,
+    window_size: int,
+    pad_token_id: int,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    width: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dataset_acceptances` at one shape (default: the greedy chain): k (N,) and the dataset row of each
+    window (N,)."""
+    k, rows = dataset_acceptances(
+        drafter, feature_provider, dataset, [(width, window_size)], pad_token_id, batch_size, device
+    )
+    return k[:, 0], rows

@@ -5,6 +5,10 @@ target's logits at the same rows, restricted to the draft vocabulary's target id
 target distribution p is the softmax over that subset, i.e. renormalised over the draft vocabulary
 (docs/eagle3.md); q is the drafter's softmax. Every loss is computed in fp32 and returns one value
 per row; the caller masks and reduces (`eagle3_position_mask`, `step_weights`).
+
+The window objective (`expected_accepted_length`, `window_loss`) scores a whole forced window instead: from
+the drafter's log-probability of the target's greedy token at every depth it gives the expected number of
+draft tokens the target accepts.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("soft_ce", "forward_kl", "acceptance")
+#: Per-row objectives (`drafter_loss`) and "window", the window objective (`window_loss`).
+ROW_LOSSES = ("soft_ce", "forward_kl", "acceptance")
+LOSSES = (*ROW_LOSSES, "window")
 
 
 def soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -51,14 +57,36 @@ def drafter_loss(
     target_logits: torch.Tensor,
     target_logsumexp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row loss `name` in LOSSES; "acceptance" is 1 - `acceptance_rate` (maximises sum min(p, q))."""
+    """Per-row loss `name` in ROW_LOSSES; "acceptance" is 1 - `acceptance_rate` (maximises sum min(p, q))."""
     if name == "soft_ce":
         return soft_cross_entropy(draft_logits, target_logits)
     if name == "forward_kl":
         return forward_kl(draft_logits, target_logits)
     if name == "acceptance":
         return 1.0 - acceptance_rate(draft_logits, target_logits, target_logsumexp)
-    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+    raise ValueError(f"unknown loss {name!r} per row; choose one of {ROW_LOSSES}")
+
+
+def expected_accepted_length(target_logprobs: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """E[R] = sum_j prod_{i<=j} q(x*_i) per window (...): the expected accepted length when the target is
+    greedy and the drafter samples from q, the drafter's distribution at each depth along the target's path.
+
+    target_logprobs: (..., K) log q(x*_j) of the target's greedy token at depth j.
+    scored: (..., K) bool; the window ends at its first unscored depth (it leaves the supervised tokens, or
+        the drafter cannot propose x*_j), so later depths add nothing.
+    """
+    inside = scored.long().cumprod(-1).bool()
+    # A cumulative sum of log q: no product of many small probabilities underflows to a zero gradient early.
+    reach = torch.cumsum(target_logprobs.float().masked_fill(~inside, 0.0), -1).exp()
+    return torch.where(inside, reach, 0.0).sum(-1)
+
+
+def window_loss(target_logprobs: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, E[R]) per window (...): loss = (L - E[R]) / K, the expected rejected draft tokens of the L depths
+    the window can reach (`expected_accepted_length`) as a fraction of K; 0 for a drafter sure of every
+    target token, and its gradient is that of -E[R] / K."""
+    expected = expected_accepted_length(target_logprobs, scored)
+    return (scored.long().cumprod(-1).sum(-1) - expected) / scored.shape[-1], expected
 
 
 def eagle3_position_mask(

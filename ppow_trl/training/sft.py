@@ -8,14 +8,19 @@ One training step (docs/eagle3.md, training-time test):
 3. the K-step training-time-test unroll at every row at once: `draft_windows` with the sequence's own
    tokens forced (Medusa: its K heads). Step j at row r predicts x_{r+2+j}; its label is the target
    distribution at position r+1+j, renormalised over the draft vocabulary;
-4. loss = sum_j decay^j * l_j, with l_j = sum over rows of mask * loss_row / D. The mask is EAGLE-3's:
-   loss_mask[r+j] (unshifted) * [full-vocab target argmax at r+1+j lies in the draft vocabulary]
-   * [position r+1+j is a real token]. D is the number of real (non-padding) positions of the
-   micro-batch, the same for every step: EAGLE-3 divides by B*T with micro-batch 1 and no padding,
-   which is this count.
+4. loss = sum_j decay^j * l_j, with l_j = sum over rows of mask * loss_row / D. The mask is
+   loss_mask[r+2+j] (the predicted token is an assistant token) * [full-vocab target argmax at r+1+j lies
+   in the draft vocabulary] * [position r+1+j is a real token]. D is the number of real (non-padding)
+   positions of the micro-batch, the same for every step: EAGLE-3 divides by B*T with micro-batch 1 and no
+   padding, which is this count;
+5. optionally the window objective (`loss="window"`, or added with `window_loss_weight`): at every anchor,
+   E[R] = sum_j prod_{i<=j} q_T(x*_i) over the forced window, x*_i the target's argmax at r+i and q_T the
+   drafter at temperature T (`window_temperature`, annealed to `window_temperature_end`); the loss adds
+   sum over anchors of (L - E[R]) / K / D (`ppow_trl.training.losses.window_loss`).
 
 Evaluation adds held-out tau (docs/metrics.md: teacher-forced greedy acceptance at `eval_window_size` on the
-eval set, `ppow_trl.training.acceptance.batch_acceptance`): `eval_tau` and `eval_alpha_j`.
+eval set, `ppow_trl.training.acceptance.batch_acceptances`): `eval_tau` and `eval_alpha_j`, and the tree tau
+`eval_tree_tau_w{w}_k{K}` (top-w draft tokens at every depth, `eval_tree_width` and `eval_tree_window_size`).
 """
 
 from __future__ import annotations
@@ -34,17 +39,24 @@ from ppow_trl.data import TargetFeatureProvider, collate_sequences
 from ppow_trl.decoding.drafting import draft_windows, window_targets
 from ppow_trl.metrics import acceptance_metrics
 from ppow_trl.models import DRAFTER_CLASSES, unwrap_drafter
-from ppow_trl.models.common import lora_for_drafter
+from ppow_trl.models.common import lora_for_drafter, token_logprobs
 from ppow_trl.target import pad_token_id
-from ppow_trl.training.acceptance import batch_acceptance
+from ppow_trl.training.acceptance import (
+    DEFAULT_TREE_WIDTH,
+    DEFAULT_TREE_WINDOW,
+    batch_acceptances,
+    tree_tau_metrics,
+)
 from ppow_trl.training.card import DrafterCardMixin
 from ppow_trl.training.losses import (
     LOSSES,
+    ROW_LOSSES,
     TargetLabels,
     drafter_loss,
     eagle3_position_mask,
     step_weights,
     target_labels,
+    window_loss,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,13 +82,50 @@ class DrafterSFTConfig(TrainingArguments):
     loss: str = field(
         default="soft_ce",
         metadata={
-            "help": "Objective per row: 'soft_ce' (cross-entropy to the target distribution on the draft "
+            "help": "Objective: per row 'soft_ce' (cross-entropy to the target distribution on the draft "
             "vocabulary, EAGLE-3), 'forward_kl' (KL(p||q), same gradient) or 'acceptance' (maximise "
-            "sum min(p, q) with the target's true probabilities)."
+            "sum min(p, q) with the target's true probabilities); or 'window' (maximise the expected accepted "
+            "length E[R] = sum_j prod_{i<=j} q_T(x*_i) of the forced window at every anchor, x* the target's "
+            "greedy tokens, q_T the drafter at window_temperature)."
+        },
+    )
+    window_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the window objective (see loss: 'window') added to a per-row loss; 0 = off. "
+            "Leave it at 0 with loss: window, which is the window objective alone."
+        },
+    )
+    window_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Drafter temperature T > 0 of q_T in the window objective at the start of training (lower: "
+            "closer to greedy drafting, where only the drafter's argmax counts)."
+        },
+    )
+    window_temperature_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "T of the window objective at the end of training, annealed linearly from "
+            "window_temperature over the run's steps; None = constant window_temperature."
         },
     )
     eval_window_size: int = field(
         default=5, metadata={"help": "Window size K of the teacher-forced acceptance (tau, alpha_j) at eval."}
+    )
+    eval_tree_width: int = field(
+        default=DEFAULT_TREE_WIDTH,
+        metadata={
+            "help": "Width w of the held-out teacher-forced tree tau (eval_tree_tau_w{w}_k{K}, docs/metrics.md): "
+            "a depth of the window is accepted while the target's token is among the drafter's top-w there."
+        },
+    )
+    eval_tree_window_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Depths K of the held-out tree tau; None = {DEFAULT_TREE_WINDOW} (a Medusa drafter: at most "
+            "its heads); 0 = no tree tau."
+        },
     )
     medusa_num_heads: int = field(
         default=4, metadata={"help": "Number of heads when a recipe builds a new Medusa drafter."}
@@ -105,9 +154,27 @@ class DrafterSFTConfig(TrainingArguments):
             )
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        for name in ("window_size", "eval_window_size", "medusa_num_heads", "label_chunk_size"):
+        for name in (
+            "window_size",
+            "eval_window_size",
+            "eval_tree_width",
+            "medusa_num_heads",
+            "label_chunk_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_tree_window_size is not None and self.eval_tree_window_size < 0:
+            raise ValueError(f"eval_tree_window_size must be >= 0 or None, got {self.eval_tree_window_size}")
+        if self.window_loss_weight < 0:
+            raise ValueError(f"window_loss_weight must be >= 0, got {self.window_loss_weight}")
+        if self.loss == "window" and self.window_loss_weight:
+            raise ValueError(
+                "window_loss_weight adds the window objective to a per-row loss; with loss='window' set it to 0"
+            )
+        for name in ("window_temperature", "window_temperature_end"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if not 0 < self.step_weight_decay <= 1:
             raise ValueError(f"step_weight_decay must be in (0, 1], got {self.step_weight_decay}")
         if self.remove_unused_columns:
@@ -182,11 +249,21 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
         _check_dataset(eval_dataset, "eval_dataset")
         # A drafter with a fixed longest window (Medusa: its heads) trains all of it.
         self.num_steps = drafter.max_draft_tokens or args.window_size
-        if drafter.max_draft_tokens is not None and args.eval_window_size > drafter.max_draft_tokens:
-            raise ValueError(
-                f"eval_window_size={args.eval_window_size} exceeds the {type(drafter).__name__}'s "
-                f"{drafter.max_draft_tokens} heads"
-            )
+        tree_window = args.eval_tree_window_size
+        if tree_window is None:
+            tree_window = min(DEFAULT_TREE_WINDOW, drafter.max_draft_tokens or DEFAULT_TREE_WINDOW)
+        for name, value in (
+            ("eval_window_size", args.eval_window_size),
+            ("eval_tree_window_size", tree_window),
+        ):
+            if drafter.max_draft_tokens is not None and value > drafter.max_draft_tokens:
+                raise ValueError(
+                    f"{name}={value} exceeds the {type(drafter).__name__}'s {drafter.max_draft_tokens} heads"
+                )
+        # (width, K) of the held-out acceptances: the chain tau, then the tree tau if on.
+        self.acceptance_shapes = [(1, args.eval_window_size)]
+        if tree_window:
+            self.acceptance_shapes.append((args.eval_tree_width, tree_window))
         # Every checkpoint this trainer writes is a supervised warm start (PPOW checks this flag).
         drafter.config.warm_started = True
         if peft_config is not None:
@@ -221,8 +298,15 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        # Per TTT step: [loss sum, supervised rows, correct top-1, rows with a target] since the last log.
-        self._stats = {mode: torch.zeros(4, self.num_steps, device=args.device) for mode in ("train", "eval")}
+        # Since the last log, per TTT step: [loss sum, supervised rows, correct top-1, rows with a target];
+        # of the window objective: [sum of E[R], windows].
+        self._stats = {
+            mode: {
+                "steps": torch.zeros(4, self.num_steps, device=args.device),
+                "window": torch.zeros(2, device=args.device),
+            }
+            for mode in ("train", "eval")
+        }
         self._accepted: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------------------ loss
@@ -248,8 +332,9 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
 
     def _ttt_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], features: torch.Tensor, labels: TargetLabels
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step-weighted loss of the K-step unroll at every row, and (4, K) statistics for logging."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of the K-step unroll at every row, and statistics for logging: "steps" (4, K) and "window"
+        (2,), as in `_stats`."""
         drafter = unwrap_drafter(model)
         input_ids = inputs["input_ids"]
         valid, loss_mask = inputs["attention_mask"].bool(), inputs["loss_mask"].bool()
@@ -260,25 +345,62 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
         logits = draft_windows(
             model, features, input_ids, anchors, k, attention_mask=valid, tokens=forced, return_logits=True
         ).logits[:, :, 0]  # (B, T, K, V_d): step j at row r predicts x_{r+2+j}
+        # ... from the target's output at position r+1+j (window_targets reads r+2+j: anchors one row back).
+        label_argmax = window_targets(labels.argmax, anchors - 1, k)[0]
+        # A step is supervised iff the token it predicts is an assistant token and its label position is real.
+        supervised = window_targets(loss_mask, anchors, k)[0] & window_targets(valid, anchors - 1, k)[0]
+        mask = eagle3_position_mask(supervised, label_argmax, drafter.t2d)  # (B, T, K)
         weights = step_weights(k, self.args.step_weight_decay, logits.device)
         denominator = valid.sum().clamp(min=1)
         loss = logits.new_zeros((), dtype=torch.float32)
         stats = torch.zeros(4, k, device=logits.device)
-        for j in range(min(k, t - 1)):
-            n = t - 1 - j  # rows r whose label position r+1+j exists
-            step_logits = logits[:, :n, j]
-            supervised = loss_mask[:, j : j + n] & valid[:, 1 + j :]
-            mask = eagle3_position_mask(supervised, labels.argmax[:, 1 + j :], drafter.t2d)
-            rows = drafter_loss(
-                self.args.loss, step_logits, labels.logits[:, 1 + j :], labels.logsumexp[:, 1 + j :]
+        if self.args.loss in ROW_LOSSES:
+            for j in range(min(k, t - 2)):
+                n = t - 2 - j  # rows r whose predicted token x_{r+2+j} exists
+                labelled = slice(1 + j, 1 + j + n)
+                rows = drafter_loss(
+                    self.args.loss,
+                    logits[:, :n, j],
+                    labels.logits[:, labelled],
+                    labels.logsumexp[:, labelled],
+                )
+                step_loss = torch.where(mask[:, :n, j], rows, 0.0).sum()
+                loss = loss + weights[j] * step_loss / denominator
+                stats[0, j] = step_loss.detach()
+        window_weight = 1.0 if self.args.loss == "window" else self.args.window_loss_weight
+        window_stats = torch.zeros(2, device=logits.device)
+        if window_weight:
+            window_losses, expected = self._window_objective(drafter, logits, label_argmax, mask)
+            loss = loss + window_weight * window_losses.sum() / denominator
+            windows = supervised[..., 0]  # every assistant anchor (E[R] = 0 where x*_1 is out of vocabulary)
+            window_stats = torch.stack([expected[windows].sum(), windows.sum()]).detach().float()
+        with torch.no_grad():
+            correct = drafter.draft_to_target(logits.argmax(-1)) == label_argmax
+            stats[1:] = torch.stack(
+                [mask.sum((0, 1)), (correct & supervised).sum((0, 1)), supervised.sum((0, 1))]
             )
-            step_loss = torch.where(mask, rows, 0.0).sum()
-            loss = loss + weights[j] * step_loss / denominator
-            with torch.no_grad():
-                correct = drafter.draft_to_target(step_logits.argmax(-1)) == labels.argmax[:, 1 + j :]
-                counts = torch.stack([mask.sum(), (correct & supervised).sum(), supervised.sum()])
-                stats[:, j] = torch.cat([step_loss.detach()[None], counts.float()])
-        return loss, stats
+        return loss, {"steps": stats, "window": window_stats}
+
+    def _window_objective(
+        self, drafter: PreTrainedModel, logits: torch.Tensor, label_argmax: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`window_loss` and E[R] (B, T) of the window at every row at the current temperature; a window ends
+        at its first step without a loss (`mask`)."""
+        temperature = self.window_temperature()
+        ids = drafter.target_to_draft(label_argmax)  # -1 outside the draft vocabulary (masked)
+        # One step at a time: fp32 log-probs of all K steps at once would double the unroll's memory.
+        logq = torch.stack(
+            [token_logprobs(logits[:, :, j], ids[:, :, j], temperature) for j in range(ids.shape[-1])], -1
+        )
+        return window_loss(logq, mask)
+
+    def window_temperature(self) -> float:
+        """T of the window objective now: `window_temperature`, annealed linearly over the run's steps to
+        `window_temperature_end` when set."""
+        start, end = self.args.window_temperature, self.args.window_temperature_end
+        if end is None or not self.state.max_steps:
+            return start
+        return start + (end - start) * min(self.state.global_step / self.state.max_steps, 1.0)
 
     def compute_loss(
         self,
@@ -288,7 +410,7 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         loss, stats = self._ttt_loss(model, inputs, *self._target_batch(inputs))
-        self._stats["train"] += stats
+        self._add_stats("train", stats)
         return (loss, None) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -299,25 +421,26 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor, None, None]:
-        """Eval loss and per-step statistics, plus the accepted prefix k of a greedy window at every
-        assistant anchor (collected for `eval_tau` / `eval_alpha_j`). k is gathered per sequence so that
-        the samples a distributed sampler repeats to even out the last batch are dropped."""
+        """Eval loss and per-step statistics, plus the accepted prefix k of the chain and tree windows at every
+        assistant anchor (collected for `eval_tau` / `eval_alpha_j` / `eval_tree_tau_w{w}_k{K}`). k is
+        gathered per sequence so that the samples a distributed sampler repeats to even out the last batch
+        are dropped."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             features, labels = self._target_batch(inputs)
             loss, stats = self._ttt_loss(model, inputs, features, labels)
-            accepted = batch_acceptance(model, features, inputs, self.args.eval_window_size)
-        self._stats["eval"] += stats
+            accepted = batch_acceptances(model, features, inputs, self.acceptance_shapes)  # (B, T, S)
+        self._add_stats("eval", stats)
         accepted = self.accelerator.gather_for_metrics(
             self.accelerator.pad_across_processes(accepted, dim=1, pad_index=-1)
         )
-        self._accepted.append(accepted[accepted >= 0])
+        self._accepted.append(accepted[accepted[..., 0] >= 0])
         return loss.detach(), None, None
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        self._stats["eval"].zero_()
+        self._add_stats("eval", None)
         self._accepted = []
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
@@ -332,23 +455,42 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
         if accepted.numel() == 0:
             logger.warning("no assistant anchors in the eval set: tau and alpha are not computed")
             return {}
-        metrics = acceptance_metrics(accepted, self.args.eval_window_size)
+        (_, chain_window), *trees = self.acceptance_shapes
+        metrics = acceptance_metrics(accepted[:, 0], chain_window)
+        for column, (width, window) in enumerate(trees, start=1):
+            metrics.update(tree_tau_metrics(accepted[:, column], width, window))
         return {f"{prefix}{name}": value for name, value in metrics.items()}
 
     # ------------------------------------------------------------------------------------------ logging
+    def _add_stats(self, mode: str, stats: dict[str, torch.Tensor] | None) -> None:
+        """Accumulate a batch's statistics (None: reset the counters)."""
+        for name, total in self._stats[mode].items():
+            if stats is None:
+                total.zero_()
+            else:
+                total += stats[name]
+
     def _step_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
         """Per-step mean loss (over supervised rows) and top-1 accuracy (target argmax, out-of-vocabulary
-        targets count as misses) since the last call, summed over processes; resets the counters."""
-        loss_sum, rows, correct, total = self.accelerator.reduce(self._stats[mode], "sum").tolist()
-        self._stats[mode].zero_()
+        targets count as misses), and with the window objective the mean E[R] per window and T, since the
+        last call, summed over processes; resets the counters."""
+        stats = {
+            name: self.accelerator.reduce(total, "sum").tolist() for name, total in self._stats[mode].items()
+        }
+        self._add_stats(mode, None)
+        loss_sum, rows, correct, total = stats["steps"]
         metrics = {}
         for j in range(self.num_steps):
-            if rows[j]:
+            if rows[j] and self.args.loss in ROW_LOSSES:
                 metrics[f"{prefix}step{j}_loss"] = loss_sum[j] / rows[j]
             if total[j]:
                 metrics[f"{prefix}step{j}_acc"] = correct[j] / total[j]
         if total[0]:
             metrics[f"{prefix}argmax_in_draft_vocab"] = rows[0] / total[0]
+        expected, windows = stats["window"]
+        if windows:
+            metrics[f"{prefix}window_expected_accepted"] = expected / windows
+            metrics[f"{prefix}window_temperature"] = self.window_temperature()
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
