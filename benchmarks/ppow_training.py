@@ -44,6 +44,7 @@ import sft_drafter  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from ppow_trl.data import DataConfig, collate_sequences, load_prompts, regenerate  # noqa: E402
 from ppow_trl.decoding.speculative import feature_layers  # noqa: E402
@@ -57,6 +58,39 @@ from ppow_trl.training.acceptance import (  # noqa: E402
     teacher_forced_acceptance,
     teacher_forced_expected_acceptance,
 )
+
+
+class TrainingBudget(TrainerCallback):
+    """Stops training after `seconds` of training (evaluations not counted) and evaluates every `eval_every`
+    seconds of it, so arms with different step costs get equal wall time; records the training seconds at
+    every step (`seconds_at_step`) for curves against wall time."""
+
+    def __init__(self, seconds: float, eval_every: float | None):
+        self.seconds, self.eval_every = seconds, eval_every
+        self.seconds_at_step: dict[str, float] = {}
+
+    def _training_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.evaluating
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.evaluating, self.eval_started = time.perf_counter(), 0.0, None
+        self.next_eval = self.eval_every or math.inf
+
+    def on_step_end(self, args, state, control, **kwargs):
+        spent = self._training_seconds()
+        self.seconds_at_step[str(state.global_step)] = round(spent, 2)
+        if spent >= self.seconds:
+            control.should_training_stop = True
+        elif spent >= self.next_eval:
+            control.should_evaluate = True
+            self.next_eval += self.eval_every
+        if control.should_evaluate:
+            self.eval_started = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_started is not None:
+            self.evaluating += time.perf_counter() - self.eval_started
+            self.eval_started = None
 
 
 def held_out_k(drafter, trainer, window_size: int):
@@ -88,17 +122,21 @@ def parse_arms(cli: argparse.Namespace) -> list[dict]:
 
 
 def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path, warm_k: dict) -> dict:
+    budget = TrainingBudget(cli.train_seconds, cli.eval_every_seconds) if cli.train_seconds else None
     common = [
         "--drafter_name_or_path", cli.warm_start, "--max_steps", str(cli.steps), "--eval_steps",
-        str(cli.eval_every), "--save_strategy", "no", "--output_dir", str(output_dir), "--seed", str(seed),
+        str(cli.eval_every if budget is None else 10**9), "--save_strategy", "no", "--output_dir",
+        str(output_dir), "--seed", str(seed),
     ]  # fmt: skip
+    callbacks = [budget] if budget else None
     start = time.perf_counter()
     if arm["kind"] == "ppow":
         config = arm.get("ppow_config", cli.ppow_config)
-        trainer = ppow_recipe.main(["--config", config, *common, *arm["overrides"]])
+        trainer = ppow_recipe.main(["--config", config, *common, *arm["overrides"]], callbacks)
     else:
         config = arm.get("sft_config", cli.sft_config)
-        trainer = sft_drafter.main(*sft_drafter.parse_args(["--config", config, *common, *arm["overrides"]]))
+        parsed = sft_drafter.parse_args(["--config", config, *common, *arm["overrides"]])
+        trainer = sft_drafter.main(*parsed, callbacks=callbacks)
     wall = time.perf_counter() - start
     history = trainer.state.log_history
     curve = {str(e["step"]): e["eval_tau"] for e in history if "eval_tau" in e and e["step"] > 0}
@@ -115,6 +153,7 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path, war
         "steps": trainer.state.global_step, "output_dir": str(output_dir),
         "train_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
         "train_log": [e for e in history if "loss" in e],
+        "seconds_at_step": budget.seconds_at_step if budget else None,
     }  # fmt: skip
 
 
@@ -244,14 +283,15 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (by_step, by_wall) = plt.subplots(1, 2, figsize=(11, 4))
     arms = sorted({r["arm"] for r in results.values()})
-    for arm in arms:
-        runs = [r for r in results.values() if r["arm"] == arm]
-        points = sorted({int(s) for r in runs for s in r["curve"]})
-        taus = [sum(r["curve"][str(s)] for r in runs if str(s) in r["curve"]) /
-                max(sum(str(s) in r["curve"] for r in runs), 1) for s in points]  # fmt: skip
-        seconds_per_step = sum(_train_s(r) / r["steps"] for r in runs) / len(runs)
-        by_step.plot(points, taus, marker="o", label=arm)
-        by_wall.plot([seconds_per_step * s for s in points], taus, marker="o", label=arm)
+    for color, arm in enumerate(arms):
+        for index, run in enumerate(r for r in results.values() if r["arm"] == arm):  # one line per seed
+            steps = sorted(int(s) for s in run["curve"])
+            taus = [run["curve"][str(s)] for s in steps]
+            clock = run.get("seconds_at_step") or {}
+            seconds = [0.0 if s == 0 else clock.get(str(s), _train_s(run) * s / run["steps"]) for s in steps]
+            style = {"color": f"C{color}", "marker": "o", "label": arm if index == 0 else None}
+            by_step.plot(steps, taus, **style)
+            by_wall.plot(seconds, taus, **style)
     by_step.set_xlabel("optimizer steps")
     by_wall.set_xlabel("training wall time, s")
     for axis in (by_step, by_wall):
@@ -280,6 +320,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument(
+        "--train-seconds", type=float, default=None,
+        help="equal wall time: each run trains this many seconds (evaluations not counted; --steps is then a cap)",
+    )  # fmt: skip
+    parser.add_argument("--eval-every-seconds", type=float, default=None, help="with --train-seconds")
     parser.add_argument("--json", default="outputs/ppow_training.json")
     parser.add_argument("--out", default="outputs/ppow_training")
     parser.add_argument("--plot", default=None, help="PNG of tau against steps and wall time")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from ppow_trl.data import build_training_data, make_feature_provider
 from ppow_trl.io import load_drafter, locate_drafter
 from ppow_trl.target import load_target
@@ -36,7 +38,8 @@ from ppow_trl.training.script_args import (
 )
 
 
-def main(argv: list[str] | None = None) -> PPOWTrainer:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> PPOWTrainer:
+    """Parse, train, save and evaluate; `callbacks` go to the trainer (e.g. a wall-clock budget in benchmarks)."""
     parser = RecipeParser((DrafterModelArguments, DataArguments, PPOWConfig), hidden=is_ignored_grpo_field)
     model_args, data_config, args = parser.parse_args_and_config(argv)
     data_config.seed = args.seed
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> PPOWTrainer:
         feature_provider=make_feature_provider(
             data_config, data, target, aux_layer_ids=aux, with_logits=True
         ),
+        callbacks=callbacks,
     )
     print(f"gamma (drafter step / target verification) = {trainer.gamma:.4f}")
     evaluate_and_save(trainer, "warm_start")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from ppow_trl.data import DataConfig, build_training_data, make_feature_provider
 from ppow_trl.io import load_drafter, locate_drafter
@@ -41,8 +41,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[DrafterModelArguments, Da
 
 
 def main(
-    model_args: DrafterModelArguments, data_config: DataConfig, args: DrafterSFTConfig
+    model_args: DrafterModelArguments,
+    data_config: DataConfig,
+    args: DrafterSFTConfig,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> DrafterSFTTrainer:
+    """Train, save and evaluate; `callbacks` go to the trainer (e.g. a wall-clock budget in benchmarks)."""
     hub_token = hub_preflight(args)  # --push_to_hub: token and network checked before any training work
     # A start drafter (continued SFT) that is missing, damaged or for another target fails before any data work.
     source = locate_drafter(model_args.drafter_name_or_path) if model_args.drafter_name_or_path else None
@@ -80,6 +84,7 @@ def main(
         feature_provider=provider,
         processing_class=tokenizer,
         peft_config=peft_config,
+        callbacks=callbacks,
     )
     train_save_evaluate(trainer, args.resume_from_checkpoint)
     if hub_token is not None:

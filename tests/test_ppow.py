@@ -179,6 +179,16 @@ def test_train_logs_checkpoints_and_resumes(tiny_target, tiny_tokenizer, dataset
     assert metrics["eval_windows"] == k.numel() > 0
     assert metrics["eval_tau"] == pytest.approx(acceptance_length(k))
     assert metrics["eval_alpha_1"] == pytest.approx(float((k >= 1).float().mean()))
+    # the tree tau (w=4, K=10) beside it, from the same shared computation, never below the chain at K=10
+    tree, _ = dataset_acceptance(
+        unwrap_drafter(resumed.model), resumed.feature_provider, held_out, 10, resumed.window_pad_token_id,
+        width=4,
+    )  # fmt: skip
+    chain10, _ = dataset_acceptance(
+        unwrap_drafter(resumed.model), resumed.feature_provider, held_out, 10, resumed.window_pad_token_id
+    )
+    assert metrics["eval_tree_tau_w4_k10"] == pytest.approx(acceptance_length(tree))
+    assert bool((tree >= chain10).all())
     assert "eval_tau_gain_over_start" not in metrics  # the first evaluation is the reference
     with torch.no_grad():  # a changed drafter: later evaluations report the paired gain over the first
         unwrap_drafter(resumed.model).lm_head.weight.mul_(-1.0)

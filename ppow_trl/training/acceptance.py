@@ -60,6 +60,21 @@ def tree_tau_metrics(accepted: torch.Tensor, width: int, window_size: int) -> di
     return {f"tree_tau_w{width}_k{window_size}": acceptance_length(accepted)}
 
 
+def acceptance_shapes(
+    drafter: PreTrainedModel, window_size: int, tree_width: int, tree_window_size: int | None
+) -> list[tuple[int, int]]:
+    """(width, K) of a trainer's held-out acceptances: the chain at `window_size`, then the tree tau at
+    (`tree_width`, `tree_window_size`) unless that is 0 (None: `DEFAULT_TREE_WINDOW`, at most a Medusa drafter's
+    heads). Raises, naming the field, where a K exceeds a drafter's fixed longest window."""
+    heads = getattr(drafter, "max_draft_tokens", None)
+    if tree_window_size is None:
+        tree_window_size = min(DEFAULT_TREE_WINDOW, heads or DEFAULT_TREE_WINDOW)
+    for name, value in (("eval_window_size", window_size), ("eval_tree_window_size", tree_window_size)):
+        if heads is not None and value > heads:
+            raise ValueError(f"{name}={value} exceeds the {type(drafter).__name__}'s {heads} heads")
+    return [(1, window_size)] + ([(tree_width, tree_window_size)] if tree_window_size else [])
+
+
 def anchor_flags(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: where a window is drafted and scored, the assistant anchors on real tokens."""
     return assistant_anchors(loss_mask) & attention_mask.bool()

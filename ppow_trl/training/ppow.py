@@ -41,7 +41,14 @@ from ppow_trl.io import PPOW_PAPER
 from ppow_trl.metrics import acceptance_metrics, paired_tau_difference, per_position_acceptance
 from ppow_trl.models.common import lora_for_drafter, scatter_draft_probs, token_logprobs, unwrap_drafter
 from ppow_trl.target import pad_token_id, window_logits
-from ppow_trl.training.acceptance import accepted_prefix_length, dataset_acceptance
+from ppow_trl.training.acceptance import (
+    DEFAULT_TREE_WIDTH,
+    DEFAULT_TREE_WINDOW,
+    acceptance_shapes,
+    accepted_prefix_length,
+    dataset_acceptances,
+    tree_tau_metrics,
+)
 from ppow_trl.training.card import DrafterCardMixin
 from ppow_trl.training.rewards import get_reward_funcs
 from ppow_trl.training.windowing import (
@@ -259,6 +266,20 @@ class PPOWConfig(GRPOConfig):
         default=None,
         metadata={"help": "K for held-out teacher-forced tau in evaluation (default: window_size)."},
     )
+    eval_tree_width: int = field(
+        default=DEFAULT_TREE_WIDTH,
+        metadata={
+            "help": "Width w of the held-out teacher-forced tree tau (eval_tree_tau_w{w}_k{K}, docs/metrics.md): "
+            "a depth of the window is accepted while the target's token is among the drafter's top-w there."
+        },
+    )
+    eval_tree_window_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Depths K of the held-out tree tau; None = {DEFAULT_TREE_WINDOW} (a Medusa drafter: at most "
+            "its heads); 0 = no tree tau."
+        },
+    )
     # Drafter-friendly defaults over GRPO's.
     learning_rate: float = field(
         default=5e-5, metadata={"help": "AdamW learning rate (GRPO's 1e-6 barely moves heads)."}
@@ -299,6 +320,10 @@ class PPOWConfig(GRPOConfig):
             )
         if self.window_size < 1:
             raise ValueError(f"window_size (K) must be >= 1, got {self.window_size}")
+        if self.eval_tree_width < 1:
+            raise ValueError(f"eval_tree_width must be >= 1, got {self.eval_tree_width}")
+        if self.eval_tree_window_size is not None and self.eval_tree_window_size < 0:
+            raise ValueError(f"eval_tree_window_size must be >= 0 or None, got {self.eval_tree_window_size}")
         if self.proximity_eps_quantile is not None and not 0.0 < self.proximity_eps_quantile < 1.0:
             raise ValueError(f"proximity_eps_quantile must be in (0, 1), got {self.proximity_eps_quantile}")
         choices = {
@@ -815,24 +840,32 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        """Held-out tau and alpha_j (docs/metrics.md) at `eval_window_size`, through `dataset_acceptance`."""
+        """Held-out tau and alpha_j (docs/metrics.md) at `eval_window_size`, and the tree tau, through
+        `dataset_acceptances`."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset")
         was_training = self.model.training
         self.model.eval()  # GRPOTrainer.log files metrics under "eval" by this flag
         try:
+            drafter = unwrap_drafter(self.model)
             window_size = self.args.eval_window_size or self.args.window_size
-            accepted, rows = dataset_acceptance(
-                unwrap_drafter(self.model),
+            shapes = acceptance_shapes(
+                drafter, window_size, self.args.eval_tree_width, self.args.eval_tree_window_size
+            )
+            k, rows = dataset_acceptances(
+                drafter,
                 self.feature_provider,
                 dataset,
-                window_size,
+                shapes,
                 self.window_pad_token_id,
                 batch_size=self.args.per_device_eval_batch_size,
                 device=self.accelerator.device,
             )
+            accepted = k[:, 0]
             metrics = acceptance_metrics(accepted, window_size)
+            for column, (width, tree_window) in enumerate(shapes[1:], start=1):
+                metrics.update(tree_tau_metrics(k[:, column], width, tree_window))
             # The first evaluation (the recipe scores the starting drafter before training) is the reference
             # later ones are compared with window by window: a paired difference is far less noisy than tau.
             if self._start_windows is None:

@@ -44,6 +44,7 @@ from ppow_trl.target import pad_token_id
 from ppow_trl.training.acceptance import (
     DEFAULT_TREE_WIDTH,
     DEFAULT_TREE_WINDOW,
+    acceptance_shapes,
     batch_acceptances,
     tree_tau_metrics,
 )
@@ -249,21 +250,10 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
         _check_dataset(eval_dataset, "eval_dataset")
         # A drafter with a fixed longest window (Medusa: its heads) trains all of it.
         self.num_steps = drafter.max_draft_tokens or args.window_size
-        tree_window = args.eval_tree_window_size
-        if tree_window is None:
-            tree_window = min(DEFAULT_TREE_WINDOW, drafter.max_draft_tokens or DEFAULT_TREE_WINDOW)
-        for name, value in (
-            ("eval_window_size", args.eval_window_size),
-            ("eval_tree_window_size", tree_window),
-        ):
-            if drafter.max_draft_tokens is not None and value > drafter.max_draft_tokens:
-                raise ValueError(
-                    f"{name}={value} exceeds the {type(drafter).__name__}'s {drafter.max_draft_tokens} heads"
-                )
         # (width, K) of the held-out acceptances: the chain tau, then the tree tau if on.
-        self.acceptance_shapes = [(1, args.eval_window_size)]
-        if tree_window:
-            self.acceptance_shapes.append((args.eval_tree_width, tree_window))
+        self.acceptance_shapes = acceptance_shapes(
+            drafter, args.eval_window_size, args.eval_tree_width, args.eval_tree_window_size
+        )
         # Every checkpoint this trainer writes is a supervised warm start (PPOW checks this flag).
         drafter.config.warm_started = True
         if peft_config is not None:
