@@ -54,9 +54,10 @@ from ppow_trl.models.common import unwrap_drafter  # noqa: E402
 from ppow_trl.target import capture_features, load_target, pad_token_id  # noqa: E402
 from ppow_trl.training.acceptance import (  # noqa: E402
     anchor_flags,
-    dataset_acceptance,
-    teacher_forced_acceptance,
+    dataset_acceptances,
     teacher_forced_expected_acceptance,
+    teacher_forced_ranks,
+    tree_accepted_length,
 )
 
 
@@ -93,10 +94,11 @@ class TrainingBudget(TrainerCallback):
             self.eval_started = None
 
 
-def held_out_k(drafter, trainer, window_size: int):
-    """k of every held-out window for `drafter`, scored with the trainer's eval data and target."""
+def held_out_k(drafter, trainer, shapes: list[tuple[int, int]]):
+    """k (N, S) of every held-out window for `drafter` at each (width, K), with the trainer's eval data and target,
+    and the row of each window."""
     pad = pad_token_id(trainer.processing_class)
-    return dataset_acceptance(drafter, trainer.feature_provider, trainer.eval_dataset, window_size, pad, 4)
+    return dataset_acceptances(drafter, trainer.feature_provider, trainer.eval_dataset, shapes, pad, 4)
 
 
 def parse_arms(cli: argparse.Namespace) -> list[dict]:
@@ -141,15 +143,17 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path, war
     history = trainer.state.log_history
     curve = {str(e["step"]): e["eval_tau"] for e in history if "eval_tau" in e and e["step"] > 0}
     window = trainer.args.eval_window_size or trainer.args.window_size
+    shapes = [(1, window), (cli.tree_width, cli.tree_window)]
     key = f"{window}:{trainer.eval_dataset._fingerprint}"  # arms may differ in their eval data
     if key not in warm_k:  # the warm start's windows, scored once per eval set
-        k_old, rows = held_out_k(load_drafter(cli.warm_start, trainer.target), trainer, window)
-        warm_k[key] = {"k": k_old.tolist(), "rows": rows.tolist()}
-    k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, window)
+        k_old, rows = held_out_k(load_drafter(cli.warm_start, trainer.target), trainer, shapes)
+        warm_k[key] = {"k": k_old[:, 0].tolist(), "k_tree": k_old[:, 1].tolist(), "rows": rows.tolist()}
+    k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, shapes)
     curve["0"] = acceptance_length(torch.tensor(warm_k[key]["k"]))
     return {
         "arm": arm["name"], "kind": arm["kind"], "seed": seed, "overrides": arm["overrides"], "config": config,
-        "curve": curve, "eval_set": key, "k": k_new.tolist(), "wall_s": round(wall, 1),
+        "curve": curve, "eval_set": key, "k": k_new[:, 0].tolist(), "k_tree": k_new[:, 1].tolist(),
+        "wall_s": round(wall, 1),
         "steps": trainer.state.global_step, "output_dir": str(output_dir),
         "train_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
         "train_log": [e for e in history if "loss" in e],
@@ -206,9 +210,11 @@ def summarise(results: dict, scored: dict, control: str | None) -> list[dict]:
     return rows
 
 
-def held_out_scores(results: dict, warm_k: dict) -> dict:
+def held_out_scores(results: dict, warm_k: dict, column: str = "k") -> dict:
     return {
-        n: (r["k"], warm_k[r["eval_set"]]["k"], warm_k[r["eval_set"]]["rows"]) for n, r in results.items()
+        n: (r[column], warm_k[r["eval_set"]][column], warm_k[r["eval_set"]]["rows"])
+        for n, r in results.items()
+        if column in r
     }
 
 
@@ -235,8 +241,11 @@ def score_transfer(cli: argparse.Namespace, results: dict, stored: dict) -> dict
     final drafter; one target forward per batch serves all drafters. Resumes: only unscored runs are scored."""
     target, tokenizer = load_target("embedded" if cli.target is None else cli.target)
     pad = pad_token_id(tokenizer)
+    tree_name = f"tree w={cli.tree_width} K={cli.tree_window}"
     for set_name, dataset in transfer_data(target, tokenizer, cli.transfer_prompts).items():
+        sampled = set_name.endswith("T1")
         entry = stored.setdefault(set_name, {"runs": {}})
+        tree_entry = None if sampled else stored.setdefault(f"{set_name} {tree_name}", {"runs": {}})
         todo = [n for n in results if n not in entry["runs"]] + (
             [] if "warm_start" in entry else ["warm_start"]
         )
@@ -246,8 +255,8 @@ def score_transfer(cli: argparse.Namespace, results: dict, stored: dict) -> dict
             n: load_drafter(cli.warm_start if n == "warm_start" else results[n]["output_dir"], target).eval()
             for n in todo
         }
-        sampled = set_name.endswith("T1")
         scores = {n: [] for n in todo}
+        tree_scores = {n: [] for n in todo}
         rows_of = []
         for start in tqdm(range(0, len(dataset), 4), desc=f"scoring {len(todo)} drafters on {set_name}"):
             rows = [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
@@ -262,16 +271,24 @@ def score_transfer(cli: argparse.Namespace, results: dict, stored: dict) -> dict
                     k = teacher_forced_expected_acceptance(
                         drafter, features, captured.logits, ids, attn, lmask, cli.transfer_window
                     )
-                else:
-                    k = teacher_forced_acceptance(drafter, features, ids, attn, lmask, cli.transfer_window)
+                else:  # one forced forward serves the chain at K and the tree at its depth
+                    depth = max(cli.transfer_window, cli.tree_window)
+                    ranks = teacher_forced_ranks(drafter, features, ids, attn, lmask, depth)
+                    k = tree_accepted_length(ranks[:, : cli.transfer_window], 1)
+                    tree_scores[n].extend(
+                        tree_accepted_length(ranks[:, : cli.tree_window], cli.tree_width).tolist()
+                    )
                 scores[n].extend(k.tolist())
             rows_of.extend((start + anchor_flags(attn, lmask).nonzero()[:, 0]).tolist())
-        entry["rows"] = rows_of
-        for n, k in scores.items():
-            if n == "warm_start":
-                entry["warm_start"] = k
-            else:
-                entry["runs"][n] = k
+        for target_entry, values in ((entry, scores), (tree_entry, tree_scores)):
+            if target_entry is None:
+                continue
+            target_entry["rows"] = rows_of
+            for n, k in values.items():
+                if n == "warm_start":
+                    target_entry["warm_start"] = k
+                else:
+                    target_entry["runs"][n] = k
     return stored
 
 
@@ -333,7 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="also score the final drafters on the target's answers to this many MT-Bench and HumanEval "
         "prompts each, at T=0 (k) and T=1 (expected k); 0: off",
     )  # fmt: skip
-    parser.add_argument("--transfer-window", type=int, default=5, help="K of the transfer scores")
+    parser.add_argument("--transfer-window", type=int, default=5, help="K of the transfer scores (chain)")
+    parser.add_argument("--tree-width", type=int, default=4, help="w of the transfer tree tau (greedy sets)")
+    parser.add_argument("--tree-window", type=int, default=10, help="K of the transfer tree tau")
     parser.add_argument("--target", default=None, help="target of the transfer scores (default: embedded)")
     cli = parser.parse_args(argv)
     arms = parse_arms(cli)
@@ -363,9 +382,15 @@ def main(argv: list[str] | None = None) -> dict:
         save()
 
     print(f"warm start {cli.warm_start}; control arm: {control}")
-    sets = {"held-out self-generated (T=0)": held_out_scores(results, warm_k)}
+    sets = {
+        "held-out self-generated (T=0, chain)": held_out_scores(results, warm_k),
+        f"held-out self-generated (T=0, tree w={cli.tree_width} K={cli.tree_window})": held_out_scores(
+            results, warm_k, "k_tree"
+        ),
+    }
     for set_name, entry in sorted(transfer.items()):
-        sets[f"{set_name} (teacher-forced, K={cli.transfer_window})"] = {
+        shape = "" if "tree" in set_name else f", chain K={cli.transfer_window}"
+        sets[f"{set_name} (teacher-forced{shape})"] = {
             n: (k, entry["warm_start"], entry["rows"]) for n, k in entry["runs"].items()
         }
     summaries = {}

@@ -129,16 +129,21 @@ def test_transfer_scores_share_windows_across_drafters_and_resume(
     run = {"arm": "cst", "kind": "cst", "seed": 1, "wall_s": 1.0, "overrides": [], "steps": 2}
     results = {"cst@1": {**run, "output_dir": str(tmp_path / "same")}}
     cli = Namespace(
-        target=tiny_target_dir, warm_start=str(tmp_path / "warm"), transfer_prompts=2, transfer_window=3
-    )
+        target=tiny_target_dir, warm_start=str(tmp_path / "warm"), transfer_prompts=2, transfer_window=3,
+        tree_width=4, tree_window=5,
+    )  # fmt: skip
     stored = harness.score_transfer(cli, results, {})
-    assert set(stored) == {"mt_bench@T0", "mt_bench@T1", "humaneval@T0", "humaneval@T1"}
+    trees = {"mt_bench@T0 tree w=4 K=5", "humaneval@T0 tree w=4 K=5"}
+    assert set(stored) == {"mt_bench@T0", "mt_bench@T1", "humaneval@T0", "humaneval@T1"} | trees
     for set_name, entry in stored.items():
         k, warm = entry["runs"]["cst@1"], entry["warm_start"]
         assert len(k) == len(warm) == len(entry["rows"]) > 0 and set(entry["rows"]) == {0, 1}
         assert k == warm  # the same weights score the same windows identically
-        assert all(0 <= x <= 3 for x in k)
-        if set_name.endswith("T0"):
+        assert all(0 <= x <= (5 if set_name in trees else 3) for x in k)
+        if set_name in trees:  # a tree keeps at least the chain's depths
+            chain = stored[set_name.split()[0]]["runs"]["cst@1"]
+            assert all(t >= c for t, c in zip(k, chain))
+        if set_name.endswith(("T0", "K=5")):
             assert all(float(x).is_integer() for x in k)
         else:  # expected k under sampling: fractional
             assert not all(float(x).is_integer() for x in k)
@@ -156,3 +161,49 @@ def test_transfer_scores_share_windows_across_drafters_and_resume(
                   for n, k in stored["mt_bench@T1"]["runs"].items()}, "cst"
     )  # fmt: skip
     assert {row["arm"]: row["vs_warm_start"][0] for row in summary}["cst"] == 0.0
+
+
+def test_argmax_arms_parse_and_share_the_shipped_dataset(harness):
+    arms = harness.parse_arms(Namespace(arms=str(ARMS.with_name("argmax_objectives.yaml")), run=None))
+    parsed = {}
+    for arm in arms:
+        ppow = arm["kind"] == "ppow"
+        config = arm.get("sft_config") or "recipes/configs/smollm2-135m/ppow_eagle3.yaml"
+        parser = RecipeParser(
+            (DrafterModelArguments, DataArguments, PPOWConfig if ppow else DrafterSFTConfig),
+            hidden=is_ignored_grpo_field if ppow else None,
+        )
+        parsed[arm["name"]] = parser.parse_args_and_config(
+            ["--config", str(ROOT / config), *arm["overrides"]]
+        )
+    assert {p[1].dataset_name for p in parsed.values()} == {"data/smollm2-135m-self-generated"}
+    aimed = parsed["ppow_argmax"][2]
+    assert (aimed.baseline, aimed.scale_rewards, aimed.proximity_span, aimed.adaw_top_w) == (
+        "greedy", "none", "first_token", 4,
+    )  # fmt: skip
+    assert (
+        aimed.per_device_train_batch_size // aimed.num_generations == 8 and aimed.anchors_per_sequence == 32
+    )
+    cst = parsed["cst"][2]
+    assert (aimed.adam_beta2, aimed.max_grad_norm) == (cst.adam_beta2, cst.max_grad_norm)
+    assert parsed["acceptance"][2].loss == "acceptance"
+    assert parsed["cst_plus_window"][2].window_loss_weight == 1.0
+
+
+def test_training_budget_stops_on_training_time_not_evaluation_time(harness, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
+    budget = harness.TrainingBudget(seconds=10.0, eval_every=4.0)
+    state, control = Namespace(global_step=0), Namespace(should_training_stop=False, should_evaluate=False)
+    budget.on_train_begin(None, state, control)
+    evaluations = 0
+    while not control.should_training_stop:
+        now[0] += 1.0  # one second per step
+        state.global_step += 1
+        budget.on_step_end(None, state, control)
+        if control.should_evaluate:  # an evaluation of 5 s, which the budget does not count
+            now[0] += 5.0
+            budget.on_evaluate(None, state, control)
+            control.should_evaluate, evaluations = False, evaluations + 1
+    assert state.global_step == 10 and evaluations == 2
+    assert budget.seconds_at_step["10"] == 10.0 and now[0] == 20.0
