@@ -67,7 +67,7 @@ def test_evaluation_report_has_every_field_and_valid_plots(saved_drafter, tmp_pa
         [
             "--drafter", saved_drafter, "--prompt_sets", prompts, "--max_new_tokens", "8",
             "--num_draft_tokens", "3", "--temperatures", "0", "1", "--baselines", "plain", "prompt_lookup",
-            "--output_dir", str(out), "--progress", "false", "--warmup_tokens", "2",
+            "--prompt_lookup_num_tokens", "1", "3", "--output_dir", str(out), "--progress", "false", "--warmup_tokens", "2",
         ]
     )  # fmt: skip
     stored = json.loads((out / "results.json").read_text())
@@ -85,6 +85,11 @@ def test_evaluation_report_has_every_field_and_valid_plots(saved_drafter, tmp_pa
         assert result["tau"] == pytest.approx(result["generated_tokens"] / result["verify_forwards"])
         assert result["speedup"] > 0 and result["plain_tokens_per_s"] > 0
         assert set(result["baselines"]) == {"plain", "prompt_lookup"}
+        lookup = result["baselines"]["prompt_lookup"]  # the best of K = 1 and 3 on the set, both recorded
+        assert set(lookup["speedup_by_num_tokens"]) == {"1", "3"}
+        assert lookup["speedup"] == max(lookup["speedup_by_num_tokens"].values())
+        assert lookup["speedup_by_num_tokens"][str(lookup["num_tokens"])] == lookup["speedup"]
+        assert result["speedup_over_prompt_lookup"] == pytest.approx(result["speedup"] / lookup["speedup"])
         assert result["settings"]["temperature"] == result["temperature"]
         first, second = [g for g in result["generations"] if g["id"] == "two-turns"]
         assert second["turn"] == 2 and second["prompt_tokens"] > first["prompt_tokens"] + 5
@@ -103,6 +108,7 @@ def test_evaluation_report_has_every_field_and_valid_plots(saved_drafter, tmp_pa
     assert "| prompt set | T | method |" in table and "prompt_lookup" in table and "3/3" in table
     assert "teacher-forced tau (K=5)" in table and f"| {greedy['teacher_forced_tau']:.3f} |" in table
     assert "teacher-forced tree tau (w=4, K=10)" in table
+    assert "prompt_lookup, best K=" in table and "Against prompt lookup at its best K" in table
     assert f"| {greedy['teacher_forced_tree_tau']:.3f} |" in table
 
     import matplotlib.image
@@ -182,6 +188,14 @@ def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     assert "tree (width 3 at the first position) drafting" in (tmp_path / "tree" / "results.md").read_text()
     with pytest.raises(ValueError, match="decoding: loop"):
         EvaluationConfig(drafter=saved_drafter, draft_tree_width=2)
+    # a lookup branch in the tree: output still plain greedy's; refused off the loop and at T > 0
+    config.prompt_lookup_tokens, config.output_dir = 4, str(tmp_path / "lookup")
+    (branch,) = evaluate(config)["results"]
+    assert branch["greedy_matches"] == branch["greedy_total"] == 1
+    with pytest.raises(ValueError, match="prompt_lookup_tokens"):
+        EvaluationConfig(drafter=saved_drafter, prompt_lookup_tokens=2)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        EvaluationConfig(drafter=saved_drafter, prompt_lookup_num_tokens=[0])
 
 
 def test_evaluation_with_auto_draft_length(saved_drafter, tmp_path):

@@ -48,10 +48,18 @@ class EvaluationConfig:
             "and may verify a plain step; docs/metrics.md)."
         },
     )
-    prompt_lookup_num_tokens: int = field(
-        default=2,
+    prompt_lookup_num_tokens: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 4, 5],
         metadata={
-            "help": "Window of the prompt_lookup baseline (its best on this project's CPU measurements)."
+            "help": "Windows K of the prompt_lookup baseline: each runs, and each prompt set reports the best, "
+            "the free method a user would otherwise tune."
+        },
+    )
+    prompt_lookup_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "decoding: loop, greedy: up to this many tokens of prompt lookup join each round's draft tree "
+            "as one more branch (ppow_trl.decoding.lookup); 0 = off."
         },
     )
     teacher_forced_window: int = field(
@@ -139,8 +147,18 @@ class EvaluationConfig:
         if isinstance(self.num_draft_tokens, str) and self.num_draft_tokens.strip().isdigit():
             self.num_draft_tokens = int(self.num_draft_tokens)
         self.num_draft_tokens = check_num_draft_tokens(self.num_draft_tokens)
-        if self.prompt_lookup_num_tokens < 1:
-            raise ValueError(f"prompt_lookup_num_tokens must be >= 1, got {self.prompt_lookup_num_tokens}")
+        if isinstance(self.prompt_lookup_num_tokens, int):
+            self.prompt_lookup_num_tokens = [self.prompt_lookup_num_tokens]
+        if not self.prompt_lookup_num_tokens or min(self.prompt_lookup_num_tokens) < 1:
+            raise ValueError(
+                f"prompt_lookup_num_tokens must be integers >= 1, got {self.prompt_lookup_num_tokens}"
+            )
+        if self.prompt_lookup_tokens < 0:
+            raise ValueError(f"prompt_lookup_tokens must be >= 0, got {self.prompt_lookup_tokens}")
+        if self.prompt_lookup_tokens and (self.decoding != "loop" or any(t > 0 for t in self.temperatures)):
+            raise ValueError(
+                "prompt_lookup_tokens > 0 (lookup branches) needs decoding: loop and temperatures: [0]"
+            )
         if self.draft_tree_width < 1:
             raise ValueError(f"draft_tree_width must be >= 1, got {self.draft_tree_width}")
         if self.draft_tree_width > 1 and (self.decoding != "loop" or any(t > 0 for t in self.temperatures)):

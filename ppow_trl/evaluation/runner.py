@@ -192,14 +192,12 @@ class _Evaluator:
 
     def prompt_lookup(
         self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int
-    ) -> dict[str, Any]:
-        return self._target_generate(
-            ids,
-            temperature,
-            max_new_tokens,
-            seed,
-            prompt_lookup_num_tokens=self.config.prompt_lookup_num_tokens,
-        )
+    ) -> dict[str, dict[str, Any]]:
+        """transformers' prompt lookup at every K of `prompt_lookup_num_tokens`, keyed by K."""
+        return {
+            str(k): self._target_generate(ids, temperature, max_new_tokens, seed, prompt_lookup_num_tokens=k)
+            for k in self.config.prompt_lookup_num_tokens
+        }
 
     def speculative(
         self, ids: torch.Tensor, temperature: float, max_new_tokens: int, seed: int
@@ -215,6 +213,11 @@ class _Evaluator:
             num_draft_tokens=self.config.num_draft_tokens,
             method=self.config.decoding,
             draft_tree_width=self.config.draft_tree_width,
+            **(
+                {"prompt_lookup_tokens": self.config.prompt_lookup_tokens}
+                if self.config.prompt_lookup_tokens
+                else {}
+            ),
             **self.kwargs(temperature, max_new_tokens),
         )
         _sync(self.device)
