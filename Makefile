@@ -53,5 +53,12 @@ warmstart: setup
 test: setup
 	$(RUN) -m pytest -q tests
 
+# vLLM's CPU build in a venv of its own (.venv-vllm, built on first use; the main .venv is never touched): the
+# shipped drafter served through each layout vLLM reads, greedy identity, acceptance per K against the product's
+# own loop, tokens/s with and without drafter and with n-gram -> benchmarks/RESULTS_serving.md. Not part of `test`.
+.PHONY: serve-check
+serve-check: setup
+	OMP_NUM_THREADS=1 $(RUN) benchmarks/serve_check.py --build
+
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
