@@ -125,11 +125,20 @@ def main() -> None:
     parser.add_argument("--prompt-sets", nargs="+", default=["mt_bench", "humaneval"])
     parser.add_argument("--prompts-per-set", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-draft-tokens", type=int, nargs="+", default=[2, 3, 5], help="fixed K values")
+    parser.add_argument("--num-draft-tokens", type=int, nargs="*", default=[2, 3, 5], help="fixed K values")
     parser.add_argument("--max-draft-tokens", type=int, default=8, help="longest window of auto K")
     parser.add_argument("--tree-widths", type=int, nargs="*", default=[],
                         help="draft tree widths w > 1 to run beside the chains (every fixed K and auto)")  # fmt: skip
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=2)
+    parser.add_argument(
+        "--prompt-lookup-tokens",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="K of transformers' prompt lookup (one row each; the per-set table takes the best)",
+    )
+    parser.add_argument("--lookup-branch", type=int, nargs="*", default=[],
+                        help="prompt_lookup_tokens m of the loop: auto K (chain and every --tree-widths w) with "
+                        "up to m prompt-lookup tokens as one more branch")  # fmt: skip
     parser.add_argument(
         "--no-assisted", action="store_true", help="skip transformers' assisted path (auto K)"
     )
@@ -160,6 +169,7 @@ def main() -> None:
     examples = [
         e for s in args.prompt_sets for e in load_prompts(s, max_prompts=args.prompts_per_set, max_turns=1)
     ]
+    prompt_sets = [os.path.splitext(os.path.basename(e.source))[0] for e in examples]
     prompts = [
         tokenizer(
             tokenizer.apply_chat_template([{"role": "user", "content": e.turns[0]}], tokenize=False,
@@ -180,11 +190,14 @@ def main() -> None:
         with packed_linears(target, packed):
             return plain(ids, n)
 
-    def prompt_lookup(ids, n=new):
-        return target.generate(
-            ids, attention_mask=torch.ones_like(ids), prompt_lookup_num_tokens=args.prompt_lookup_tokens,
-            **{**kwargs, "max_new_tokens": n},
-        )  # fmt: skip
+    def prompt_lookup(k):
+        def run(ids, n=new):
+            return target.generate(
+                ids, attention_mask=torch.ones_like(ids), prompt_lookup_num_tokens=k,
+                **{**kwargs, "max_new_tokens": n},
+            )  # fmt: skip
+
+        return run
 
     references = []
     if args.drafter == "oracle":  # plain greedy continuations (untimed); their tokens go into the draft vocab
@@ -197,12 +210,12 @@ def main() -> None:
     drafter.to(dtype)
     costs = measure_costs(target, drafter, max_tokens=max(16, args.max_draft_tokens + 1), packed=packed)
 
-    def loop(k, width=1):
+    def loop(k, width=1, lookup=0):
         def run(ids, n=new):
             return speculative_generate(
                 target, drafter, ids, max_new_tokens=n, num_draft_tokens=k, eos_token_id=eos,
                 profile=time.process_time, max_draft_tokens=args.max_draft_tokens, costs=costs, packed=packed,
-                draft_tree_width=width,
+                draft_tree_width=width, prompt_lookup_tokens=lookup,
             )  # fmt: skip
 
         return run
@@ -216,7 +229,8 @@ def main() -> None:
     methods = {"plain": plain}
     if packed:
         methods["plain, packed linears"] = plain_packed
-    methods[f"prompt lookup K={args.prompt_lookup_tokens}"] = prompt_lookup
+    for k in args.prompt_lookup_tokens:
+        methods[f"prompt lookup K={k}"] = prompt_lookup(k)
     for k in args.num_draft_tokens:
         methods[f"loop K={k}"] = loop(k)
     methods["loop K=auto"] = loop("auto")
@@ -224,6 +238,10 @@ def main() -> None:
         for k in args.num_draft_tokens:
             methods[f"loop K={k} tree w={width}"] = loop(k, width)
         methods[f"loop K=auto tree w={width}"] = loop("auto", width)
+    for lookup in args.lookup_branch:
+        methods[f"loop K=auto lookup={lookup}"] = loop("auto", 1, lookup)
+        for width in args.tree_widths:
+            methods[f"loop K=auto tree w={width} lookup={lookup}"] = loop("auto", width, lookup)
     if not args.no_assisted:
         methods["assisted K=auto"] = assisted
 
@@ -245,6 +263,10 @@ def main() -> None:
         for m in methods
     }
     phases = {m: dict.fromkeys(("prefill", *PHASES), 0.0) for m in methods if m.startswith("loop")}
+    per_set = {
+        name: {m: {"tokens": 0, "cpu": 0.0, "seconds": 0.0} for m in methods}
+        for name in dict.fromkeys(prompt_sets)
+    }
     reference_window = max([*args.num_draft_tokens, args.max_draft_tokens])
     for index, ids_list in enumerate(prompts):
         ids = torch.tensor([ids_list])
@@ -266,6 +288,8 @@ def main() -> None:
             stats[name]["tokens"] += len(tokens)
             stats[name]["seconds"] += seconds
             stats[name]["cpu"] += cpu
+            for key, value in (("tokens", len(tokens)), ("cpu", cpu), ("seconds", seconds)):
+                per_set[prompt_sets[index]][name][key] += value
             if name in phases:
                 for phase, value in out.timings.items():
                     phases[name][phase] += value
@@ -350,10 +374,26 @@ def main() -> None:
                     f"{name}: tau {row['tau']:.2f} vs chain {chain['tau']:.2f}; {row['speedup_cpu']:.2f}x vs chain "
                     f"{chain['speedup_cpu']:.2f}x, best chain {fixed[best]['speedup_cpu']:.2f}x (CPU time)"
                 )
+    lookups = [m for m in methods if m.startswith("prompt lookup")]
+    compared = [m for m in methods if m.startswith(("loop K=auto", "assisted"))]
+    print(
+        "\nPer prompt set, speedup in CPU time against plain `generate` (prompt lookup: its best K on the set)\n"
+    )
+    print("| set | prompt lookup, best K | " + " | ".join(compared) + " | best method |")
+    print("|---|---|" + "---|" * (len(compared) + 1))
+    by_set = {}
+    for name, values in per_set.items():
+        rate = {m: values[m]["tokens"] / values[m]["cpu"] for m in methods}
+        speed = {m: rate[m] / rate["plain"] for m in methods}
+        best_lookup = max(lookups, key=speed.get)
+        best = max(lookups + compared, key=speed.get)
+        by_set[name] = {"speedup_cpu": speed, "best_lookup": best_lookup, "best": best}
+        cells = " | ".join(f"{speed[m]:.2f}x" for m in compared)
+        print(f"| {name} | {speed[best_lookup]:.2f}x ({best_lookup.split()[-1]}) | {cells} | {best} |")
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"args": vars(args), "hardware": hw, "versions": versions(), "methods": rows,
-                       "loop_phases_s": phases, "costs": costs.ratios(),
+                       "loop_phases_s": phases, "costs": costs.ratios(), "per_set": by_set,
                        "load": {"before": load_before, "after": load_after}}, handle, indent=1)  # fmt: skip
 
 

@@ -331,6 +331,53 @@ def test_draft_tree_is_lossless_and_rescues_a_rejected_first_token(kind, target)
         speculative_generate(target, drafter, singles[0], draft_tree_width=0)
 
 
+@pytest.mark.parametrize("step", [1, 2])
+def test_side_branches_rescue_later_steps_and_fill_free_room(step, target, monkeypatch):
+    """The side branch goes where the drafter's path probability puts it: at step j + 1 when that is the step
+    that ranks the truth second, so the round keeps d_1..d_j plus the branch. With a flat cost table the forward
+    takes as many side branches as `tree_room` allows, and output stays plain greedy's."""
+    new = 16
+    refs = [plain_greedy(target, ids, new) for ids in prompts()]
+    wrong_at = lambda r, j: j == step  # noqa: E731  (every window ranks the truth second at this step)
+    drafter = make_oracle("eagle3", target, refs, window=3, skip=wrong_at, runner_up=True)
+    lengths = []
+    forward = type(target.model).forward
+
+    def spy(self, input_ids=None, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return forward(self, input_ids, *args, **kwargs)
+
+    flat = CostTable([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5])
+    for ids, ref in zip(prompts(), refs):
+        chain = speculative_generate(target, drafter, ids, max_new_tokens=new, num_draft_tokens=3)
+        tree = speculative_generate(
+            target, drafter, ids, max_new_tokens=new, num_draft_tokens=3, draft_tree_width=2
+        )
+        monkeypatch.setattr(type(target.model), "forward", spy)
+        lengths.clear()
+        roomy = speculative_generate(target, drafter, ids, max_new_tokens=new, num_draft_tokens=3,
+                                     draft_tree_width=2, costs=flat)  # fmt: skip
+        monkeypatch.setattr(type(target.model), "forward", forward)
+        for out in (chain, tree, roomy):
+            assert torch.equal(out.sequences, ref), out.accepted.flatten().tolist()
+        assert set(lengths[1:]) == {flat.tree_room(4 + 1)} == {9}
+        # the chain stops at the wrong step, the tree takes one more token there
+        assert set(chain.accepted[:-1].flatten().tolist()) == {step}
+        assert (
+            set(tree.accepted[:-1].flatten().tolist())
+            == set(roomy.accepted[:-1].flatten().tolist())
+            == {step + 1}
+        )
+
+
+def test_tree_room_takes_the_flat_part_of_the_cost_table():
+    table = CostTable([1.0, 1.3, 1.02, 1.03, 1.2, 1.03, 2.0])
+    assert table.verify_shape(2) == 3
+    assert table.tree_room(2) == 6  # c(6) is within 3% of c(3), c(5) is not (the largest cheap count wins)
+    assert table.tree_room(7) == 7
+    assert table.tree_room(9) == 9  # past the table: no padding, no room
+
+
 def test_auto_policy_is_kept_per_drafter_across_calls(target):
     """What "auto" learns about a drafter (here: that it is useless) carries over to the next generation, so
     a short answer does not pay for relearning it; another drafter starts fresh."""

@@ -120,6 +120,16 @@ class CostTable:
             cheapest if self.verify[cheapest - 1] < (1 - margin) * self.verify[num_tokens - 1] else num_tokens
         )
 
+    def tree_room(self, num_tokens: int, tolerance: float = 0.03) -> int:
+        """The most tokens a verification forward of at least `num_tokens` can run for at most `tolerance` more
+        than the cheapest such forward (`verify_shape`): room for a draft tree's side branches that costs
+        close to nothing (on CPU, c(n) is nearly flat for small n once the linears run on packed weights)."""
+        base = self.verify_shape(num_tokens)
+        if base >= len(self.verify):
+            return base
+        limit = (1 + tolerance) * self.verify[base - 1]
+        return max(m for m in range(base, len(self.verify) + 1) if self.verify[m - 1] <= limit)
+
     def padded_verify(self) -> list[float]:
         """c(n) for n = 1..len(verify) when each forward runs `verify_shape(n)` tokens."""
         return [self.c(self.verify_shape(n)) for n in range(1, len(self.verify) + 1)]

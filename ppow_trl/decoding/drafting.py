@@ -93,15 +93,21 @@ class ChainDrafter:
 
     def reset(self) -> None:
         self.state = ChainState()
-        self.first_logits: torch.Tensor | None = None  # (B, V_d) step 1 of the last window drafted
+        self.step_logits: list[torch.Tensor] = []  # (B, V_d) per step of the last window drafted
 
-    def first_alternatives(self, count: int) -> torch.Tensor:
-        """(B, count) target ids: the runner-ups of the last window's first greedy draft token (the next
-        `count` most likely tokens of step 1), the branches of a draft tree at its first position."""
-        if self.first_logits is None:
-            raise RuntimeError("draft a window before asking for its alternatives")
-        ranked = self.first_logits.topk(count + 1, dim=-1).indices
-        return self.model.draft_to_target(ranked[:, 1:])
+    def runner_ups(self, window: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The side branches a greedy draft tree can hang on the last window's first `window` steps: at each
+        step, the `count` next most likely tokens after the greedy one.
+
+        Returns (tokens (B, window, count) target ids, log_prob (B, window, count)): the drafter's log-probability
+        of the path to each, the greedy prefix before its step times the runner-up itself (EAGLE-2's ranking)."""
+        if len(self.step_logits) < window:
+            raise RuntimeError(f"the last window drafted {len(self.step_logits)} steps, not {window}")
+        log_probs = torch.stack(self.step_logits[:window], 1).float().log_softmax(-1)
+        top = log_probs.topk(count + 1, dim=-1)
+        greedy = top.values[..., 0]
+        prefix = greedy.cumsum(1) - greedy
+        return self.model.draft_to_target(top.indices[..., 1:]), prefix[..., None] + top.values[..., 1:]
 
     @property
     def last_hidden(self) -> torch.Tensor | None:
@@ -146,7 +152,7 @@ class ChainDrafter:
         if self.state.last_hidden is None:
             raise RuntimeError("commit() target features before drafting")
         logits, ids = self.model.chain_logits(self.state, num_draft_tokens, self.temperature, self.generator)
-        self.first_logits = logits[:, 0]
+        self.step_logits = list(logits.unbind(1))
         return self.model.draft_to_target(ids), self._probs(logits, ids)
 
     @torch.no_grad()
@@ -158,11 +164,11 @@ class ChainDrafter:
             raise ValueError(f"window_size (K) must be >= 1, got {max_draft_tokens}")
         if self.state.last_hidden is None:
             raise RuntimeError("commit() target features before drafting")
-        for step, (logits, ids) in enumerate(
-            self.model.chain_steps(self.state, max_draft_tokens, self.temperature, self.generator)
+        self.step_logits = []
+        for logits, ids in self.model.chain_steps(
+            self.state, max_draft_tokens, self.temperature, self.generator
         ):
-            if step == 0:
-                self.first_logits = logits
+            self.step_logits.append(logits)
             yield self.model.draft_to_target(ids), self._probs(logits, ids), logits
 
     def _probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -405,11 +405,13 @@ def speculative_generate(
         packed: run the target's linear layers through oneDNN with prepacked weights (CPU fp32; True, False or
             "auto" = where supported and the packed copy is small, `ppow_trl.packed`): a (K+1)-token
             verification then costs ~1.1 one-token forwards instead of ~1.7 on CPU.
-        draft_tree_width: candidates verified for the first draft position of each window (greedy only): 1 = a
-            chain; w > 1 = a static draft tree, the chain plus the w - 1 runner-ups of its first token as
-            one-token branches, all verified in the same target forward under a tree attention mask; when the
-            target's token is a runner-up, that branch is kept (its KV takes the first draft slot) and the
-            target's token after it is the bonus token. Rounds verify K + w tokens.
+        draft_tree_width: greedy only: 1 = a chain; w > 1 = a draft tree, the chain plus at least w - 1 one-token
+            side branches: the runner-ups (at any step j of the chain) with the highest path probability under
+            the drafter, each seeing x_n, d_1..d_{j-1} and itself; at batch size 1 with a cost table, as many
+            more as the forward holds for at most 3% more than its cheapest shape (`CostTable.tree_room`). All
+            are verified in one target forward under a tree attention mask; when d_j is the chain's first
+            rejected token and the target's token there is a side branch's, that branch is kept (its KV takes
+            slot j) and the target's token after it is the bonus token.
         correct_costs: with "auto", time the rounds and reprice windows when the observed costs disagree with
             the table (`ppow_trl.decoding.cost.CostMonitor`); default: for measured tables only.
         prompt_lookup_tokens: greedy only: each round also verifies up to this many tokens of prompt lookup (the
@@ -456,7 +458,7 @@ def speculative_generate(
         output = _speculative_loop(
             target, model, input_ids, mask, max_new_tokens, window, policy, temperature,
             eos_token_id, pad_token_id, generator, logits_warper, verify_backend, profile, device,
-            costs.verify_shape if padded else None, draft_tree_width - 1, prompt_lookup_tokens,
+            costs if padded else None, draft_tree_width - 1, prompt_lookup_tokens,
             prompt_lookup_ngram,
         )  # fmt: skip
     output.costs = policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None
@@ -464,45 +466,57 @@ def speculative_generate(
 
 
 def _tree_attention(
-    attn: torch.Tensor, window: int, branches: int, lookup: int, filler: int, dtype: torch.dtype
+    attn: torch.Tensor, window: int, depths: torch.Tensor, lookup: int, filler: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """(B, 1, n, L + n) additive attention mask of a draft tree's forward, n = window + 1 + branches + lookup +
-    filler: the past as `attn` (B, L + window + 1) says, the chain [x_n, d_1..d_K] causal, each runner-up branch
-    (an alternative d_1) sees x_n and itself, the lookup branch sees x_n and itself causally, filler rows see
-    what precedes them."""
+    """(B, 1, n, L + n) additive attention mask of a draft tree's forward, n = window + 1 + S + lookup + filler:
+    the past as `attn` (B, L + window + 1) says, the chain [x_n, d_1..d_K] causal, each of the S side branches
+    (an alternative d_j, `depths` (B, S) = j) sees x_n, d_1..d_{j-1} and itself, the lookup branch sees x_n and
+    itself causally, filler rows see what precedes them."""
     chain = window + 1
-    n = chain + branches + lookup + filler
+    batch, sides = depths.shape
+    n = chain + sides + lookup + filler
+    device = attn.device
     past = attn[:, : attn.shape[1] - chain]
-    new = torch.ones(n, n, dtype=torch.bool, device=attn.device).tril()
-    rows = torch.arange(chain, chain + branches, device=attn.device)
-    new[rows] = False
-    new[rows, 0] = True
-    new[rows, rows] = True
-    first = chain + branches
-    new[first : first + lookup] = False
-    new[first : first + lookup, 0] = True
-    new[first : first + lookup, first : first + lookup] = torch.ones(lookup, lookup, dtype=torch.bool).tril()
-    batch = attn.shape[0]
-    allowed = torch.cat([past[:, None, None, :].expand(-1, 1, n, -1), new.expand(batch, 1, n, n)], dim=-1)
-    return torch.zeros(allowed.shape, dtype=dtype, device=attn.device).masked_fill(
+    new = torch.ones(n, n, dtype=torch.bool, device=device).tril().repeat(batch, 1, 1)
+    columns = torch.arange(n, device=device)
+    rows = torch.arange(chain, chain + sides, device=device)
+    new[:, rows] = (columns[None, None] < depths[..., None]) | (columns[None, None] == rows[None, :, None])
+    first = chain + sides
+    new[:, first : first + lookup] = False
+    new[:, first : first + lookup, 0] = True
+    new[:, first : first + lookup, first : first + lookup] = torch.ones(
+        lookup, lookup, dtype=torch.bool, device=device
+    ).tril()
+    allowed = torch.cat([past[:, None, None, :].expand(-1, 1, n, -1), new[:, None]], dim=-1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+def _side_branches(chain: ChainDrafter, window: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` side branches of the round's tree with the highest path probability under the drafter (a
+    runner-up at any step of the chain): (tokens (B, count) target ids, depths (B, count) the step j each
+    replaces)."""
+    tokens, log_probs = chain.runner_ups(window, count)
+    per_step = tokens.shape[-1]
+    best = log_probs.flatten(1).topk(count, dim=1).indices
+    return tokens.flatten(1).gather(1, best), best // per_step + 1
 
 
 def _take_branches(
     logits: torch.Tensor,
     forward_ids: torch.Tensor,
     window: int,
-    branches: int,
+    depths: torch.Tensor,
     lookup_valid: torch.Tensor,
     accepted: torch.Tensor,
     bonus: torch.Tensor,
     draft_tokens: torch.Tensor,
     active: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy: the longest accepted path through the round's tree. A runner-up branch counts when the chain's
-    first token was rejected and the target's token is that runner-up (accepted = 1); the lookup branch when it
-    matches the target's greedy tokens for longer than the chain's path.
+    """Greedy: the longest accepted path through the round's tree. A side branch at step j (`depths`) counts when
+    the chain's token d_j was the first rejected and the target's token there is that branch's (accepted = j);
+    the lookup branch when it matches the target's greedy tokens for longer than that path.
 
     Returns (accepted, bonus, tokens (B, W) of the path, path (B, W + 1) the forward row of each slot of the path
     [x_n, t_1..t_W]), W = max(window, lookup length)."""
@@ -513,17 +527,21 @@ def _take_branches(
     every = torch.arange(batch, device=device)
     tokens = _pad_right(draft_tokens, width - window) if window else draft_tokens.new_zeros(batch, width)
     path = torch.arange(width + 1, device=device).expand(batch, -1)
-    if branches:
-        alternatives = forward_ids[:, window + 1 : window + 1 + branches]
-        hit = (alternatives == greedy[:, :1]) & ((accepted == 0) & active)[:, None]
+    if depths.shape[
+        1
+    ]:  # a side branch at the chain's first rejected step j = a + 1 holding the target's token
+        sides = forward_ids[:, window + 1 : window + 1 + depths.shape[1]]
+        wanted = greedy.gather(1, accepted[:, None])
+        hit = (sides == wanted) & (depths == accepted[:, None] + 1) & active[:, None]
         took = hit.any(1)
         row = window + 1 + hit.long().argmax(1)
-        path = torch.cat([path[:, :1], torch.where(took, row, path[:, 1])[:, None], path[:, 2:]], dim=1)
-        tokens = torch.cat([torch.where(took, greedy[:, 0], tokens[:, 0])[:, None], tokens[:, 1:]], dim=1)
+        slots = torch.arange(width + 1, device=device)
+        path = torch.where(took[:, None] & (slots == accepted[:, None] + 1), row[:, None], path)
+        tokens = torch.where(took[:, None] & (slots[1:] == accepted[:, None] + 1), wanted, tokens)
         bonus = torch.where(took, greedy[every, row], bonus)
-        accepted = torch.where(took, 1, accepted)
+        accepted = torch.where(took, accepted + 1, accepted)
     if lookup:
-        first = window + 1 + branches
+        first = window + 1 + depths.shape[1]
         proposed = forward_ids[:, first : first + lookup]
         expected = torch.cat([greedy[:, :1], greedy[:, first : first + lookup - 1]], dim=1)
         run = ((proposed == expected) & lookup_valid).long().cumprod(1).sum(1)
@@ -554,12 +572,12 @@ def _pad_right(values: torch.Tensor, count: int, step: int = 0) -> torch.Tensor:
 
 def _speculative_loop(
     target, model, input_ids, mask, max_new_tokens, window, policy, temperature, eos_token_id, pad_token_id,
-    generator, logits_warper, verify_backend, profile, device, verify_shape, tree_branches, lookup_tokens,
+    generator, logits_warper, verify_backend, profile, device, costs, tree_branches, lookup_tokens,
     lookup_ngram,
 ) -> SpeculativeOutput:  # fmt: skip
     """The loop of `speculative_generate` (arguments checked there); `policy` None = K = `window` always;
-    `verify_shape` (None: no padding) maps a window's token count to the count its forward runs;
-    `tree_branches` runner-ups of each window's first token are verified beside it (greedy), and so are up to
+    `costs` (None: no padding) shapes each forward (`CostTable.verify_shape`, `CostTable.tree_room`); at least
+    `tree_branches` side branches of each window are verified beside it (greedy), and so are up to
     `lookup_tokens` tokens of prompt lookup (`lookup_continuation` with n-grams up to `lookup_ngram`)."""
     batch = input_ids.shape[0]
     eos = (
@@ -652,11 +670,7 @@ def _speculative_loop(
         window_pos = rows.cur_pos[:, None] + torch.arange(window + 1, device=device)
         past_attn = attn
         attn = torch.cat([attn, torch.ones(batch, window + 1, dtype=torch.bool, device=device)], dim=1)
-        branches = tree_branches if window else 0
         forward_ids, forward_pos, forward_mask = window_ids, window_pos, attn.long() if has_holes else None
-        if branches:  # the first token's runner-ups, at its position, seeing only the context and x_n
-            forward_ids = torch.cat([forward_ids, chain.first_alternatives(branches)], dim=1)
-            forward_pos = torch.cat([forward_pos, (rows.cur_pos + 1)[:, None].expand(-1, branches)], dim=1)
         lookup_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         if lookup_tokens:  # the context's continuation of the last n-gram, from the position after x_n
             found, lookup_valid = lookup_continuation(
@@ -665,15 +679,26 @@ def _speculative_loop(
             lookup_valid &= active[:, None]
             lookup = int(lookup_valid.sum(1).max())
             found, lookup_valid = found[:, :lookup], lookup_valid[:, :lookup]
+        lookup = lookup_valid.shape[1]
+        depths = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        if (
+            tree_branches and window
+        ):  # side branches: w - 1, or as many as fit the forward at no real extra cost
+            need = window + 1 + lookup
+            room = costs.tree_room(need + tree_branches) - need if costs is not None else tree_branches
+            side_ids, depths = _side_branches(chain, window, room)
+            forward_ids = torch.cat([forward_ids, side_ids], dim=1)
+            forward_pos = torch.cat([forward_pos, rows.cur_pos[:, None] + depths], dim=1)
+        if lookup:
             forward_ids = torch.cat([forward_ids, found], dim=1)
             forward_pos = torch.cat(
                 [forward_pos, rows.cur_pos[:, None] + 1 + torch.arange(lookup, device=device)], 1
             )
-        lookup = lookup_valid.shape[1]
-        tokens_in = window + 1 + branches + lookup
-        filler = (verify_shape(tokens_in) if verify_shape else tokens_in) - tokens_in
-        if branches or lookup:
-            forward_mask = _tree_attention(attn, window, branches, lookup, filler, lm_head.weight.dtype)
+        tree = bool(depths.shape[1] or lookup)
+        tokens_in = forward_ids.shape[1]
+        filler = (costs.verify_shape(tokens_in) if costs is not None else tokens_in) - tokens_in
+        if tree:
+            forward_mask = _tree_attention(attn, window, depths, lookup, filler, lm_head.weight.dtype)
         elif filler and forward_mask is not None:
             forward_mask = _pad_right(forward_mask, filler)
         past = cache.get_seq_length()
@@ -707,14 +732,14 @@ def _speculative_loop(
         if policy is not None:  # the chain's own acceptance calibrates the policy
             policy.end_round(window, accepted[active])
         window_log.append(window)
-        if branches or lookup:
+        if tree:
             accepted, bonus, draft_tokens, path = _take_branches(
-                logits, forward_ids, window, branches, lookup_valid, accepted, bonus, draft_tokens, active
+                logits, forward_ids, window, depths, lookup_valid, accepted, bonus, draft_tokens, active
             )
             if not bool((path == torch.arange(path.shape[1], device=device)).all()):
                 _compat.gather_cache_slots(cache, past, path)
                 features = features.gather(1, path[..., None].expand(-1, -1, features.shape[-1]))
-            lookup_rounds += int(((accepted > 0) & (path[:, 1] > window + branches)).sum())
+            lookup_rounds += int(((accepted > 0) & (path[:, 1] > window + depths.shape[1])).sum())
             window = draft_tokens.shape[1]
             _crop_to(cache, past + window + 1)
         steps = torch.arange(window + 1, device=device)
