@@ -12,14 +12,15 @@ lookup keyed on the logits it computes, so it still pays the full drafter comput
 of this size can reach, measuring the decoding machinery at high acceptance. Not a trained drafter. Same
 prompts (first user turn, chat-templated), greedy, fp32 by default, one warm-up of every method first; each
 prompt runs, in this order: plain `generate` (stock, and with `ppow_trl.packed` unless
-`--no-packed`: the speedups are against the stock one); transformers' prompt lookup (`--prompt-lookup-tokens`);
+`--no-packed`: the speedups are against the packed one, the kernels every other method runs on); transformers'
+prompt lookup at every K of `--prompt-lookup-tokens`;
 ppow_trl's loop (`speculative_generate`, profiled per phase) at every fixed K of `--num-draft-tokens` and with
 `num_draft_tokens="auto"` (up to `--max-draft-tokens`), each also as a draft tree for every `--tree-widths` w
-(the chain plus the w - 1 runner-ups of its first token); and, unless `--no-assisted`, transformers' assisted
+(the chain plus side branches), and with `--lookup-branch` m tokens of prompt lookup in the tree; and, unless `--no-assisted`, transformers' assisted
 decoding with the drafter's candidate generator and auto K. The loop and the assisted path verify through
 `ppow_trl.packed` (oneDNN, prepacked weights) unless `--no-packed`, and the loop (fixed and auto K) pads a
-window's forward to a cheaper token count of the measured cost table (`CostTable.verify_shape`); plain `generate` and prompt lookup
-run the stock model. Prints markdown tables; `--output` also writes them as JSON.
+window's forward to a cheaper token count of the measured cost table (`CostTable.verify_shape`); prompt lookup
+runs on the packed linears too. A last table gives each prompt set's speedups, prompt lookup at its best K. Prints markdown tables; `--output` also writes them as JSON.
 
 Both wall-clock and process CPU time are recorded. On a shared machine, wall-clock rates swing with other
 jobs' load; with `--threads 1` the CPU-time rate (tokens per CPU-second of this process) is the stable
@@ -192,10 +193,11 @@ def main() -> None:
 
     def prompt_lookup(k):
         def run(ids, n=new):
-            return target.generate(
-                ids, attention_mask=torch.ones_like(ids), prompt_lookup_num_tokens=k,
-                **{**kwargs, "max_new_tokens": n},
-            )  # fmt: skip
+            with packed_linears(target, packed):  # the same kernels as the drafter's rows
+                return target.generate(
+                    ids, attention_mask=torch.ones_like(ids), prompt_lookup_num_tokens=k,
+                    **{**kwargs, "max_new_tokens": n},
+                )  # fmt: skip
 
         return run
 
@@ -315,8 +317,11 @@ def main() -> None:
         + ", ".join(f"{n}->{costs.verify_shape(n)}" for n in range(1, 10) if costs.verify_shape(n) != n)
         + " tokens (padded to a cheaper count; else n)"
     )
-    plain_tps = stats["plain"]["tokens"] / stats["plain"]["seconds"]
-    plain_cps = stats["plain"]["tokens"] / stats["plain"]["cpu"]
+    # speedups are against plain `generate` on the kernels every other row uses
+    base = "plain, packed linears" if packed else "plain"
+    plain_tps = stats[base]["tokens"] / stats[base]["seconds"]
+    plain_cps = stats[base]["tokens"] / stats[base]["cpu"]
+    print(f"\nspeedups against {base!r}")
     print(
         "\n| method | new tokens | verify forwards | tau | mean window | mean k | wall s | tokens/s | speedup (wall) "
         "| CPU s | tokens/CPU-s | speedup (CPU) | greedy match |"
@@ -344,9 +349,9 @@ def main() -> None:
             f"| {cps / plain_cps:.2f}x | {match} |"
         )
 
-    plain_step_ms = 1000 * stats["plain"]["cpu"] / max(stats["plain"]["tokens"], 1)
+    plain_step_ms = 1000 * stats[base]["cpu"] / max(stats[base]["tokens"], 1)
     print(
-        f"\nLoop, CPU-ms per verification round by phase (one plain `generate` step, prefill amortised, costs "
+        f"\nLoop, CPU-ms per verification round by phase (one step of {base!r}, prefill amortised, costs "
         f"{plain_step_ms:.1f} CPU-ms); last column: the round in plain steps.\n"
     )
     print("| method | rounds | " + " | ".join(PHASES) + " | total | in plain steps | prefill per prompt |")
@@ -376,15 +381,13 @@ def main() -> None:
                 )
     lookups = [m for m in methods if m.startswith("prompt lookup")]
     compared = [m for m in methods if m.startswith(("loop K=auto", "assisted"))]
-    print(
-        "\nPer prompt set, speedup in CPU time against plain `generate` (prompt lookup: its best K on the set)\n"
-    )
+    print(f"\nPer prompt set, speedup in CPU time against {base!r} (prompt lookup: its best K on the set)\n")
     print("| set | prompt lookup, best K | " + " | ".join(compared) + " | best method |")
     print("|---|---|" + "---|" * (len(compared) + 1))
     by_set = {}
     for name, values in per_set.items():
         rate = {m: values[m]["tokens"] / values[m]["cpu"] for m in methods}
-        speed = {m: rate[m] / rate["plain"] for m in methods}
+        speed = {m: rate[m] / rate[base] for m in methods}
         best_lookup = max(lookups, key=speed.get)
         best = max(lookups + compared, key=speed.get)
         by_set[name] = {"speedup_cpu": speed, "best_lookup": best_lookup, "best": best}

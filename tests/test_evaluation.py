@@ -179,21 +179,29 @@ def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     assert result["method"] == "Eagle3Drafter (loop)" and result["baselines"] == {}
     assert result["greedy_matches"] == result["greedy_total"] == 1
     assert (tmp_path / "o" / "results.json").is_file() and not (tmp_path / "o" / PLOT_FILES[0]).exists()
-    assert result["drafting"] == "chain"
-    # a draft tree: reported as one, output still plain greedy's; it needs the loop and greedy decoding
-    config.draft_tree_width, config.output_dir = 3, str(tmp_path / "tree")
+    # unset: generate's greedy round (a tree with a lookup branch)
+    assert (
+        result["drafting"]
+        == "tree (chain + at least 3 side branches) + prompt-lookup branch of up to 8 tokens"
+    )
+    # a draft tree: reported as one, output still plain greedy's; it needs greedy decoding off the assisted path
+    config.draft_tree_width, config.prompt_lookup_tokens, config.output_dir = 3, 0, str(tmp_path / "tree")
     (tree,) = evaluate(config)["results"]
-    assert tree["drafting"] == "tree (width 3 at the first position)"
+    assert tree["drafting"] == "tree (chain + at least 2 side branches)"
     assert tree["greedy_matches"] == tree["greedy_total"] == 1
-    assert "tree (width 3 at the first position) drafting" in (tmp_path / "tree" / "results.md").read_text()
-    with pytest.raises(ValueError, match="decoding: loop"):
-        EvaluationConfig(drafter=saved_drafter, draft_tree_width=2)
+    assert (
+        "tree (chain + at least 2 side branches) drafting" in (tmp_path / "tree" / "results.md").read_text()
+    )
+    with pytest.raises(ValueError, match="decoding: loop or auto"):
+        EvaluationConfig(drafter=saved_drafter, draft_tree_width=2, decoding="assisted")
+    with pytest.raises(ValueError, match="temperatures"):
+        EvaluationConfig(drafter=saved_drafter, draft_tree_width=2, temperatures=[0.0, 1.0])
     # a lookup branch in the tree: output still plain greedy's; refused off the loop and at T > 0
     config.prompt_lookup_tokens, config.output_dir = 4, str(tmp_path / "lookup")
     (branch,) = evaluate(config)["results"]
     assert branch["greedy_matches"] == branch["greedy_total"] == 1
     with pytest.raises(ValueError, match="prompt_lookup_tokens"):
-        EvaluationConfig(drafter=saved_drafter, prompt_lookup_tokens=2)
+        EvaluationConfig(drafter=saved_drafter, prompt_lookup_tokens=2, decoding="assisted")
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
         EvaluationConfig(drafter=saved_drafter, prompt_lookup_num_tokens=[0])
 

@@ -73,7 +73,7 @@ def test_card_metadata_sections_and_serving_lines(tiny_target):
         in card
     )
     assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path me/tiny-eagle3" in card
-    assert "generate(target, drafter, ids, num_draft_tokens=10" in card
+    assert "out = generate(target, drafter, ids, max_new_tokens=128)" in card  # generate's default round
     # a supervised warm start is not named or tagged PPOW; without a repo id the snippets hold a placeholder
     warm = drafter_model_card(drafter, format="eagle3", training={"method": "supervised warm start"})
     assert "# smollm2-135m-instruct-eagle3\n" in warm and "ppow" not in metadata(warm)["tags"]

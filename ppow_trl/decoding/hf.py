@@ -64,6 +64,10 @@ __all__ = [
 ]
 
 METHODS = ("auto", "assisted", "loop")
+# `generate`'s greedy round when the caller names none: the fastest measured on this project's CPU benchmarks
+# (benchmarks/RESULTS_speculative_decoding.md): a draft tree (the chain plus side branches) with up to 8 tokens
+# of prompt lookup as one more branch. Sampling keeps chains (trees are verified greedily).
+GREEDY_ROUND = {"draft_tree_width": 4, "prompt_lookup_tokens": 8}
 # Warpers that transform each row of logits independently of the context: they can be applied to a whole
 # verification window at once, which is what the batched loop does.
 _CONTEXT_FREE_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
@@ -100,7 +104,6 @@ class DrafterCandidateGenerator(CandidateGenerator):
         if self.num_draft_tokens == "auto" and policy is None:
             raise ValueError("num_draft_tokens='auto' needs a DraftLengthPolicy (see draft_length_policy)")
         self.policy = policy  # None: K tokens every round
-        self.to_commit: list[tuple] = []  # verified rows not yet committed (committed before the next draft)
         self.do_sample = bool(generation_config.do_sample)
         temperature = generation_config.temperature if generation_config.temperature is not None else 1.0
         self.temperature = float(temperature) if self.do_sample else 0.0
@@ -127,6 +130,7 @@ class DrafterCandidateGenerator(CandidateGenerator):
         self.round_clock = cost_clock(self.model.device) if monitored else None
         self.prompt_committed = False
         self.round_timing: tuple[float | None, float] | None = None  # (drafting seconds, forward start)
+        self.commit_excess = 0.0  # commit seconds spent on rows of earlier rounds that skipped drafting
 
     def _features(self, hidden_states: tuple, n: int) -> torch.Tensor:
         return torch.cat([hidden_states[i][:, :n] for i in self.layers], dim=-1)
@@ -166,7 +170,7 @@ class DrafterCandidateGenerator(CandidateGenerator):
             features = features.masked_fill(~valid[..., None], 0.0)
         if valid is None:
             valid = torch.ones_like(tokens, dtype=torch.bool)
-        self.to_commit.append((features, tokens, positions.to(self.model.device), valid))
+        self.chain.enqueue(features, tokens, positions.to(self.model.device), valid)
 
         cap = self.max_length - length - 1
         window = min(self.num_draft_tokens, cap) if self.policy is None else cap
@@ -210,15 +214,13 @@ class DrafterCandidateGenerator(CandidateGenerator):
         if self.round_clock is None:
             return
         now = self._now()
-        prompt_round = not self.prompt_committed and not self.to_commit
-        self.prompt_committed = self.prompt_committed or not self.to_commit
-        drafting = None if prompt_round or round_start is None else now - round_start
-        self.round_timing = (drafting, now)
+        prompt_round = not self.prompt_committed and not self.chain.queued
+        self.prompt_committed = self.prompt_committed or not self.chain.queued
+        drafting = None if prompt_round or round_start is None else now - round_start - self.commit_excess
+        self.round_timing, self.commit_excess = (drafting, now), 0.0
 
     def _commit_queued(self) -> None:
-        if self.to_commit:
-            self.chain.commit(*(torch.cat(parts, dim=1) for parts in zip(*self.to_commit)))
-            self.to_commit.clear()
+        self.commit_excess += self.chain.commit_queued(self._now if self.round_clock is not None else None)
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         if not self.prefilled:  # the prefill forward is not a verification
@@ -445,7 +447,7 @@ def generate(
     drafter: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    num_draft_tokens: int | str = 5,
+    num_draft_tokens: int | str = "auto",
     method: str = "auto",
     **generate_kwargs,
 ) -> SpeculativeOutput:
@@ -459,14 +461,21 @@ def generate(
             describes `draft_confidence_threshold`, `max_draft_tokens`, `costs` and `packed`, passed here
             through `generate_kwargs`).
         method: "assisted" (transformers' assisted decoding with `DrafterCandidateGenerator`, batch 1),
-            "loop" (`speculative_generate`, any batch size), "auto" (assisted for B == 1 with a chain, else
-            loop; `draft_tree_width` > 1 and `prompt_lookup_tokens` > 0 need the loop).
-        **generate_kwargs: passed to `generate` (max_new_tokens, do_sample, temperature, eos_token_id, ...).
+            "loop" (`speculative_generate`, any batch size), "auto" (the loop for greedy decoding, where it
+            verifies trees and lookup branches; for sampling assisted at B == 1, else the loop).
+        **generate_kwargs: passed to `generate` (max_new_tokens, do_sample, temperature, eos_token_id, ...) and
+            to the decoding (`draft_tree_width`, `prompt_lookup_tokens`, ...). Greedy calls that set neither
+            `draft_tree_width` nor `prompt_lookup_tokens` (and do not ask for the assisted path) get
+            `GREEDY_ROUND`.
 
     Greedy (the default) reproduces plain greedy decoding; `do_sample=True` is lossless speculative sampling.
     """
     check_drafter_for_target(target, drafter)
     check_num_draft_tokens(num_draft_tokens)
+    sampling = generate_kwargs.get("do_sample", target.generation_config.do_sample)
+    chosen = any(k in generate_kwargs for k in GREEDY_ROUND)
+    if not sampling and not chosen and method != "assisted":
+        generate_kwargs.update(GREEDY_ROUND)
     if method == "auto" and (
         generate_kwargs.get("draft_tree_width", 1) != 1 or generate_kwargs.get("prompt_lookup_tokens", 0)
     ):

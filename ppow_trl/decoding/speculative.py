@@ -620,7 +620,7 @@ def _speculative_loop(
     timer.lap("prefill")
     # Rows verified but not yet committed to the drafter: committed in one call before the next draft (rounds
     # that skip drafting add theirs to the queue).
-    to_commit = [(features, torch.cat([input_ids[:, 1:], first[:, None]], dim=1), positions, mask)]
+    chain.enqueue(features, torch.cat([input_ids[:, 1:], first[:, None]], dim=1), positions, mask)
 
     # prompt + generated tokens in one buffer, so prompt lookup searches both without copying
     context = torch.cat(
@@ -647,10 +647,12 @@ def _speculative_loop(
     prompt_queued = True  # the first drafting commits the prompt's rows: not a representative round
     timer.lap("bookkeeping")
 
+    commit_excess = 0.0  # seconds this round's commit spent on rows of earlier rounds that skipped drafting
+
     def commit_queued() -> None:
-        if to_commit:
-            chain.commit(*(torch.cat(parts, dim=1) for parts in zip(*to_commit)))
-            to_commit.clear()
+        nonlocal commit_excess
+        if chain.queued:
+            commit_excess += chain.commit_queued(functools.partial(_now, clock, device) if clock else None)
             timer.lap("drafter_commit")
 
     while not bool(rows.finished.all()):
@@ -662,8 +664,10 @@ def _speculative_loop(
         else:
             draft_tokens, draft_probs = draft_with_policy(chain, policy, active, batch, commit_queued)
         drafted_at = _now(clock, device)
-        draft_seconds = None if prompt_queued and not to_commit else drafted_at - round_start
-        prompt_queued = prompt_queued and bool(to_commit)
+        draft_seconds = (
+            None if prompt_queued and not chain.queued else drafted_at - round_start - commit_excess
+        )
+        prompt_queued, commit_excess = prompt_queued and bool(chain.queued), 0.0
         timer.lap("drafter_draft")
         window = draft_tokens.shape[1]
         window_ids = torch.cat([rows.pending[:, None], draft_tokens], dim=1)
@@ -762,13 +766,11 @@ def _speculative_loop(
         attn = torch.cat([past_attn, slot_valid[:, :used]], dim=1)
         has_holes = has_holes or not bool(slot_valid[:, :used].all())
         cur_features = features[:, :used]
-        to_commit.append(
-            (
-                cur_features.masked_fill(~slot_valid[:, :used, None], 0.0),
-                emitted[:, :used],
-                rows.cur_pos[:, None] + steps[:used],
-                slot_valid[:, :used],
-            )
+        chain.enqueue(
+            cur_features.masked_fill(~slot_valid[:, :used, None], 0.0),
+            emitted[:, :used],
+            rows.cur_pos[:, None] + steps[:used],
+            slot_valid[:, :used],
         )
         rows.cur_pos = torch.where(rows.finished, rows.cur_pos, rows.cur_pos + accepted + 1)
         rows.pending = torch.where(rows.finished, rows.pending, bonus)

@@ -8,7 +8,7 @@ from ppow_trl.decoding.speculative import check_num_draft_tokens
 from ppow_trl.training.acceptance import DEFAULT_TREE_WIDTH, DEFAULT_TREE_WINDOW
 
 BASELINES = ("plain", "prompt_lookup")
-DECODINGS = ("assisted", "loop")
+DECODINGS = ("auto", "assisted", "loop")
 
 
 @dataclass
@@ -55,11 +55,12 @@ class EvaluationConfig:
             "the free method a user would otherwise tune."
         },
     )
-    prompt_lookup_tokens: int = field(
-        default=0,
+    prompt_lookup_tokens: int | None = field(
+        default=None,
         metadata={
-            "help": "decoding: loop, greedy: up to this many tokens of prompt lookup join each round's draft tree "
-            "as one more branch (ppow_trl.decoding.lookup); 0 = off."
+            "help": "Greedy, decoding loop or auto: up to this many tokens of prompt lookup join each round's "
+            "draft tree as one more branch (ppow_trl.decoding.lookup); 0 = off; unset = generate's greedy default "
+            "(ppow_trl.decoding.hf.GREEDY_ROUND)."
         },
     )
     teacher_forced_window: int = field(
@@ -106,17 +107,20 @@ class EvaluationConfig:
         },
     )
     decoding: str = field(
-        default="assisted",
+        default="auto",
         metadata={
             "help": "Speculative decoding path: 'assisted' (transformers' assisted generation with the "
-            "drafter's candidate generator) or 'loop' (ppow_trl's batched decoding loop at batch size 1)."
+            "drafter's candidate generator), 'loop' (ppow_trl's batched decoding loop at batch size 1) or 'auto' "
+            "(generate's choice: the loop for greedy rows, assisted for sampling)."
         },
     )
-    draft_tree_width: int = field(
-        default=1,
+    draft_tree_width: int | None = field(
+        default=None,
         metadata={
-            "help": "Candidates verified for the first draft position: 1 = chain drafting; w > 1 = a draft tree "
-            "(the chain plus the w - 1 runner-ups of its first token; greedy, decoding: loop)."
+            "help": "1 = chain drafting; w > 1 = a draft tree: the chain plus at least w - 1 side branches (the "
+            "drafter's runner-ups with the highest path probability at any step), more where the verification "
+            "forward has room at no real extra cost (greedy, decoding: loop or auto); unset = generate's greedy "
+            "default (ppow_trl.decoding.hf.GREEDY_ROUND)."
         },
     )
     warmup_tokens: int = field(
@@ -153,16 +157,21 @@ class EvaluationConfig:
             raise ValueError(
                 f"prompt_lookup_num_tokens must be integers >= 1, got {self.prompt_lookup_num_tokens}"
             )
-        if self.prompt_lookup_tokens < 0:
-            raise ValueError(f"prompt_lookup_tokens must be >= 0, got {self.prompt_lookup_tokens}")
-        if self.prompt_lookup_tokens and (self.decoding != "loop" or any(t > 0 for t in self.temperatures)):
-            raise ValueError(
-                "prompt_lookup_tokens > 0 (lookup branches) needs decoding: loop and temperatures: [0]"
-            )
-        if self.draft_tree_width < 1:
-            raise ValueError(f"draft_tree_width must be >= 1, got {self.draft_tree_width}")
-        if self.draft_tree_width > 1 and (self.decoding != "loop" or any(t > 0 for t in self.temperatures)):
-            raise ValueError("draft trees (draft_tree_width > 1) need decoding: loop and temperatures: [0]")
+        greedy_tree = self.decoding != "assisted" and not any(t > 0 for t in self.temperatures)
+        if self.prompt_lookup_tokens is not None:
+            if self.prompt_lookup_tokens < 0:
+                raise ValueError(f"prompt_lookup_tokens must be >= 0, got {self.prompt_lookup_tokens}")
+            if self.prompt_lookup_tokens and not greedy_tree:
+                raise ValueError(
+                    "prompt_lookup_tokens > 0 (lookup branches) needs decoding: loop or auto and temperatures: [0]"
+                )
+        if self.draft_tree_width is not None:
+            if self.draft_tree_width < 1:
+                raise ValueError(f"draft_tree_width must be >= 1, got {self.draft_tree_width}")
+            if self.draft_tree_width > 1 and not greedy_tree:
+                raise ValueError(
+                    "draft trees (draft_tree_width > 1) need decoding: loop or auto and temperatures: [0]"
+                )
         if self.teacher_forced_window < 0:
             raise ValueError(f"teacher_forced_window must be >= 0, got {self.teacher_forced_window}")
         if self.teacher_forced_tree_width < 1:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ppow_trl.decoding.hf import GREEDY_ROUND
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.metrics import (
     acceptance_length,
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 PLOT_FILES = ("acceptance_per_position.png", "accepted_length_histogram.png")
 
 DEFINITIONS = {
-    "tau": "generated tokens / target verification forwards (prefill excluded), chain drafting",
+    "tau": "generated tokens / target verification forwards (prefill excluded)",
     "alpha_j": "P(draft token j accepted | tokens 1..j-1 accepted)",
     "speedup": "speculative tokens/s / plain generate tokens/s, same process, same linear-layer kernels (packed "
     "oneDNN on CPU fp32), batch size 1, after warm-up",
@@ -171,7 +172,7 @@ def summarise(
         "prompt_set": name,
         "temperature": temperature,
         "method": f"{drafter_name} ({config.decoding})",
-        "drafting": _drafting(config),
+        "drafting": _drafting(config, temperature),
         "window_size": k,
         "num_draft_tokens": config.num_draft_tokens,
         "mean_window": sum(windows) / len(windows) if windows else float("nan"),
@@ -206,14 +207,21 @@ def summarise(
             "decoding": config.decoding,
             "batch_size": 1,
             "dtype": config.dtype,
-            "drafting": _drafting(config),
+            "drafting": _drafting(config, temperature),
         },
     }
 
 
-def _drafting(config: EvaluationConfig) -> str:
-    width = config.draft_tree_width
-    return "chain" if width == 1 else f"tree (width {width} at the first position)"
+def _drafting(config: EvaluationConfig, temperature: float) -> str:
+    """What a round verified: the config's tree and lookup settings, else `generate`'s defaults."""
+    greedy = temperature == 0 and config.decoding != "assisted"
+    defaults = GREEDY_ROUND if greedy else {"draft_tree_width": 1, "prompt_lookup_tokens": 0}
+    width, lookup = (
+        defaults[n] if getattr(config, n) is None else getattr(config, n)
+        for n in ("draft_tree_width", "prompt_lookup_tokens")
+    )
+    shape = "chain" if width == 1 else f"tree (chain + at least {width - 1} side branches)"
+    return shape + (f" + prompt-lookup branch of up to {lookup} tokens" if lookup else "")
 
 
 def hardware_line(hardware: dict[str, Any]) -> str:

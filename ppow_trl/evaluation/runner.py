@@ -4,8 +4,8 @@ Definitions (docs/metrics.md): tau = generated tokens / target verification forw
 not counted; its token is); alpha_j = P(draft token j accepted | tokens 1..j-1 accepted); speedup = tokens/s
 of speculative decoding / tokens/s of plain `generate`, same process, same prompts, batch size 1, after a
 warm-up; lossless = greedy speculative output equals plain greedy output token for token (check it in fp32).
-Drafting is chain drafting (one candidate per position), or with `draft_tree_width` > 1 a small tree (the
-chain plus runner-ups of its first token).
+Drafting is `generate`'s: for greedy rows by default a small tree (the chain plus side branches) with a
+prompt-lookup branch, for sampling a chain; `draft_tree_width` and `prompt_lookup_tokens` override it.
 
 Every generation runs twice, alternating per prompt: plain `target.generate` and speculative decoding (and the
 optional prompt-lookup baseline). Multi-turn prompts (MT-Bench) are answered turn by turn; a later turn's
@@ -212,12 +212,7 @@ class _Evaluator:
             attention_mask=torch.ones_like(ids),
             num_draft_tokens=self.config.num_draft_tokens,
             method=self.config.decoding,
-            draft_tree_width=self.config.draft_tree_width,
-            **(
-                {"prompt_lookup_tokens": self.config.prompt_lookup_tokens}
-                if self.config.prompt_lookup_tokens
-                else {}
-            ),
+            **self.round_options(),
             **self.kwargs(temperature, max_new_tokens),
         )
         _sync(self.device)
@@ -235,6 +230,11 @@ class _Evaluator:
                 "drafter", sum(v for k, v in timings.items() if k.startswith("drafter"))
             ),
         }
+
+    def round_options(self) -> dict[str, int]:
+        """The tree and lookup settings the config names (the rest are `generate`'s defaults)."""
+        names = ("draft_tree_width", "prompt_lookup_tokens")
+        return {n: getattr(self.config, n) for n in names if getattr(self.config, n) is not None}
 
     def encode(self, messages: list[dict[str, str]], example_id: str, max_new_tokens: int) -> torch.Tensor:
         ids = _prompt_ids(self.tokenizer, messages)
