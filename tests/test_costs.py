@@ -118,12 +118,17 @@ def test_a_loaded_machine_is_detected_and_its_table_not_cached(tmp_path, monkeyp
         assert result["loaded"] and result["others_busy_cores"] > 0.5, result
         target = build_varied_target()
         # enough repeats that the measurement outlasts the 0.2 s MachineLoad needs to read /proc, not the load average
-        table = measure_costs(target, make_drafter("eagle3", target), max_tokens=4, context_length=16, repeats=60)
+        table = measure_costs(
+            target, make_drafter("eagle3", target), max_tokens=4, context_length=16, repeats=60
+        )
     finally:
         for hog in hogs:
             hog.kill()
             hog.wait()
-    assert table.load["loaded"] and any("loaded machine" in p for p in table.problems), (table.load, table.problems)
+    assert table.load["loaded"] and any("loaded machine" in p for p in table.problems), (
+        table.load,
+        table.problems,
+    )
     assert not list((tmp_path / "costs").glob("*.json"))  # used in this process, never cached
 
 
