@@ -19,8 +19,8 @@ fails is used for this process only, never cached. The table records its time, l
 ones (and marks the cached table stale) when they disagree. `PPOW_TRL_REMEASURE_COSTS=1` (or
 `measure_costs(..., remeasure=True)`) ignores the disk cache.
 
-The target forward is timed as decoding runs it: through `ppow_trl.packed.packed_linears` where
-that applies (CPU fp32, see `use_packed_linears`).
+The target forward and the drafter step are timed as decoding runs them: through
+`ppow_trl.packed.packed_linears` where that applies (CPU fp32, see `use_packed_linears`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _MEMORY: dict[str, CostTable] = {}
-CACHE_VERSION = 2  # v1 tables carry no time, load or checks
+CACHE_VERSION = 3  # v1 tables carry no time, load or checks; v2 timed the drafter on stock linears
 REMEASURE_ENV = "PPOW_TRL_REMEASURE_COSTS"
 # Other processes may use this many cores beyond those our threads leave free before the machine is loaded.
 LOAD_TOLERANCE = 0.25
@@ -309,7 +309,8 @@ def _measure(target, drafter, max_tokens, context_length, repeats, packed) -> Co
     )
     head = target.get_output_embeddings()
     cache = DynamicCache(config=target.config)
-    with packed_linears(target, packed):
+    # the drafter's linears too: decoding packs both (small-M oneDNN calls beat MKL's repacking there as well)
+    with packed_linears(target, packed), packed_linears(drafter, packed and drafter is not None):
         features = capture_features(
             target, prefix, None, layers, with_logits=False, cache=cache, use_cache=True
         )

@@ -318,7 +318,7 @@ def assisted_decoding_with_drafter(
         generators.append(generator)
         return generator
 
-    with packed_linears(model, use_packed):
+    with packed_linears(model, use_packed), packed_linears(drafter_model, use_packed):
         result = _compat.assisted_decoding(
             model,
             candidate_generator,
