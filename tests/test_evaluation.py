@@ -182,7 +182,7 @@ def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     # unset: generate's greedy round (a tree with a lookup branch)
     assert (
         result["drafting"]
-        == "tree (chain + at least 3 side branches) + prompt-lookup branch of up to 8 tokens"
+        == "tree (chain + at least 3 side branches) + prompt-lookup branch of up to 4 tokens"
     )
     # a draft tree: reported as one, output still plain greedy's; it needs greedy decoding off the assisted path
     config.draft_tree_width, config.prompt_lookup_tokens, config.output_dir = 3, 0, str(tmp_path / "tree")

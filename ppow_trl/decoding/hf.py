@@ -65,9 +65,9 @@ __all__ = [
 
 METHODS = ("auto", "assisted", "loop")
 # `generate`'s greedy round when the caller names none: the fastest measured on this project's CPU benchmarks
-# (benchmarks/RESULTS_speculative_decoding.md): a draft tree (the chain plus side branches) with up to 8 tokens
+# (benchmarks/RESULTS_speculative_decoding.md): a draft tree (the chain plus side branches) with up to 4 tokens
 # of prompt lookup as one more branch. Sampling keeps chains (trees are verified greedily).
-GREEDY_ROUND = {"draft_tree_width": 4, "prompt_lookup_tokens": 8}
+GREEDY_ROUND = {"draft_tree_width": 4, "prompt_lookup_tokens": 4}
 # Warpers that transform each row of logits independently of the context: they can be applied to a whole
 # verification window at once, which is what the batched loop does.
 _CONTEXT_FREE_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
