@@ -144,17 +144,13 @@ class ChainDrafter:
             state.last_hidden = torch.where(has_new[:, None], new_hidden, state.last_hidden)
             state.last_position = torch.where(has_new, new_pos, state.last_position)
 
-    def enqueue(
-        self,
-        features: torch.Tensor,
-        next_tokens: torch.Tensor,
-        position_ids: torch.Tensor,
-        valid: torch.Tensor | None = None,
-    ) -> None:
-        """Queue a block of verified rows (`commit`'s arguments) for `commit_queued`: decoding commits once,
-        right before the next draft, so rounds that skip drafting cost the drafter nothing."""
-        valid = torch.ones_like(next_tokens, dtype=torch.bool) if valid is None else valid
-        self.queued.append((features, next_tokens, position_ids, valid))
+    def enqueue(self, *block: torch.Tensor) -> None:
+        """Queue a block of verified rows (`commit`'s four arguments, `valid` included) for `commit_queued`:
+        decoding commits once, right before the next draft, so rounds that skip drafting cost the drafter
+        nothing."""
+        if len(block) != 4:
+            raise TypeError("enqueue takes features, next_tokens, position_ids and valid")
+        self.queued.append(block)
 
     def commit_queued(self, clock: Callable[[], float] | None = None) -> float:
         """Commit every queued block in one call. Returns the seconds on `clock` (0 without one) beyond one

@@ -528,9 +528,8 @@ def _take_branches(
     every = torch.arange(batch, device=device)
     tokens = _pad_right(draft_tokens, width - window) if window else draft_tokens.new_zeros(batch, width)
     path = torch.arange(width + 1, device=device).expand(batch, -1)
-    if depths.shape[
-        1
-    ]:  # a side branch at the chain's first rejected step j = a + 1 holding the target's token
+    # a side branch at the chain's first rejected step j = a + 1 holding the target's token
+    if depths.shape[1]:
         sides = forward_ids[:, window + 1 : window + 1 + depths.shape[1]]
         wanted = greedy.gather(1, accepted[:, None])
         hit = (sides == wanted) & (depths == accepted[:, None] + 1) & active[:, None]
@@ -686,9 +685,8 @@ def _speculative_loop(
             found, lookup_valid = found[:, :lookup], lookup_valid[:, :lookup]
         lookup = lookup_valid.shape[1]
         depths = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        if (
-            tree_branches and window
-        ):  # side branches: w - 1, or as many as fit the forward at no real extra cost
+        # side branches: w - 1, or as many as fit the forward at no real extra cost
+        if tree_branches and window:
             need = window + 1 + lookup
             room = costs.tree_room(need + tree_branches) - need if costs is not None else tree_branches
             side_ids, depths = _side_branches(chain, window, room)
