@@ -24,6 +24,7 @@ from ppow_trl.decoding import (
     window_targets,
 )
 from ppow_trl.decoding.cost import CostTable
+from ppow_trl.decoding.hf import CHAIN_ROUND, GREEDY_ROUND, decoding_round
 from ppow_trl.decoding.speculative import draft_length_policy
 from ppow_trl.models import (
     DrafterTargetMismatchError,
@@ -368,6 +369,17 @@ def test_side_branches_rescue_later_steps_and_fill_free_room(step, target, monke
             == set(roomy.accepted[:-1].flatten().tolist())
             == {step + 1}
         )
+
+
+def test_generate_resolves_its_round_from_what_the_caller_names():
+    """Greedy calls naming no tree option get the default tree + lookup; naming one keeps the other at its chain
+    value; sampling and the assisted path get chains."""
+    assert decoding_round({}, sampling=False) == GREEDY_ROUND
+    assert decoding_round({"max_new_tokens": 8}, sampling=False) == GREEDY_ROUND
+    assert decoding_round({"draft_tree_width": 3}, sampling=False) == {**CHAIN_ROUND, "draft_tree_width": 3}
+    assert decoding_round({"prompt_lookup_tokens": 0}, sampling=False) == CHAIN_ROUND
+    assert decoding_round({}, sampling=True) == CHAIN_ROUND
+    assert decoding_round({}, sampling=False, method="assisted") == CHAIN_ROUND
 
 
 def test_tree_room_takes_the_flat_part_of_the_cost_table():

@@ -68,6 +68,7 @@ METHODS = ("auto", "assisted", "loop")
 # (benchmarks/RESULTS_speculative_decoding.md): a draft tree (the chain plus side branches) with up to 4 tokens
 # of prompt lookup as one more branch. Sampling keeps chains (trees are verified greedily).
 GREEDY_ROUND = {"draft_tree_width": 4, "prompt_lookup_tokens": 4}
+CHAIN_ROUND = {"draft_tree_width": 1, "prompt_lookup_tokens": 0}
 # Warpers that transform each row of logits independently of the context: they can be applied to a whole
 # verification window at once, which is what the batched loop does.
 _CONTEXT_FREE_WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
@@ -473,12 +474,8 @@ def generate(
     check_drafter_for_target(target, drafter)
     check_num_draft_tokens(num_draft_tokens)
     sampling = generate_kwargs.get("do_sample", target.generation_config.do_sample)
-    chosen = any(k in generate_kwargs for k in GREEDY_ROUND)
-    if not sampling and not chosen and method != "assisted":
-        generate_kwargs.update(GREEDY_ROUND)
-    if method == "auto" and (
-        generate_kwargs.get("draft_tree_width", 1) != 1 or generate_kwargs.get("prompt_lookup_tokens", 0)
-    ):
+    generate_kwargs.update(decoding_round(generate_kwargs, sampling, method))
+    if method == "auto" and any(generate_kwargs[k] != v for k, v in CHAIN_ROUND.items()):
         method = "loop"  # draft trees and lookup branches are verified by the loop only
     decode = _resolve_method(method, input_ids.shape[0])
     generate_kwargs["return_dict_in_generate"] = True
@@ -494,6 +491,15 @@ def generate(
         num_draft_tokens=num_draft_tokens,
         **generate_kwargs,
     )
+
+
+def decoding_round(options: dict[str, Any], sampling: bool, method: str = "auto") -> dict[str, int]:
+    """The tree and lookup options a `generate` call decodes with: those `options` names (an unnamed one at its
+    chain value), else `GREEDY_ROUND` for greedy calls off the assisted path, else a chain."""
+    named = {k: options[k] for k in GREEDY_ROUND if k in options}
+    if named:
+        return {**CHAIN_ROUND, **named}
+    return dict(GREEDY_ROUND if not sampling and method != "assisted" else CHAIN_ROUND)
 
 
 def _default_pad(target: PreTrainedModel) -> int | None:

@@ -681,8 +681,8 @@ def _speculative_loop(
                 context, context_start, input_ids.shape[1] + rows.num_generated, lookup_tokens, lookup_ngram
             )
             lookup_valid &= active[:, None]
-            lookup = int(lookup_valid.sum(1).max())
-            found, lookup_valid = found[:, :lookup], lookup_valid[:, :lookup]
+            longest = int(lookup_valid.sum(1).max())
+            found, lookup_valid = found[:, :longest], lookup_valid[:, :longest]
         lookup = lookup_valid.shape[1]
         depths = torch.zeros(batch, 0, dtype=torch.long, device=device)
         # side branches: w - 1, or as many as fit the forward at no real extra cost

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ppow_trl.decoding.hf import CHAIN_ROUND
 from ppow_trl.decoding.speculative import check_num_draft_tokens
 from ppow_trl.training.acceptance import DEFAULT_TREE_WIDTH, DEFAULT_TREE_WINDOW
 
@@ -193,3 +194,7 @@ class EvaluationConfig:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 or None, got {self.max_prompts}")
+
+    def round_options(self) -> dict[str, int]:
+        """The tree and lookup options this config names (`generate` chooses the others, `decoding_round`)."""
+        return {name: getattr(self, name) for name in CHAIN_ROUND if getattr(self, name) is not None}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ppow_trl.decoding.hf import GREEDY_ROUND
+from ppow_trl.decoding.hf import decoding_round
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.metrics import (
     acceptance_length,
@@ -213,13 +213,9 @@ def summarise(
 
 
 def _drafting(config: EvaluationConfig, temperature: float) -> str:
-    """What a round verified: the config's tree and lookup settings, else `generate`'s defaults."""
-    greedy = temperature == 0 and config.decoding != "assisted"
-    defaults = GREEDY_ROUND if greedy else {"draft_tree_width": 1, "prompt_lookup_tokens": 0}
-    width, lookup = (
-        defaults[n] if getattr(config, n) is None else getattr(config, n)
-        for n in ("draft_tree_width", "prompt_lookup_tokens")
-    )
+    """What a round verified: the config's tree and lookup settings as `generate` resolves them."""
+    shape = decoding_round(config.round_options(), temperature > 0, config.decoding)
+    width, lookup = shape["draft_tree_width"], shape["prompt_lookup_tokens"]
     shape = "chain" if width == 1 else f"tree (chain + at least {width - 1} side branches)"
     return shape + (f" + prompt-lookup branch of up to {lookup} tokens" if lookup else "")
 

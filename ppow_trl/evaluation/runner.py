@@ -212,7 +212,7 @@ class _Evaluator:
             attention_mask=torch.ones_like(ids),
             num_draft_tokens=self.config.num_draft_tokens,
             method=self.config.decoding,
-            **self.round_options(),
+            **self.config.round_options(),
             **self.kwargs(temperature, max_new_tokens),
         )
         _sync(self.device)
@@ -230,11 +230,6 @@ class _Evaluator:
                 "drafter", sum(v for k, v in timings.items() if k.startswith("drafter"))
             ),
         }
-
-    def round_options(self) -> dict[str, int]:
-        """The tree and lookup settings the config names (the rest are `generate`'s defaults)."""
-        names = ("draft_tree_width", "prompt_lookup_tokens")
-        return {n: getattr(self.config, n) for n in names if getattr(self.config, n) is not None}
 
     def encode(self, messages: list[dict[str, str]], example_id: str, max_new_tokens: int) -> torch.Tensor:
         ids = _prompt_ids(self.tokenizer, messages)
