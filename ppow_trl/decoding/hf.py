@@ -76,7 +76,6 @@ _ATTACHMENT = "_ppow_drafter_attachment"
 
 
 # ------------------------------------------------------------------------------ transformers' assisted path
-# ------------------------------------------------------------------------------ transformers' assisted path
 class DrafterCandidateGenerator(CandidateGenerator):
     """Candidates for transformers' assisted decoding, drafted by an EAGLE-3 or Medusa drafter.
 
@@ -256,6 +255,40 @@ def _attached(model: PreTrainedModel, drafter: PreTrainedModel | None, num_draft
     return attachment, drafter, num_draft_tokens
 
 
+def _check_assisted_round(input_ids: torch.Tensor, draft_tree_width: int, prompt_lookup_tokens: int) -> None:
+    """Reject what transformers' assisted decoding cannot run: draft trees, lookup branches, batches over 1."""
+    if draft_tree_width != 1 or prompt_lookup_tokens:
+        raise ValueError(
+            "transformers' assisted decoding verifies chains only; draft trees (draft_tree_width > 1) and "
+            "prompt-lookup branches (prompt_lookup_tokens > 0) run in the loop: method='loop' or "
+            "speculative_generate"
+        )
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"transformers' assisted decoding supports batch size 1 only (got {input_ids.shape[0]}); use "
+            "custom_generate=speculative_decoding or ppow_trl.decoding.speculative_generate for batches"
+        )
+
+
+def _assisted_output(
+    generator: DrafterCandidateGenerator,
+    sequences: torch.LongTensor,
+    prompt_length: int,
+    policy: DraftLengthPolicy | None,
+    costs: Any,
+) -> SpeculativeOutput:
+    """The sequences of an assisted run with the statistics its candidate generator collected."""
+    return SpeculativeOutput(
+        sequences=sequences,
+        accepted=torch.tensor(generator.accepted, dtype=torch.long).view(-1, 1),
+        window_sizes=torch.tensor(generator.window_sizes, dtype=torch.long),
+        num_verify_forwards=generator.num_verify_forwards,
+        new_tokens=torch.tensor([sequences.shape[1] - prompt_length]),
+        timings={"drafter": generator.drafter_seconds},
+        costs=policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None,
+    )
+
+
 def assisted_decoding_with_drafter(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -287,17 +320,7 @@ def assisted_decoding_with_drafter(
     attachment, drafter, num_draft_tokens = _attached(model, drafter, num_draft_tokens)
     drafter_model = check_drafter_for_target(model, drafter)
     num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
-    if draft_tree_width != 1 or prompt_lookup_tokens:
-        raise ValueError(
-            "transformers' assisted decoding verifies chains only; draft trees (draft_tree_width > 1) and "
-            "prompt-lookup branches (prompt_lookup_tokens > 0) run in the loop: method='loop' or "
-            "speculative_generate"
-        )
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"transformers' assisted decoding supports batch size 1 only (got {input_ids.shape[0]}); use "
-            "custom_generate=speculative_decoding or ppow_trl.decoding.speculative_generate for batches"
-        )
+    _check_assisted_round(input_ids, draft_tree_width, prompt_lookup_tokens)
     generators: list[DrafterCandidateGenerator] = []
     want_dict = bool(generation_config.return_dict_in_generate)
     use_packed = use_packed_linears(model, packed)
@@ -332,16 +355,7 @@ def assisted_decoding_with_drafter(
             **model_kwargs,
         )
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
-    generator = generators[-1]
-    output = SpeculativeOutput(
-        sequences=sequences,
-        accepted=torch.tensor(generator.accepted, dtype=torch.long).view(-1, 1),
-        window_sizes=torch.tensor(generator.window_sizes, dtype=torch.long),
-        num_verify_forwards=generator.num_verify_forwards,
-        new_tokens=torch.tensor([sequences.shape[1] - input_ids.shape[1]]),
-        timings={"drafter": generator.drafter_seconds},
-        costs=policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None,
-    )
+    output = _assisted_output(generators[-1], sequences, input_ids.shape[1], policy, costs)
     if attachment is not None:
         attachment.last_output = output
     return output if want_dict else sequences

@@ -11,6 +11,28 @@ with `ppow_trl.decoding.kernels.verify_windows` (the Triton kernel on CUDA). The
 
 tau = generated tokens / target verification forwards (the prefill forward and the token it produces are
 not a verification; the token is counted as generated; docs/metrics.md).
+
+Options of `speculative_generate` beyond the chain:
+* `costs`: at batch size 1, with a table (given, or measured for "auto"), each verification forward runs at
+  `costs.verify_shape(K+1)` tokens: padded with filler tokens (outputs and KV dropped) where the table says a
+  longer forward is cheaper.
+* `packed`: with prepacked linear layers a (K+1)-token verification costs ~1.1 one-token forwards instead of
+  ~1.7 on CPU, and drafting about 40% less.
+* `draft_tree_width=w > 1` (greedy): a draft tree, the chain plus at least w - 1 one-token side branches: the
+  runner-ups (at any step j of the chain) with the highest path probability under the drafter, each seeing
+  x_n, d_1..d_{j-1} and itself; at batch size 1 with a cost table, as many more as the forward holds for at
+  most 3% more than its cheapest shape (`CostTable.tree_room`). All are verified in one target forward under a
+  tree attention mask; when d_j is the chain's first rejected token and the target's token there is a side
+  branch's, that branch is kept (its KV takes slot j) and the target's token after it is the bonus token.
+* `prompt_lookup_tokens=m > 0` (greedy): each round also verifies up to m tokens of prompt lookup (the
+  continuation of the latest earlier occurrence of the row's last n-gram in its prompt and output,
+  `ppow_trl.decoding.lookup`) as one more branch of the draft tree; the round keeps whichever path the target
+  accepts for longer. In rounds where "auto" skips drafting, the lookup is verified alone, at no drafter cost.
+
+Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens stay in
+the (shared, batched) target cache only when another row accepted more, and are masked out (at batch size 1
+the cache is simply cropped). With B > 1 such masked entries still count towards a sliding attention window,
+so sliding-window targets are exact at batch size 1 only.
 """
 
 from __future__ import annotations
@@ -38,7 +60,6 @@ from ppow_trl.target import capture_features, vocab_size_of
 __all__ = ["SpeculativeOutput", "speculative_generate"]
 
 
-# ------------------------------------------------------------------------------------------------ output
 # ------------------------------------------------------------------------------------------------ output
 @dataclass
 class SpeculativeOutput:
@@ -216,15 +237,16 @@ def _check_prompts(
     attention_mask: torch.Tensor | None,
     max_new_tokens: Any,
     temperature: float,
-    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, bool mask) on `device`, after checking shapes, left padding and the context length."""
+    """(input_ids, bool mask) on the target's device, after checking shapes, left padding and the context
+    length."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape (B, T0) with T0 >= 1, got {tuple(input_ids.shape)}")
+    device = next(target.parameters()).device
     input_ids = input_ids.to(device)
     mask = (
         torch.ones_like(input_ids, dtype=torch.bool)
@@ -242,6 +264,21 @@ def _check_prompts(
         raise ValueError("prompts must be left-padded (the last column of attention_mask must be all ones)")
     _check_context(target, lengths, max_new_tokens)
     return input_ids, mask
+
+
+def _check_branches(
+    draft_tree_width: Any, prompt_lookup_tokens: Any, prompt_lookup_ngram: Any, temperature: float
+) -> None:
+    """Draft trees and prompt-lookup branches: integer options, greedy decoding only."""
+    _check_integer("draft_tree_width", draft_tree_width, 1)
+    _check_integer("prompt_lookup_tokens", prompt_lookup_tokens, 0)
+    _check_integer("prompt_lookup_ngram", prompt_lookup_ngram, 1)
+    if (draft_tree_width > 1 or prompt_lookup_tokens) and temperature > 0:
+        raise ValueError(
+            "draft trees (draft_tree_width > 1) and prompt-lookup branches (prompt_lookup_tokens > 0) are verified "
+            "greedily; speculative sampling over several branches is not implemented: with temperature > 0 use "
+            "chains (draft_tree_width=1, prompt_lookup_tokens=0)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -373,7 +410,7 @@ def speculative_generate(
     prompt_lookup_tokens: int = 0,
     prompt_lookup_ngram: int = 3,
 ) -> SpeculativeOutput:
-    """Batched speculative decoding (chain drafting, K tokens per round) with a drafter; lossless.
+    """Batched speculative decoding with a drafter, K draft tokens per round; lossless (module docstring).
 
     Args:
         target: the frozen target (any transformers causal LM whose base model returns hidden states).
@@ -383,66 +420,35 @@ def speculative_generate(
         num_draft_tokens: K, draft tokens per verification window, or "auto": each round drafts while the
             drafter's confidence justifies it and verifies the window that maximises expected tokens per unit
             of cost (`ppow_trl.decoding.draft_length`), 0 (a plain step) to `max_draft_tokens`.
-        temperature: 0 = greedy (output equals greedy decoding token for token, up to floating-point
-            differences between a (K+1)-token and a 1-token forward); > 0 = speculative sampling from
-            softmax(logits / temperature), lossless (drafter samples at the same temperature).
+        temperature: 0 = greedy (plain greedy's tokens, up to floating-point differences between a (K+1)-token
+            and a 1-token forward); > 0 = lossless speculative sampling (the drafter at the same temperature).
         eos_token_id: id(s) that end a row (kept in the output); None = only max_new_tokens stops.
         pad_token_id: filler after a row has finished (default: first eos id, else 0).
         generator: torch.Generator for every random draw (first token, drafts, acceptance, residuals).
         logits_warper: optional context-free transform of target logits (..., V) -> (..., V) replacing the
             division by temperature (e.g. transformers' temperature + top-k warpers); sampling only.
         verify_backend: `verify_windows` backend ("auto": Triton on CUDA, else the torch reference).
-        profile: record seconds spent in prefill, drafting, target forwards, verification, drafter commits
-            and bookkeeping in `SpeculativeOutput.timings` (True: wall clock; or a clock function such as
-            `time.process_time`).
+        profile: record seconds per phase (prefill, drafting, drafter commits, target forwards, verification,
+            bookkeeping) in `SpeculativeOutput.timings` (True: wall clock; or a clock: `time.process_time`).
         draft_confidence_threshold: with an integer K, stop drafting a round at the first draft token whose
             drafter probability is below this (transformers' `assistant_confidence_threshold`).
         max_draft_tokens: the longest window "auto" may verify.
         costs: the cost table "auto" prices windows with (default: `measure_costs(target, drafter)`, cached).
-            At batch size 1, with a table (given, or measured for "auto"), each verification forward runs at
-            `costs.verify_shape(K+1)` tokens: padded with filler tokens (outputs and KV dropped) where the
-            table says a longer forward is cheaper.
-        packed: run the target's and the drafter's linear layers through oneDNN with prepacked weights (CPU fp32;
-            True, False or "auto" = where supported and the target's packed copy is small, `ppow_trl.packed`): a
-            (K+1)-token verification then costs ~1.1 one-token forwards instead of ~1.7 on CPU, and drafting
-            about 40% less.
-        draft_tree_width: greedy only: 1 = a chain; w > 1 = a draft tree, the chain plus at least w - 1 one-token
-            side branches: the runner-ups (at any step j of the chain) with the highest path probability under
-            the drafter, each seeing x_n, d_1..d_{j-1} and itself; at batch size 1 with a cost table, as many
-            more as the forward holds for at most 3% more than its cheapest shape (`CostTable.tree_room`). All
-            are verified in one target forward under a tree attention mask; when d_j is the chain's first
-            rejected token and the target's token there is a side branch's, that branch is kept (its KV takes
-            slot j) and the target's token after it is the bonus token.
+        packed: run the target's and the drafter's linear layers on prepacked oneDNN weights (CPU fp32; True,
+            False or "auto" = where supported and the target's packed copy is small; `ppow_trl.packed`).
+        draft_tree_width: greedy only: 1 = a chain; w > 1 = a draft tree (the chain, >= w - 1 side branches).
         correct_costs: with "auto", time the rounds and reprice windows when the observed costs disagree with
             the table (`ppow_trl.decoding.cost.CostMonitor`); default: for measured tables only.
-        prompt_lookup_tokens: greedy only: each round also verifies up to this many tokens of prompt lookup (the
-            continuation of the latest earlier occurrence of the row's last n-gram in its prompt and output,
-            `ppow_trl.decoding.lookup`) as one more branch of the draft tree; the round keeps whichever path the
-            target accepts for longer. In rounds where "auto" skips drafting, the lookup is verified alone, at
-            no drafter cost. 0 = off.
+        prompt_lookup_tokens: greedy only: verify up to this many tokens of prompt lookup per round; 0 = off.
         prompt_lookup_ngram: the longest n-gram prompt lookup matches (it falls back to shorter ones).
-
-    Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens
-    stay in the (shared, batched) target cache only when another row accepted more, and are masked out
-    (at batch size 1 the cache is simply cropped). With B > 1 such masked entries still count towards a
-    sliding attention window, so sliding-window targets are exact at batch size 1 only.
     """
     model = check_drafter_for_target(target, drafter)
-    _check_integer("draft_tree_width", draft_tree_width, 1)
-    _check_integer("prompt_lookup_tokens", prompt_lookup_tokens, 0)
-    _check_integer("prompt_lookup_ngram", prompt_lookup_ngram, 1)
-    if (draft_tree_width > 1 or prompt_lookup_tokens) and temperature > 0:
-        raise ValueError(
-            "draft trees (draft_tree_width > 1) and prompt-lookup branches (prompt_lookup_tokens > 0) are verified "
-            "greedily; speculative sampling over several branches is not implemented: with temperature > 0 use "
-            "chains (draft_tree_width=1, prompt_lookup_tokens=0)"
-        )
+    _check_branches(draft_tree_width, prompt_lookup_tokens, prompt_lookup_ngram, temperature)
     use_packed = use_packed_linears(target, packed)
-    device = next(target.parameters()).device
-    input_ids, mask = _check_prompts(target, input_ids, attention_mask, max_new_tokens, temperature, device)
+    input_ids, mask = _check_prompts(target, input_ids, attention_mask, max_new_tokens, temperature)
     if costs is None and check_num_draft_tokens(num_draft_tokens) == "auto":
         costs = measure_costs(target, model, max_tokens=max(16, max_draft_tokens + 1), packed=use_packed)
-    padded = costs is not None and input_ids.shape[0] == 1  # the table is measured at batch size 1
+    padded_costs = costs if input_ids.shape[0] == 1 else None  # the table is measured at batch size 1
     policy = draft_length_policy(
         target,
         model,
@@ -451,17 +457,14 @@ def speculative_generate(
         max_draft_tokens,
         costs,
         use_packed,
-        padded,
+        padded_costs is not None,
         correct_costs,
     )
-    window = policy.max_window if policy is not None else num_draft_tokens
+    sampler = _Sampler(temperature, generator, logits_warper, verify_backend)
+    shape = _RoundShape(draft_tree_width - 1, prompt_lookup_tokens, prompt_lookup_ngram, padded_costs)
     with packed_linears(target, use_packed), packed_linears(model, use_packed):
-        output = _speculative_loop(
-            target, model, input_ids, mask, max_new_tokens, window, policy, temperature,
-            eos_token_id, pad_token_id, generator, logits_warper, verify_backend, profile, device,
-            costs if padded else None, draft_tree_width - 1, prompt_lookup_tokens,
-            prompt_lookup_ngram,
-        )  # fmt: skip
+        loop = _SpeculativeLoop(target, model, policy, num_draft_tokens, sampler, shape, profile)
+        output = loop.run(input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)
     output.costs = policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None
     return output
 
@@ -570,221 +573,385 @@ def _pad_right(values: torch.Tensor, count: int, step: int = 0) -> torch.Tensor:
     return torch.cat([values, extra.to(values.dtype)], dim=1)
 
 
-def _speculative_loop(
-    target, model, input_ids, mask, max_new_tokens, window, policy, temperature, eos_token_id, pad_token_id,
-    generator, logits_warper, verify_backend, profile, device, costs, tree_branches, lookup_tokens,
-    lookup_ngram,
-) -> SpeculativeOutput:  # fmt: skip
-    """The loop of `speculative_generate` (arguments checked there); `policy` None = K = `window` always;
-    `costs` (None: no padding) shapes each forward (`CostTable.verify_shape`, `CostTable.tree_room`); at least
-    `tree_branches` side branches of each window are verified beside it (greedy), and so are up to
-    `lookup_tokens` tokens of prompt lookup (`lookup_continuation` with n-grams up to `lookup_ngram`)."""
-    batch = input_ids.shape[0]
-    eos = (
-        None
-        if eos_token_id is None
-        else torch.as_tensor(eos_token_id, dtype=torch.long, device=device).reshape(-1)
-    )
-    if pad_token_id is None:
-        pad_token_id = int(eos[0]) if eos is not None and eos.numel() else 0
-    to_full_vocab = draft_probs_mapper(model, vocab_size_of(target))
-    lm_head = target.get_output_embeddings()
-    layers = feature_layers(model)
-    sampling = temperature > 0
+@dataclass
+class _Sampler:
+    """How the loop draws tokens: greedily (temperature 0) or by speculative sampling."""
 
-    def warp(logits: torch.Tensor) -> torch.Tensor:
-        if not sampling:
+    temperature: float
+    generator: torch.Generator | None
+    logits_warper: Callable[[torch.Tensor], torch.Tensor] | None
+    verify_backend: str
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.sampling:
             return logits
-        if logits_warper is not None:
-            return logits_warper(logits)
-        return logits * (1.0 / temperature)
+        if self.logits_warper is not None:
+            return self.logits_warper(logits)
+        return logits * (1.0 / self.temperature)
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:  # logits are already warped
-        return sample_token_ids(logits, 1.0 if sampling else 0.0, generator)
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:  # logits are already warped
+        return sample_token_ids(logits, 1.0 if self.sampling else 0.0, self.generator)
 
-    timer = _Timer(profile, device)
-    chain = ChainDrafter(model, temperature=temperature, generator=generator)
-    cache = DynamicCache(config=target.config)
-    if hasattr(cache, "activate_past_recording"):
-        cache.activate_past_recording()
-
-    # Prefill: the target's features for every prompt position and its first token.
-    positions = positions_from_mask(mask)
-    has_holes = not bool(mask.all())
-    out = capture_features(
-        target, input_ids, mask.long() if has_holes else None, layers, with_logits=False,
-        position_ids=positions, cache=cache, use_cache=True,
-    )  # fmt: skip
-    first = pick(warp(lm_head(out.last_hidden_state[:, -1]).float()))
-    features = getattr(out, model.feature_name).masked_fill(~mask[..., None], 0.0)
-    timer.lap("prefill")
-    # Rows verified but not yet committed to the drafter: committed in one call before the next draft (rounds
-    # that skip drafting add theirs to the queue).
-    chain.enqueue(features, torch.cat([input_ids[:, 1:], first[:, None]], dim=1), positions, mask)
-
-    # prompt + generated tokens in one buffer, so prompt lookup searches both without copying
-    context = torch.cat(
-        [input_ids, torch.full_like(input_ids[:, :1], pad_token_id).expand(-1, max_new_tokens)], 1
-    )
-    context_start = input_ids.shape[1] - mask.sum(1)
-    rows = _Rows(
-        generated=context[:, input_ids.shape[1] :],
-        num_generated=torch.ones(batch, dtype=torch.long, device=device),
-        finished=torch.zeros(batch, dtype=torch.bool, device=device),
-        pending=first,
-        cur_pos=mask.sum(1),
-    )
-    rows.generated[:, 0] = first
-    rows.finished = rows.num_generated >= max_new_tokens
-    if eos is not None:
-        rows.finished |= torch.isin(first, eos)
-    attn = mask.clone()
-    accepted_log: list[torch.Tensor] = []
-    window_log: list[int] = []
-    lookup_rounds = 0
-    # Rounds timed for the policy's CostMonitor, on the clock the cost table was measured with.
-    clock = cost_clock(device) if policy is not None and policy.monitor is not None else None
-    prompt_queued = True  # the first drafting commits the prompt's rows: not a representative round
-    timer.lap("bookkeeping")
-
-    commit_excess = 0.0  # seconds this round's commit spent on rows of earlier rounds that skipped drafting
-
-    def commit_queued() -> None:
-        nonlocal commit_excess
-        if chain.queued:
-            commit_excess += chain.commit_queued(functools.partial(_now, clock, device) if clock else None)
-            timer.lap("drafter_commit")
-
-    while not bool(rows.finished.all()):
-        active = ~rows.finished
-        round_start = _now(clock, device)
-        if policy is None:
-            commit_queued()
-            draft_tokens, draft_probs = chain.draft(window)
-        else:
-            draft_tokens, draft_probs = draft_with_policy(chain, policy, active, batch, commit_queued)
-        drafted_at = _now(clock, device)
-        draft_seconds = (
-            None if prompt_queued and not chain.queued else drafted_at - round_start - commit_excess
+    def verify(
+        self, logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accepted (B,), bonus (B,)) of a window: warped `logits` (B, K + 1, V), `draft_probs` (B, K, V)
+        over the target's vocabulary (None when greedy)."""
+        temperature = 1.0 if self.sampling else 0.0  # logits are already warped
+        result = verify_windows(
+            logits,
+            draft_tokens,
+            draft_probs,
+            temperature,
+            generator=self.generator,
+            backend=self.verify_backend,
         )
-        prompt_queued, commit_excess = prompt_queued and bool(chain.queued), 0.0
-        timer.lap("drafter_draft")
-        window = draft_tokens.shape[1]
-        window_ids = torch.cat([rows.pending[:, None], draft_tokens], dim=1)
-        window_pos = rows.cur_pos[:, None] + torch.arange(window + 1, device=device)
-        past_attn = attn
-        attn = torch.cat([attn, torch.ones(batch, window + 1, dtype=torch.bool, device=device)], dim=1)
-        forward_ids, forward_pos, forward_mask = window_ids, window_pos, attn.long() if has_holes else None
-        lookup_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-        if lookup_tokens:  # the context's continuation of the last n-gram, from the position after x_n
-            found, lookup_valid = lookup_continuation(
-                context, context_start, input_ids.shape[1] + rows.num_generated, lookup_tokens, lookup_ngram
-            )
-            lookup_valid &= active[:, None]
-            longest = int(lookup_valid.sum(1).max())
-            found, lookup_valid = found[:, :longest], lookup_valid[:, :longest]
-        lookup = lookup_valid.shape[1]
-        depths = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        # side branches: w - 1, or as many as fit the forward at no real extra cost
-        if tree_branches and window:
-            need = window + 1 + lookup
-            room = costs.tree_room(need + tree_branches) - need if costs is not None else tree_branches
-            side_ids, depths = _side_branches(chain, window, room)
-            forward_ids = torch.cat([forward_ids, side_ids], dim=1)
-            forward_pos = torch.cat([forward_pos, rows.cur_pos[:, None] + depths], dim=1)
-        if lookup:
-            forward_ids = torch.cat([forward_ids, found], dim=1)
-            forward_pos = torch.cat(
-                [forward_pos, rows.cur_pos[:, None] + 1 + torch.arange(lookup, device=device)], 1
-            )
-        tree = bool(depths.shape[1] or lookup)
-        tokens_in = forward_ids.shape[1]
-        filler = (costs.verify_shape(tokens_in) if costs is not None else tokens_in) - tokens_in
-        if tree:
-            forward_mask = _tree_attention(attn, window, depths, lookup, filler, lm_head.weight.dtype)
-        elif filler and forward_mask is not None:
-            forward_mask = _pad_right(forward_mask, filler)
-        past = cache.get_seq_length()
-        timer.lap("bookkeeping")
+        return result.accepted, result.next_token
+
+
+@dataclass
+class _RoundShape:
+    """What each verification forward holds beside the chain (greedy draft trees): at least `side_branches`
+    side branches and up to `lookup_tokens` tokens of prompt lookup (`lookup_continuation` with n-grams up to
+    `lookup_ngram`). `costs` (None: no padding) pads the forward to its cheaper shape
+    (`CostTable.verify_shape`) and fills its free room with more side branches (`CostTable.tree_room`)."""
+
+    side_branches: int
+    lookup_tokens: int
+    lookup_ngram: int
+    costs: CostTable | None
+
+    def side_room(self, need: int) -> int:
+        """Side branches beside `need` tokens: w - 1, or as many as fit the forward at no real extra cost."""
+        if self.costs is None:
+            return self.side_branches
+        return self.costs.tree_room(need + self.side_branches) - need
+
+    def filler(self, tokens: int) -> int:
+        """Filler tokens that bring a forward of `tokens` to the table's cheaper shape."""
+        return (self.costs.verify_shape(tokens) if self.costs is not None else tokens) - tokens
+
+
+@dataclass
+class _Round:
+    """One round's draft and the forward that verifies it: the chain [x_n, d_1..d_K], then S side branches,
+    then m lookup tokens (a greedy draft tree), then `filler` tokens whose outputs and KV are dropped."""
+
+    active: torch.Tensor  # (B,) rows still running
+    draft_tokens: torch.Tensor  # (B, K) the chain
+    draft_probs: torch.Tensor  # (B, K, V_d)
+    ids: torch.Tensor  # (B, K + 1 + S + m) the forward's tokens, filler excluded
+    positions: torch.Tensor  # (B, K + 1 + S + m)
+    mask: torch.Tensor | None  # the forward's attention mask, filler included (None: no padding anywhere)
+    depths: torch.Tensor  # (B, S) the chain step j each side branch replaces
+    lookup_valid: torch.Tensor  # (B, m)
+    filler: int
+    past: int  # the target cache's length before the forward
+
+    @property
+    def window(self) -> int:
+        return self.draft_tokens.shape[1]
+
+    @property
+    def tree(self) -> bool:
+        return bool(self.depths.shape[1] or self.lookup_valid.shape[1])
+
+
+class _SpeculativeLoop:
+    """The loop of `speculative_generate` (arguments checked there) over one batch of prompts: the target's
+    cache, the rows' committed tokens (`_Rows`), the drafter's chain and the round policy (`policy` None = K =
+    `num_draft_tokens` always). Each round drafts, verifies the draft in one target forward, writes the
+    accepted tokens and commits their KV and drafter rows."""
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        model: PreTrainedModel,
+        policy: DraftLengthPolicy | None,
+        num_draft_tokens: int | str,
+        sampler: _Sampler,
+        shape: _RoundShape,
+        profile: bool | Callable[[], float],
+    ):
+        self.target, self.model, self.policy = target, model, policy
+        self.num_draft_tokens = num_draft_tokens  # K of every round when there is no policy
+        self.sampler, self.shape, self.profile = sampler, shape, profile
+        self.device = next(target.parameters()).device
+        self.to_full_vocab = draft_probs_mapper(model, vocab_size_of(target))
+        self.lm_head = target.get_output_embeddings()
+        self.layers = feature_layers(model)
+        # Rounds timed for the policy's CostMonitor, on the clock the cost table was measured with.
+        self.clock = cost_clock(self.device) if policy is not None and policy.monitor is not None else None
+        self.prompt_queued = True  # the first drafting commits the prompt's rows: not a representative round
+        # seconds this round's commit spent on rows of earlier rounds that skipped drafting
+        self.commit_excess = 0.0
+        self.accepted_log: list[torch.Tensor] = []
+        self.window_log: list[int] = []
+        self.lookup_rounds = 0
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | torch.Tensor | None,
+        pad_token_id: int | None,
+    ) -> SpeculativeOutput:
+        """Decode `input_ids` (B, T0), left-padded under the bool `mask`, until each row ends: at an id of
+        `eos_token_id` or after `max_new_tokens`; then `pad_token_id` (default: the first EOS id, else 0)."""
+        self.max_new_tokens = max_new_tokens
+        self.eos = (
+            None
+            if eos_token_id is None
+            else torch.as_tensor(eos_token_id, dtype=torch.long, device=self.device).reshape(-1)
+        )
+        if pad_token_id is None:
+            pad_token_id = int(self.eos[0]) if self.eos is not None and self.eos.numel() else 0
+        self.timer = _Timer(self.profile, self.device)
+        self.prefill(input_ids, mask, pad_token_id)
+        running = not bool(self.rows.finished.all())
+        while running:
+            active = ~self.rows.finished
+            round_ = self.verification(active, *self.draft(active))
+            logits, features = self.target_forward(round_)
+            accepted, bonus, tokens, features = self.accept(round_, logits, features)
+            emitted, kept = self.write(round_, tokens, accepted, bonus)
+            running = not bool(self.rows.finished.all())
+            if running:  # the last round leaves the cache and the drafter as they are
+                self.commit(round_, features, emitted, kept, accepted, bonus)
+            self.timer.lap("bookkeeping")
+        return self.output(input_ids)
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> None:
+        """The target's features for every prompt position and its first token; starts the cache, the
+        drafter's chain (the prompt's rows queued) and the rows' state."""
+        self.chain = ChainDrafter(
+            self.model, temperature=self.sampler.temperature, generator=self.sampler.generator
+        )
+        self.cache = DynamicCache(config=self.target.config)
+        if hasattr(self.cache, "activate_past_recording"):
+            self.cache.activate_past_recording()
+        positions = positions_from_mask(mask)
+        self.has_holes = not bool(mask.all())
         out = capture_features(
-            target, _pad_right(forward_ids, filler), forward_mask, layers, with_logits=False,
-            position_ids=_pad_right(forward_pos, filler, step=1), cache=cache, use_cache=True,
+            self.target, input_ids, mask.long() if self.has_holes else None, self.layers, with_logits=False,
+            position_ids=positions, cache=self.cache, use_cache=True,
+        )  # fmt: skip
+        first = self.sampler.pick(self.sampler.warp(self.lm_head(out.last_hidden_state[:, -1]).float()))
+        features = getattr(out, self.model.feature_name).masked_fill(~mask[..., None], 0.0)
+        self.timer.lap("prefill")
+        # Rows verified but not yet committed to the drafter: committed in one call before the next draft
+        # (rounds that skip drafting add theirs to the queue).
+        self.chain.enqueue(features, torch.cat([input_ids[:, 1:], first[:, None]], dim=1), positions, mask)
+
+        # prompt + generated tokens in one buffer, so prompt lookup searches both without copying
+        batch, self.prompt_length = input_ids.shape
+        self.context = torch.cat(
+            [input_ids, torch.full_like(input_ids[:, :1], pad_token_id).expand(-1, self.max_new_tokens)], 1
+        )
+        self.context_start = self.prompt_length - mask.sum(1)
+        self.rows = _Rows(
+            generated=self.context[:, self.prompt_length :],
+            num_generated=torch.ones(batch, dtype=torch.long, device=self.device),
+            finished=torch.zeros(batch, dtype=torch.bool, device=self.device),
+            pending=first,
+            cur_pos=mask.sum(1),
+        )
+        self.rows.generated[:, 0] = first
+        self.rows.finished = self.rows.num_generated >= self.max_new_tokens
+        if self.eos is not None:
+            self.rows.finished |= torch.isin(first, self.eos)
+        self.attn = mask.clone()  # the target cache's attention mask
+        self.timer.lap("bookkeeping")
+
+    def draft(self, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round's chain, after committing the drafter's queued rows: (tokens (B, K), probs (B, K, V_d)),
+        K = 0 for a plain step. Times the drafting for the policy's cost monitor."""
+        round_start = _now(self.clock, self.device)
+        if self.policy is None:
+            self.commit_queued()
+            draft_tokens, draft_probs = self.chain.draft(self.num_draft_tokens)
+        else:
+            draft_tokens, draft_probs = draft_with_policy(
+                self.chain, self.policy, active, active.shape[0], self.commit_queued
+            )
+        drafted_at = _now(self.clock, self.device)
+        draft_seconds = (
+            None
+            if self.prompt_queued and not self.chain.queued
+            else drafted_at - round_start - self.commit_excess
+        )
+        self.round_timing = (draft_seconds, drafted_at)
+        self.prompt_queued, self.commit_excess = self.prompt_queued and bool(self.chain.queued), 0.0
+        self.timer.lap("drafter_draft")
+        return draft_tokens, draft_probs
+
+    def commit_queued(self) -> None:
+        if self.chain.queued:
+            clock = functools.partial(_now, self.clock, self.device) if self.clock else None
+            self.commit_excess += self.chain.commit_queued(clock)
+            self.timer.lap("drafter_commit")
+
+    def verification(
+        self, active: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor
+    ) -> _Round:
+        """The round's verification forward: the chain, a greedy tree's branches, filler, attention mask."""
+        batch, window = draft_tokens.shape
+        cur_pos = self.rows.cur_pos[:, None]
+        ids = torch.cat([self.rows.pending[:, None], draft_tokens], dim=1)
+        positions = cur_pos + torch.arange(window + 1, device=self.device)
+        attn = torch.cat(
+            [self.attn, torch.ones(batch, window + 1, dtype=torch.bool, device=self.device)], dim=1
+        )
+        mask = attn.long() if self.has_holes else None
+        found, lookup_valid = self.lookup(active)
+        lookup = lookup_valid.shape[1]
+        depths = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        if self.shape.side_branches and window:
+            side_ids, depths = _side_branches(self.chain, window, self.shape.side_room(window + 1 + lookup))
+            ids = torch.cat([ids, side_ids], dim=1)
+            positions = torch.cat([positions, cur_pos + depths], dim=1)
+        if lookup:
+            ids = torch.cat([ids, found], dim=1)
+            positions = torch.cat([positions, cur_pos + 1 + torch.arange(lookup, device=self.device)], 1)
+        filler = self.shape.filler(ids.shape[1])
+        if depths.shape[1] or lookup:
+            mask = _tree_attention(attn, window, depths, lookup, filler, self.lm_head.weight.dtype)
+        elif filler and mask is not None:
+            mask = _pad_right(mask, filler)
+        past = self.cache.get_seq_length()
+        round_ = _Round(
+            active, draft_tokens, draft_probs, ids, positions, mask, depths, lookup_valid, filler, past
+        )
+        self.timer.lap("bookkeeping")
+        return round_
+
+    def lookup(self, active: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The prompt-lookup branch, (tokens (B, m), valid (B, m)); m = 0 without prompt lookup."""
+        if not self.shape.lookup_tokens:
+            return None, torch.zeros(active.shape[0], 0, dtype=torch.bool, device=self.device)
+        # the context's continuation of the last n-gram, from the position after x_n
+        end = self.prompt_length + self.rows.num_generated
+        found, valid = lookup_continuation(
+            self.context, self.context_start, end, self.shape.lookup_tokens, self.shape.lookup_ngram
+        )
+        valid &= active[:, None]
+        longest = int(valid.sum(1).max())
+        return found[:, :longest], valid[:, :longest]
+
+    def target_forward(self, round_: _Round) -> tuple[torch.Tensor, torch.Tensor]:
+        """(warped logits (B, n, V) of the forward's n tokens, features (B, n + filler, F)); the cache holds
+        the n tokens' KV. Reports the round's costs to the policy's monitor."""
+        filler = round_.filler
+        out = capture_features(
+            self.target, _pad_right(round_.ids, filler), round_.mask, self.layers, with_logits=False,
+            position_ids=_pad_right(round_.positions, filler, step=1), cache=self.cache, use_cache=True,
         )  # fmt: skip
         if filler:  # the filler's outputs and KV go; causal attention kept them out of the window's
-            cache.crop(-filler)
-        logits = warp(lm_head(out.last_hidden_state[:, :tokens_in]).float())
-        features = getattr(out, model.feature_name)
-        if clock is not None:
-            record_round(
-                policy, draft_seconds, batch * (tokens_in + filler), _now(clock, device) - drafted_at
-            )
-        timer.lap("target_forward")
+            self.cache.crop(-filler)
+        batch, tokens_in = round_.ids.shape
+        logits = self.sampler.warp(self.lm_head(out.last_hidden_state[:, :tokens_in]).float())
+        features = getattr(out, self.model.feature_name)
+        if self.clock is not None:
+            draft_seconds, drafted_at = self.round_timing
+            verify_seconds = _now(self.clock, self.device) - drafted_at
+            record_round(self.policy, draft_seconds, batch * (tokens_in + filler), verify_seconds)
+        self.timer.lap("target_forward")
+        return logits, features
+
+    def accept(
+        self, round_: _Round, logits: torch.Tensor, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Verify the round: (accepted (B,), bonus (B,), tokens (B, W) of the path kept, features of its slots
+        first); the cache keeps the path's W + 1 slots after the past (a tree's: moved into place)."""
+        window, active, draft_tokens = round_.window, round_.active, round_.draft_tokens
         if window == 0:  # a plain step
-            accepted, bonus = torch.zeros(batch, dtype=torch.long, device=device), pick(logits[:, 0])
+            accepted = torch.zeros(active.shape[0], dtype=torch.long, device=self.device)
+            bonus = self.sampler.pick(logits[:, 0])
         else:
-            probs = to_full_vocab(draft_probs) if sampling else None
-            result = verify_windows(
-                logits[:, : window + 1],
-                draft_tokens,
-                probs,
-                1.0 if sampling else 0.0,
-                generator=generator,
-                backend=verify_backend,
-            )
-            accepted, bonus = result.accepted, result.next_token
-        if policy is not None:  # the chain's own acceptance calibrates the policy
-            policy.end_round(window, accepted[active])
-        window_log.append(window)
-        if tree:
+            probs = self.to_full_vocab(round_.draft_probs) if self.sampler.sampling else None
+            accepted, bonus = self.sampler.verify(logits[:, : window + 1], draft_tokens, probs)
+        if self.policy is not None:  # the chain's own acceptance calibrates the policy
+            self.policy.end_round(window, accepted[active])
+        self.window_log.append(window)
+        if round_.tree:
+            sides = round_.depths.shape[1]
             accepted, bonus, draft_tokens, path = _take_branches(
-                logits, forward_ids, window, depths, lookup_valid, accepted, bonus, draft_tokens, active
+                logits,
+                round_.ids,
+                window,
+                round_.depths,
+                round_.lookup_valid,
+                accepted,
+                bonus,
+                draft_tokens,
+                active,
             )
-            if not bool((path == torch.arange(path.shape[1], device=device)).all()):
-                _compat.gather_cache_slots(cache, past, path)
+            if not bool((path == torch.arange(path.shape[1], device=self.device)).all()):
+                _compat.gather_cache_slots(self.cache, round_.past, path)
                 features = features.gather(1, path[..., None].expand(-1, -1, features.shape[-1]))
-            lookup_rounds += int(((accepted > 0) & (path[:, 1] > window + depths.shape[1])).sum())
-            window = draft_tokens.shape[1]
-            _crop_to(cache, past + window + 1)
-        steps = torch.arange(window + 1, device=device)
-        timer.lap("verify")
+            self.lookup_rounds += int(((accepted > 0) & (path[:, 1] > window + sides)).sum())
+            _crop_to(self.cache, round_.past + draft_tokens.shape[1] + 1)
+        self.timer.lap("verify")
+        return accepted, bonus, draft_tokens, features
 
+    def write(
+        self, round_: _Round, tokens: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the round's tokens into the rows and finish the rows that ended: (emitted, kept) of
+        `_round_tokens`."""
+        steps = torch.arange(tokens.shape[1] + 1, device=self.device)
         emitted, kept, count, hit_eos = _round_tokens(
-            draft_tokens, accepted, bonus, rows, max_new_tokens, eos, steps
+            tokens, accepted, bonus, self.rows, self.max_new_tokens, self.eos, steps
         )
-        _write_tokens(rows, emitted, count, steps)
-        accepted_log.append(torch.where(active, accepted, -1))
-        rows.finished = rows.finished | hit_eos | (rows.num_generated >= max_new_tokens)
-        if bool(rows.finished.all()):
-            timer.lap("bookkeeping")
-            break
+        _write_tokens(self.rows, emitted, count, steps)
+        self.accepted_log.append(torch.where(round_.active, accepted, -1))
+        self.rows.finished = self.rows.finished | hit_eos | (self.rows.num_generated >= self.max_new_tokens)
+        return emitted, kept
 
-        # Keep the KV (and drafter rows) of the accepted prefix [x_n, d_1..d_a] of rows still running.
+    def commit(
+        self,
+        round_: _Round,
+        features: torch.Tensor,
+        emitted: torch.Tensor,
+        kept: torch.Tensor,
+        accepted: torch.Tensor,
+        bonus: torch.Tensor,
+    ) -> None:
+        """Keep the KV (and drafter rows) of the accepted prefix [x_n, d_1..d_a] of rows still running."""
+        rows = self.rows
         slot_valid = kept & ~rows.finished[:, None]
         used = int(slot_valid.sum(1).max())
-        _crop_to(cache, past + used)
-        attn = torch.cat([past_attn, slot_valid[:, :used]], dim=1)
-        has_holes = has_holes or not bool(slot_valid[:, :used].all())
-        cur_features = features[:, :used]
-        chain.enqueue(
-            cur_features.masked_fill(~slot_valid[:, :used, None], 0.0),
+        _crop_to(self.cache, round_.past + used)
+        self.attn = torch.cat([self.attn, slot_valid[:, :used]], dim=1)
+        self.has_holes = self.has_holes or not bool(slot_valid[:, :used].all())
+        self.chain.enqueue(
+            features[:, :used].masked_fill(~slot_valid[:, :used, None], 0.0),
             emitted[:, :used],
-            rows.cur_pos[:, None] + steps[:used],
+            rows.cur_pos[:, None] + torch.arange(used, device=self.device),
             slot_valid[:, :used],
         )
         rows.cur_pos = torch.where(rows.finished, rows.cur_pos, rows.cur_pos + accepted + 1)
         rows.pending = torch.where(rows.finished, rows.pending, bonus)
-        timer.lap("bookkeeping")
 
-    longest = int(rows.num_generated.max())
-    accepted_all = (
-        torch.stack(accepted_log).cpu() if accepted_log else torch.zeros(0, batch, dtype=torch.long)
-    )
-    return SpeculativeOutput(
-        sequences=torch.cat([input_ids, rows.generated[:, :longest]], dim=1),
-        accepted=accepted_all,
-        window_sizes=torch.tensor(window_log, dtype=torch.long),
-        num_verify_forwards=len(accepted_log),
-        new_tokens=rows.num_generated.cpu(),
-        timings=timer.times if profile else None,
-        lookup_rounds=lookup_rounds,
-    )
+    def output(self, input_ids: torch.Tensor) -> SpeculativeOutput:
+        rows = self.rows
+        longest = int(rows.num_generated.max())
+        accepted = (
+            torch.stack(self.accepted_log).cpu()
+            if self.accepted_log
+            else torch.zeros(0, input_ids.shape[0], dtype=torch.long)
+        )
+        return SpeculativeOutput(
+            sequences=torch.cat([input_ids, rows.generated[:, :longest]], dim=1),
+            accepted=accepted,
+            window_sizes=torch.tensor(self.window_log, dtype=torch.long),
+            num_verify_forwards=len(self.accepted_log),
+            new_tokens=rows.num_generated.cpu(),
+            timings=self.timer.times if self.profile else None,
+            lookup_rounds=self.lookup_rounds,
+        )

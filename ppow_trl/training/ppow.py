@@ -488,6 +488,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
 
     @torch.no_grad()
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
+        """TRL's rollout hook (module docstring, steps 1-5): the per-row inputs of `_compute_loss`."""
         start = time.perf_counter()
         args, k_len = self.args, self.args.window_size
         mode = "train" if self.model.training else "eval"
@@ -506,24 +507,9 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             drafter, features, ids, seq_anchors, k_len, num_windows=copies,
             temperature=args.temperature, attention_mask=attn, return_logits=sampling,
         )  # fmt: skip
-        # Members to verify: batch row i is copy copy[i] of distinct sequence rows[i]; with a greedy baseline the
-        # drafter's greedy window of each distinct sequence is one more member (copy index `copies`).
-        member_rows, member_copy, member_tokens = rows, copy, windows.tokens
-        draft_probs = (
-            torch.softmax(windows.logits[rows, :, copy].float() / args.temperature, -1) if sampling else None
+        member_rows, member_copy, member_tokens, draft_probs = self._verification_members(
+            batch, rows, copy, windows, drafter, features, seq_anchors
         )
-        uses_greedy = args.baseline != "group"
-        if uses_greedy:
-            greedy = draft_windows(drafter, features, ids, seq_anchors, k_len, attention_mask=attn)
-            sequences = torch.arange(ids.shape[0], device=ids.device)
-            member_rows = torch.cat([rows, sequences])
-            member_copy = torch.cat([copy, torch.full_like(sequences, copies)])
-            member_tokens = torch.cat([windows.tokens, greedy.tokens], dim=2)
-            if sampling:  # served greedily, q is one-hot: the target accepts x with probability p(x)
-                one_hot = torch.nn.functional.one_hot(
-                    greedy.draft_ids[:, :, 0], drafter.config.draft_vocab_size
-                )
-                draft_probs = torch.cat([draft_probs, one_hot.float()])
         n = rows.numel()
         tokens, anchors = member_tokens[member_rows, :, member_copy], seq_anchors[member_rows]
         has_anchor = seq_has_anchor[member_rows]
@@ -531,22 +517,11 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             batch, member_rows, member_copy, seq_anchors, has_anchor, member_tokens, draft_probs,
             target_features.logits, drafter,
         )  # fmt: skip
-        accepted, delta = verified.accepted, verified.delta
-        scored = has_anchor & (torch.arange(len(member_rows), device=ids.device) < n)  # rollout windows only
-        if delta is not None:  # the distribution proximity_eps is compared with: first-token misses
-            self._record_stats(
-                mode,
-                "proximity_delta_at_k0",
-                delta[scored[:, None] & (accepted == 0) & torch.isfinite(delta)],
-            )
-        rewards = self._window_rewards(batch["index"][member_rows], anchors, tokens, accepted, delta, scored)
-        # Subclasses may override the two-argument form used with the group baseline.
-        baseline_rewards = (rewards[n:][rows],) if uses_greedy else ()
-        advantages, group_std = self._group_advantages(rewards[:n], has_anchor[:n], *baseline_rewards)
-        if uses_greedy:
-            self._record_stats(mode, "greedy/accepted_length", accepted[n:][seq_has_anchor].float())
+        advantages, group_std = self._score_windows(
+            mode, batch["index"][member_rows], anchors, tokens, verified, has_anchor, rows
+        )
 
-        accepted, has_anchor = accepted[:n], has_anchor[:n]
+        accepted, has_anchor = verified.accepted[:n], has_anchor[:n]
         loss_mask = has_anchor[:, None, None].expand(-1, anchors.shape[1], k_len)
         if args.loss_positions == "through_first_rejection":
             loss_mask = loss_mask & (torch.arange(k_len, device=ids.device) <= accepted[..., None])
@@ -570,6 +545,56 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
                 out["old_logprobs"], out["target_token_logprobs"], accepted
             )
         return out
+
+    def _verification_members(
+        self, batch, rows, copy, windows, drafter, features, seq_anchors
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The windows to verify, as (rows, copy, tokens (D, A, M, K), draft_probs (N, A, K, V_d) or None):
+        member i is copy copy[i] of distinct sequence rows[i]. Batch rows come first; with a greedy baseline
+        the drafter's greedy window of each distinct sequence is one more member (copy index M - 1).
+        `draft_probs` is the drafter distribution each window was drawn from (sampling acceptance only)."""
+        args = self.args
+        sampling = args.acceptance_mode == "sampling"
+        draft_probs = (
+            torch.softmax(windows.logits[rows, :, copy].float() / args.temperature, -1) if sampling else None
+        )
+        if args.baseline == "group":
+            return rows, copy, windows.tokens, draft_probs
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        greedy = draft_windows(drafter, features, ids, seq_anchors, args.window_size, attention_mask=attn)
+        sequences = torch.arange(ids.shape[0], device=ids.device)
+        member_rows = torch.cat([rows, sequences])
+        member_copy = torch.cat([copy, torch.full_like(sequences, windows.tokens.shape[2])])
+        member_tokens = torch.cat([windows.tokens, greedy.tokens], dim=2)
+        if sampling:  # served greedily, q is one-hot: the target accepts x with probability p(x)
+            one_hot = torch.nn.functional.one_hot(greedy.draft_ids[:, :, 0], drafter.config.draft_vocab_size)
+            draft_probs = torch.cat([draft_probs, one_hot.float()])
+        return member_rows, member_copy, member_tokens, draft_probs
+
+    def _score_windows(
+        self, mode: str, indices, anchors, tokens, verified: Verification, has_anchor, rows
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards of the verified members (`indices` their dataset rows), and `_group_advantages` of the first
+        n = len(rows), the batch rows; members after those are the greedy windows of the distinct sequences
+        (`_verification_members`), the baseline of `baseline='greedy'` / `'group_and_greedy'`."""
+        n = rows.numel()
+        accepted, delta = verified.accepted, verified.delta
+        # Reward statistics and the proximity eps quantile cover the rollout windows only.
+        scored = has_anchor & (torch.arange(len(has_anchor), device=has_anchor.device) < n)
+        if delta is not None:  # the distribution proximity_eps is compared with: first-token misses
+            self._record_stats(
+                mode,
+                "proximity_delta_at_k0",
+                delta[scored[:, None] & (accepted == 0) & torch.isfinite(delta)],
+            )
+        rewards = self._window_rewards(indices, anchors, tokens, accepted, delta, scored)
+        uses_greedy = self.args.baseline != "group"
+        # Subclasses may override the two-argument form used with the group baseline.
+        baseline_rewards = (rewards[n:][rows],) if uses_greedy else ()
+        advantages, group_std = self._group_advantages(rewards[:n], has_anchor[:n], *baseline_rewards)
+        if uses_greedy:
+            self._record_stats(mode, "greedy/accepted_length", accepted[n:][has_anchor[n:]].float())
+        return advantages, group_std
 
     def _pick_anchors(
         self,
