@@ -5,12 +5,14 @@
         --dataset-dir data/smollm2-135m-self-generated
 
 `throughput`: the target writes --num-prompts user turns (Magpie, the pipeline's `write_prompts` path) at
-each prompt batch size, then answers the same chat-templated prompts greedily at each answer batch size
-(`batched_generate`, left-padded, prompts sorted by length), with finished rows refilled at each refill
-batch size (`refill_generate`, what regeneration uses for greedy answers) and once with transformers'
-continuous batching (`generate_batch`); answers are compared token for token with one-prompt-at-a-time greedy
-decoding on the first --check prompts. Prints prompts/min and answer tokens/s per setting, the speedup over
-the demo's batch 8, and the machine's load average before and after.
+each prompt batch size (or, with --prompts-from, the prompts a dataset directory holds are used), then answers
+the chat-templated prompts greedily with each engine: left-padded batches of prompts sorted by length
+(`batched_generate`) on transformers' `DynamicCache` and on the growing cache regeneration uses, finished rows
+refilled (`refill_generate`), optionally transformers' continuous batching (`generate_batch`). Engines run
+interleaved for --repeats rounds; rates are answer tokens per CPU-second of this process (time slices other
+processes take do not count). Answers are compared token for token with one-prompt-at-a-time greedy decoding
+on the first --check prompts. Prints prompts/min, tokens per CPU-second per round, the speedup over
+`DynamicCache` at batch 8, and the machine's load average before and after.
 
 `filters`: the filters (default settings) over the prompts a dataset directory's run has written so far
 (distinct share, drops per reason, task mix, length histogram), and an independent decontamination
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -72,6 +75,9 @@ def throughput(args: argparse.Namespace) -> None:
         ended = sum(r["ended"] for r in rows)
         print(f"| {batch} | {len(rows)} | {ended} | {seconds:.1f} | {60 * len(rows) / seconds:.1f} |")
 
+    if args.prompts_from:  # prompts a dataset directory's run has written (the workload regeneration answers)
+        shards = sorted(Path(args.prompts_from).glob("prompts/*/shard-*.jsonl"))
+        rows = [json.loads(line) for shard in shards for line in shard.read_text().splitlines()]
     texts = [r["text"] for r in rows if r["ended"]] or [e.turns[0] for e in load_prompts("mt_bench")]
     prompts = [
         tokenizer(render(tokenizer, [{"role": "user", "content": t}], True), add_special_tokens=False)[
@@ -86,56 +92,75 @@ def throughput(args: argparse.Namespace) -> None:
     warm_up = copy.deepcopy(generation)
     warm_up.max_new_tokens = 4
     batched_generate(target, prompts[:2], warm_up, pad, eos)
-    reference = [batched_generate(target, [p], generation, pad, eos)[0] for p in prompts[: args.check]]
+    reference = [
+        batched_generate(target, [p], generation, pad, eos, growing_cache=False)[0]
+        for p in prompts[: args.check]
+    ]
 
-    print(f"\n{len(prompts)} answers, greedy, max_new_tokens={args.max_new_tokens}\n")
-    print(
-        "| answer engine | batch | new tokens | seconds | tokens/s | vs batch 8 | identical to one-at-a-time |"
-    )
-    print("|---|---|---|---|---|---|---|")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    base = None
-    for batch in args.answer_batch_sizes:
+
+    def static(batch: int, growing: bool) -> list[list[int]]:
         outputs: list[list[int]] = [[] for _ in prompts]
-        start = time.perf_counter()
         for s in range(0, len(order), batch):
             chunk = order[s : s + batch]
-            for i, out in zip(
-                chunk, batched_generate(target, [prompts[i] for i in chunk], generation, pad, eos)
-            ):
-                outputs[i] = out
-        seconds = time.perf_counter() - start
-        tokens = sum(map(len, outputs))
-        rate = tokens / seconds
-        base = rate if batch == 8 else base
-        same = sum(outputs[i] == reference[i] for i in range(len(reference)))
-        ratio = f"{rate / base:.2f}x" if base else "-"
-        print(
-            f"| generate (left-padded) | {batch} | {tokens} | {seconds:.1f} | {rate:.1f} | {ratio} | {same}/{len(reference)} |"
-        )
-    for batch in args.refill_batch_sizes:
-        start = time.perf_counter()
-        outputs = refill_generate(target, prompts, args.max_new_tokens, eos, pad, batch)
-        seconds = time.perf_counter() - start
-        tokens = sum(map(len, outputs))
-        same = sum(outputs[i] == reference[i] for i in range(len(reference)))
-        ratio = f"{tokens / seconds / base:.2f}x" if base else "-"
-        print(
-            f"| refill (finished rows refilled) | {batch} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {ratio} | {same}/{len(reference)} |"
-        )
-    if args.continuous:
-        start = time.perf_counter()
+            answers = batched_generate(
+                target, [prompts[i] for i in chunk], generation, pad, eos, growing_cache=growing
+            )
+            for i, answer in zip(chunk, answers):
+                outputs[i] = answer
+        return outputs
+
+    def continuous() -> list[list[int]]:
         result = target.generate_batch(prompts, generation_config=generation, progress_bar=False)
-        seconds = time.perf_counter() - start
         outputs = [
             list(result[key].generated_tokens) for key in sorted(result, key=lambda k: int(k.split("_")[-1]))
         ]
-        outputs = [out[: next((j + 1 for j, t in enumerate(out) if t in eos), len(out))] for out in outputs]
-        tokens = sum(map(len, outputs))
-        same = sum(outputs[i] == reference[i] for i in range(len(reference)))
-        ratio = f"{tokens / seconds / base:.2f}x" if base else "-"
+        return [out[: next((j + 1 for j, t in enumerate(out) if t in eos), len(out))] for out in outputs]
+
+    arms = [
+        ("generate (left-padded, transformers' DynamicCache)", b, functools.partial(static, b, False))
+        for b in args.stock_cache_batch_sizes
+    ]
+    arms += [
+        ("generate (left-padded, growing cache)", b, functools.partial(static, b, True))
+        for b in args.answer_batch_sizes
+    ]
+    arms += [
+        (
+            "refill (finished rows refilled, growing cache)",
+            b,
+            functools.partial(refill_generate, target, prompts, args.max_new_tokens, eos, pad, b),
+        )
+        for b in args.refill_batch_sizes
+    ]
+    arms += (
+        [("transformers continuous batching (generate_batch)", "-", continuous)] if args.continuous else []
+    )
+    # Arms interleaved, `--repeats` rounds; rates per CPU-second of this process (time slices given to other
+    # processes on a shared machine do not count; with one torch thread that is the compute time).
+    rates: dict[int, list[float]] = {i: [] for i in range(len(arms))}
+    outputs_of: dict[int, list[list[int]]] = {}
+    for _ in range(args.repeats):
+        for i, (_, _, run) in enumerate(arms):
+            start = time.process_time()
+            outputs_of[i] = run()
+            rates[i].append(sum(map(len, outputs_of[i])) / (time.process_time() - start))
+    print(
+        f"\n{len(prompts)} answers, greedy, max_new_tokens={args.max_new_tokens}, {args.repeats} interleaved rounds\n"
+    )
+    print(
+        "| answer engine | batch | new tokens | tokens per CPU-second (each round) | vs stock batch 8 | identical to one-at-a-time |"
+    )
+    print("|---|---|---|---|---|---|")
+    base = statistics.median(rates[0]) if arms and arms[0][1] == 8 else None
+    for i, (engine, batch, _) in enumerate(arms):
+        outputs = outputs_of[i]
+        same = sum(outputs[k] == reference[k] for k in range(len(reference)))
+        rate = statistics.median(rates[i])
+        ratio = f"{rate / base:.2f}x" if base else "-"
+        each = " / ".join(f"{r:.1f}" for r in rates[i])
         print(
-            f"| continuous batching (generate_batch) | - | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | {ratio} | {same}/{len(reference)} |"
+            f"| {engine} | {batch} | {sum(map(len, outputs))} | {each} | {ratio} | {same}/{len(reference)} |"
         )
     print(f"\nload after: {_load()}")
 
@@ -192,10 +217,16 @@ def main() -> None:
         default=[16, 64],
         help="none: answer MT-Bench first turns instead of prompts the target writes",
     )
-    t.add_argument("--answer-batch-sizes", type=int, nargs="+", default=[8, 32, 64])
+    t.add_argument(
+        "--stock-cache-batch-sizes", type=int, nargs="*", default=[8],
+        help="left-padded batches on transformers' DynamicCache (batch 8 is the reference rate)",
+    )  # fmt: skip
+    t.add_argument("--answer-batch-sizes", type=int, nargs="*", default=[8, 32, 64])
     t.add_argument("--refill-batch-sizes", type=int, nargs="*", default=[32, 64])
     t.add_argument("--max-new-tokens", type=int, default=128)
     t.add_argument("--continuous", action="store_true", help="also time transformers' generate_batch")
+    t.add_argument("--prompts-from", help="answer the prompts this dataset directory holds (no writing)")
+    t.add_argument("--repeats", type=int, default=2, help="interleaved rounds of every answer engine")
     t.add_argument("--scratch", default="/tmp/ppow_data_generation")
     t.add_argument("--seed", type=int, default=0)
     f = sub.add_parser("filters")

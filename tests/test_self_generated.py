@@ -296,6 +296,28 @@ def test_self_generated_follow_up_turns(tiny_tokenizer, tmp_path):
     assert list(again.train["input_ids"]) == list(data.train["input_ids"])  # seeded
 
 
+def test_a_follow_up_fraction_continues_only_that_share_of_conversations(tiny_tokenizer, tmp_path):
+    writer_target = _ending_target(tiny_tokenizer, 1.3)
+    config = writer_config(
+        tmp_path, self_generated_prompts=48, max_turns=2, max_new_tokens=6, prompt_max_new_tokens=24,
+        filter_min_text_fraction=0.0, follow_up_fraction=0.4,
+    )  # fmt: skip
+    data = build_training_data(config, writer_target, tiny_tokenizer, progress=False)
+    stats = data.regeneration.stats
+    conversations = len(data.train) + len(data.eval)
+    asked = stats["follow_up_turns"] + stats["follow_up_rejected"]  # each continued conversation asks once
+    assert 0 < asked < conversations  # a share, not all and not none
+    seconds = data.report["seconds_per_answer"]  # what a first and a later turn cost, for the data card
+    assert seconds["first_turn"] > 0 and seconds["later_turn"] > 0
+    all_turns = build_training_data(
+        replace(config, follow_up_fraction=1.0, cache_dir=str(tmp_path / "all")), writer_target,
+        tiny_tokenizer, progress=False,
+    ).regeneration.stats  # fmt: skip
+    assert all_turns["follow_up_turns"] + all_turns["follow_up_rejected"] > asked
+    with pytest.raises(ValueError, match="follow_up_fraction"):
+        replace(config, follow_up_fraction=1.5)
+
+
 # ---------------------------------------------------------------------------------------------- sources
 def test_malformed_prompt_file_names_file_and_line(tmp_path):
     bad = tmp_path / "prompts.jsonl"

@@ -277,9 +277,7 @@ def build_training_data(
         "later_turn_answer_tokens": later_turn_tokens(dataset["loss_mask"]),
         "train_positions": sum(sum(m) for m in train["loss_mask"]),
         "corpus": None if corpus is None else {**corpus.stats, "dir": str(corpus.directory)},
-        "dropped_prompts": regen.stats["dropped_prompts"],
-        "dropped_turns": regen.stats["dropped_turns"],
-        "truncated_prompts": regen.stats["truncated_prompts"],
+        **_regeneration_counts(regen.stats),
         "argmax_match_fraction": sanity["argmax_match_fraction"],
         "checked_positions": sanity["checked_positions"],
         "draft_vocab_size": draft_vocab.draft_vocab_size,
@@ -291,6 +289,19 @@ def build_training_data(
     (build_dir / "report.json").write_text(json.dumps(report, indent=1))
     _log_report(report)
     return RegeneratedData(train, eval_, draft_vocab, report, build_dir, regen)
+
+
+def _regeneration_counts(stats: dict) -> dict[str, Any]:
+    """The length policy's drops and the wall time per answered first and later turn (writing the user turn
+    included; shards written before these timings were kept add nothing)."""
+    seconds = {
+        turn: round(stats.get(f"{turn}_seconds", 0) / stats[f"{turn}_answers"], 3)
+        if stats.get(f"{turn}_answers")
+        else None
+        for turn in ("first_turn", "later_turn")
+    }
+    counts = {name: stats[name] for name in ("dropped_prompts", "dropped_turns", "truncated_prompts")}
+    return {**counts, "seconds_per_answer": seconds}
 
 
 def make_feature_provider(

@@ -113,6 +113,8 @@ def render_card(
         f"| argmax == next token (sampled check) | {report['argmax_match_fraction']} |",
         f"| draft vocabulary coverage (train / eval) | {report['draft_vocab_coverage']} / "
         f"{report['eval_draft_vocab_coverage']} |",
+        f"| seconds per answer, first turns / later turns | {_seconds(report, 'first_turn')} / "
+        f"{_seconds(report, 'later_turn')} |",
         f"| wall time of the last run | {wall_time_s:.0f} s |",
         "",
         "Command:",
@@ -145,3 +147,8 @@ def render_card(
         else:
             lines += ["", "**Decontamination was off: prompts were not checked against any evaluation set.**"]
     return "\n".join(lines) + "\n"
+
+
+def _seconds(report: dict, turn: str) -> str:
+    value = (report.get("seconds_per_answer") or {}).get(turn)
+    return "-" if value is None else f"{value:.2f}"

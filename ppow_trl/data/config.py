@@ -40,7 +40,7 @@ class DataConfig:
     > Prompts written by the target itself (`dataset_name: self_generated`)
 
         self_generated_prompts, prompt_task_mix, prompt_seed_fraction, prompt_temperature, prompt_top_p,
-        prompt_max_new_tokens, prompt_stop_fraction, prompt_batch_size, prompt_shard_size
+        prompt_max_new_tokens, prompt_stop_fraction, prompt_batch_size, prompt_shard_size, follow_up_fraction
 
     > Filters: which prompts are kept (malformed turns, duplicates, evaluation-set overlap)
 
@@ -150,6 +150,14 @@ class DataConfig:
         default=64, metadata={"help": "Prompts written per batched `generate` call."}
     )
     prompt_shard_size: int = field(default=256, metadata={"help": "Written prompts per cache shard."})
+    follow_up_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "With max_turns > 1: the share of conversations (picked per prompt id, seeded) in which the "
+            "target writes later user turns; the rest stay single-turn. Follow-up turns cost several first "
+            "turns here, so a share buys multi-turn data at a fraction of the time."
+        },
+    )
     # ---- filters: which prompts are kept
     filter_prompts: bool | None = field(
         default=None,
@@ -302,6 +310,8 @@ class DataConfig:
             )
         if self.feature_mode not in FEATURE_MODES:
             raise ValueError(f"feature_mode must be one of {FEATURE_MODES}, got {self.feature_mode!r}")
+        if not 0.0 <= self.follow_up_fraction <= 1.0:
+            raise ValueError(f"follow_up_fraction must be in [0, 1], got {self.follow_up_fraction}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         for name in ("max_new_tokens", "regen_batch_size", "shard_size", "feature_batch_size"):

@@ -160,7 +160,7 @@ def _prefill(
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
-    cache = DynamicCache()
+    cache = _compat.growing_cache(target.config)
     logits = target(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from .. import _compat
 from ..packed import packed_linears, use_packed_linears
 from ..target import eos_token_ids, pad_token_id, target_name
 from .cache import (
@@ -151,6 +153,8 @@ def regeneration_inputs(
             "filters": asdict(FilterSettings.from_config(config)),
             "seed": config.seed,
         }
+        if config.follow_up_fraction < 1.0:  # absent at 1.0: caches written before the field stay valid
+            inputs["follow_ups"]["fraction"] = config.follow_up_fraction
     return inputs
 
 
@@ -214,6 +218,15 @@ class _FollowUps:
     max_turns: int
     stop_fraction: float
     filters: FilterSettings
+    fraction: float = 1.0
+    seed: int = 0
+
+    def continues(self, conv: _Conversation) -> bool:
+        """Whether the target writes another user turn after this answer (a seeded share of prompt ids)."""
+        if conv.turns_done >= self.max_turns:
+            return False
+        digest = hashlib.sha256(f"{self.seed}:{conv.example.id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.fraction
 
 
 @dataclass
@@ -237,7 +250,7 @@ def _follow_ups(
 ) -> _FollowUps:
     return _FollowUps(
         prompt_generation_config(config, eos_ids, pad_id), pre_query_prefix(tokenizer, None), config.max_turns, config.prompt_stop_fraction,
-        FilterSettings.from_config(config),
+        FilterSettings.from_config(config), config.follow_up_fraction, config.seed,
     )  # fmt: skip
 
 
@@ -289,7 +302,7 @@ def _record_answer(
     conv.mask = conv.mask + [1] * len(generated)
     conv.messages.append({"role": "assistant", "content": answer})
     conv.turns_done += 1
-    more = s.follow_ups is not None and conv.turns_done < s.follow_ups.max_turns
+    more = s.follow_ups is not None and s.follow_ups.continues(conv)
     if conv.turns_done >= len(conv.turns) and not more:
         conv.active = False
         return
@@ -317,11 +330,13 @@ def batched_generate(
     pad_token_id: int,
     eos_ids: list[int],
     stop_fraction: float = 1.0,
+    growing_cache: bool = True,
 ) -> list[list[int]]:
     """Generate for prompts of different lengths in one left-padded batch; returns each row's new tokens.
 
     With `stop_fraction` < 1 the batch stops as soon as that share of its rows has ended (the rest come
     back unfinished): used where unfinished rows are dropped anyway, so one long row does not hold the batch.
+    `growing_cache` (same tokens) appends keys/values in place instead of transformers' copy per step.
     """
     device = next(target.parameters()).device
     width = max(len(p) for p in prompts)
@@ -338,6 +353,7 @@ def batched_generate(
             attention_mask=attention_mask.to(device),
             generation_config=generation_config,
             stopping_criteria=StoppingCriteriaList(stopping),
+            cache=_compat.growing_cache(target.config) if growing_cache else None,
         )
     return [strip_generation(row, eos_ids) for row in output[:, width:].tolist()]
 
@@ -383,7 +399,9 @@ def make_generation_config(config: DataConfig, eos_ids: list[int], pad_id: int) 
 
 def _empty_stats() -> dict[str, Any]:
     counts = ("dropped_prompts", "dropped_turns", "truncated_prompts", "generated_tokens", "follow_up_turns")
-    return {**dict.fromkeys(counts, 0), "follow_up_rejected": 0, "dropped_ids": []}
+    # wall time per phase and answers per turn (first turns / later turns), summed over shards: what a turn costs
+    costs = ("first_turn_answers", "first_turn_seconds", "later_turn_answers", "later_turn_seconds")
+    return {**dict.fromkeys(counts + costs, 0), "follow_up_rejected": 0, "dropped_ids": []}
 
 
 def _generate_shard(
@@ -398,12 +416,14 @@ def _generate_shard(
     stats = _empty_stats()
     conversations = [_Conversation(example, list(example.turns)) for example in examples]
     while True:
+        start = time.perf_counter()  # a later turn's cost includes writing its user turn
         if s.follow_ups is not None:
             waiting = [c for c in conversations if c.active and c.turns_done == len(c.turns)]
             _write_follow_ups(target, tokenizer, waiting, s, batch_size, stats)
         active = [c for c in conversations if c.active and _admit_turn(c, tokenizer, s, stats)]
         if not active:
             break
+        turn = "first_turn" if active[0].turns_done == 0 else "later_turn"
         if s.generation.do_sample or not s.refill_rows:  # static batches of similar prompt lengths
             active.sort(key=lambda c: len(c.ids))
             outputs = []
@@ -426,6 +446,8 @@ def _generate_shard(
         for conv, generated in zip(active, outputs):
             _record_answer(conv, generated, tokenizer, s)
         stats["generated_tokens"] += sum(len(generated) for generated in outputs)
+        stats[f"{turn}_answers"] += len(outputs)
+        stats[f"{turn}_seconds"] += time.perf_counter() - start
     return [c for c in conversations if c.turns_done > 0], stats
 
 
@@ -559,8 +581,11 @@ def regenerate(
             "sampling" if config.do_sample else "greedy",
             config.max_new_tokens,
         )
-        turns_each = (config.max_turns or 1) if settings.follow_ups else 0
-        turns_of = [sum(max(len(e.turns), turns_each) for e in chunk) for chunk in chunks]
+        # expected turns per conversation (the progress bar's total; rejected follow-ups end some early)
+        turns_each = (
+            1 + ((config.max_turns or 1) - 1) * config.follow_up_fraction if settings.follow_ups else 0
+        )
+        turns_of = [round(sum(max(len(e.turns), turns_each) for e in chunk)) for chunk in chunks]
         total_turns = sum(turns_of[i] for i in missing)
         with tqdm(total=total_turns, desc="regenerating", unit="turn", disable=not progress) as bar:
             generated = [0]
