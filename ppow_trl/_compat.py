@@ -8,7 +8,8 @@ ppow-trl hooks into a few internals that these libraries do not promise to keep:
 * the EOS/pad tensors transformers prepares on a `GenerationConfig` (`_eos_token_tensor`, `_pad_token_tensor`)
   that a `custom_generate` callable receives;
 * the per-layer key/value tensors of transformers' `DynamicCache` (`cache.layers[i].keys` / `.values`), where
-  a draft tree's accepted branch is moved into place and the refilling answer loop pads, trims and fills rows;
+  a draft tree's accepted branch is moved into place and the refilling answer loop pads, trims and fills rows,
+  and its `DynamicLayer` class, which the answer engines' growing cache (`growing_cache`) subclasses;
 * transformers' `Trainer._save`, which both drafter trainers extend to write the drafter card beside every
   checkpoint (`ppow_trl.training.card`), and `Trainer._prepare_inputs`, which the SFT evaluation step calls;
 * torch's oneDNN prepacked linear operators (`torch.ops.mkldnn._reorder_linear_weight`,
