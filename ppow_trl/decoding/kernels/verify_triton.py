@@ -384,8 +384,17 @@ def _empty_result(device: torch.device) -> VerifyResult:
     return VerifyResult(accepted=empty, next_token=empty.clone())
 
 
+def _default_block_v(vocab: int) -> int:
+    return min(DEFAULT_BLOCK_V, max(16, _next_pow2(vocab)))
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strided(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """A kernel's (pointer, batch stride, position stride) arguments for a (B, K, ...) tensor."""
+    return t, t.stride(0), t.stride(1)
 
 
 # Launch options: no FMA contraction, so z - m and p - q round like the torch reference.
@@ -405,7 +414,7 @@ def verify_greedy_triton(
     window = kp1 - 1
     if batch == 0:
         return _empty_result(target_logits.device)
-    block_v = _check_block(block_v or min(DEFAULT_BLOCK_V, max(16, _next_pow2(vocab))))
+    block_v = _check_block(block_v or _default_block_v(vocab))
     logits = _last_dim_contiguous(target_logits)
     device = logits.device
     rows = batch * kp1
@@ -415,9 +424,7 @@ def verify_greedy_triton(
     part_val = torch.empty(rows * splits, dtype=torch.float64, device=device)
     part_idx = torch.empty(rows * splits, dtype=torch.int32, device=device)
     _argmax_partial[(rows, splits)](
-        logits,
-        logits.stride(0),
-        logits.stride(1),
+        *_strided(logits),
         vocab,
         kp1,
         span,
@@ -434,9 +441,7 @@ def verify_greedy_triton(
     _greedy_finalize[(batch,)](
         part_val,
         part_idx,
-        draft_tokens,
-        draft_tokens.stride(0),
-        draft_tokens.stride(1),
+        *_strided(draft_tokens),
         window,
         splits,
         accepted,
@@ -463,27 +468,44 @@ def verify_sampling_triton(
     num_warps: int = 8,
 ) -> VerifyResult:
     """Fused speculative-sampling verification with given draws; matches ``verify_sampling``."""
-    batch, kp1, vocab = target_logits.shape
-    window = kp1 - 1
+    batch, _, vocab = target_logits.shape
     if batch == 0:
         return _empty_result(target_logits.device)
-    block_v = _check_block(block_v or min(DEFAULT_BLOCK_V, max(16, _next_pow2(vocab))))
+    block_v = _check_block(block_v or _default_block_v(vocab))
     search_block_v = _check_block(search_block_v or min(DEFAULT_SEARCH_BLOCK_V, block_v))
     logits = _last_dim_contiguous(target_logits)
     q = _last_dim_contiguous(draft_probs)
     u = uniforms.to(torch.float32)
     ru = residual_uniforms.to(torch.float32)
     inv_temp = 1.0 / float(temperature)
+    accepted, row_m, row_z = _accept_drafts(
+        logits, draft_tokens, q, u, inv_temp, block_v, num_splits, num_warps
+    )
+    next_token = _sample_residual(
+        logits, q, accepted, row_m, row_z, ru, inv_temp, search_block_v, num_splits, num_warps
+    )
+    return VerifyResult(accepted=accepted, next_token=next_token)
+
+
+def _accept_drafts(
+    logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    inv_temp: float,
+    block_v: int,
+    num_splits: int | None,
+    num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampling launches 1-2: accepted length k per window, and row k's softmax max m and normaliser Z."""
+    batch, kp1, vocab = logits.shape
     device = logits.device
     rows = batch * kp1
-
     span, splits = _plan(vocab, rows, device, block_v, num_splits)
     part_m = torch.empty(rows * splits, dtype=torch.float32, device=device)
     part_s = torch.empty(rows * splits, dtype=torch.float32, device=device)
     _softmax_partial[(rows, splits)](
-        logits,
-        logits.stride(0),
-        logits.stride(1),
+        *_strided(logits),
         vocab,
         kp1,
         span,
@@ -499,22 +521,14 @@ def verify_sampling_triton(
     row_m = torch.empty(batch, dtype=torch.float32, device=device)
     row_z = torch.empty(batch, dtype=torch.float32, device=device)
     _sampling_accept[(batch,)](
-        logits,
-        logits.stride(0),
-        logits.stride(1),
-        draft_tokens,
-        draft_tokens.stride(0),
-        draft_tokens.stride(1),
-        q,
-        q.stride(0),
-        q.stride(1),
-        u,
-        u.stride(0),
-        u.stride(1),
+        *_strided(logits),
+        *_strided(draft_tokens),
+        *_strided(q),
+        *_strided(u),
         part_m,
         part_s,
         vocab,
-        window,
+        kp1 - 1,
         splits,
         inv_temp,
         accepted,
@@ -525,58 +539,60 @@ def verify_sampling_triton(
         num_warps=1,
         **_LAUNCH,
     )
+    return accepted, row_m, row_z
 
-    r_span, r_splits = _plan(vocab, batch, device, search_block_v, num_splits)
-    part_r = torch.empty(batch * r_splits, dtype=torch.float64, device=device)
-    part_p = torch.empty(batch * r_splits, dtype=torch.float64, device=device)
-    last_r = torch.empty(batch * r_splits, dtype=torch.int32, device=device)
-    last_p = torch.empty(batch * r_splits, dtype=torch.int32, device=device)
-    _residual_partial[(batch, r_splits)](
-        logits,
-        logits.stride(0),
-        logits.stride(1),
-        q,
-        q.stride(0),
-        q.stride(1),
-        accepted,
-        row_m,
-        row_z,
+
+def _sample_residual(
+    logits: torch.Tensor,
+    q: torch.Tensor,
+    accepted: torch.Tensor,
+    row_m: torch.Tensor,
+    row_z: torch.Tensor,
+    ru: torch.Tensor,
+    inv_temp: float,
+    block_v: int,
+    num_splits: int | None,
+    num_warps: int,
+) -> torch.Tensor:
+    """Sampling launches 3-5: next token of each window, drawn from the residual of row k with ``ru``."""
+    batch, kp1, vocab = logits.shape
+    window, device = kp1 - 1, logits.device
+    span, splits = _plan(vocab, batch, device, block_v, num_splits)
+    row_k = (*_strided(logits), *_strided(q), accepted, row_m, row_z)  # leading args of launches 3-4
+    part_r = torch.empty(batch * splits, dtype=torch.float64, device=device)
+    part_p = torch.empty(batch * splits, dtype=torch.float64, device=device)
+    last_r = torch.empty(batch * splits, dtype=torch.int32, device=device)
+    last_p = torch.empty(batch * splits, dtype=torch.int32, device=device)
+    _residual_partial[(batch, splits)](
+        *row_k,
         vocab,
         window,
-        r_span,
+        span,
         inv_temp,
         part_r,
         part_p,
         last_r,
         last_p,
-        r_splits,
-        BLOCK_V=search_block_v,
+        splits,
+        BLOCK_V=block_v,
         num_warps=num_warps,
         **_LAUNCH,
     )
-    cand = torch.empty(batch * r_splits, dtype=torch.int32, device=device)
-    _residual_search[(batch, r_splits)](
-        logits,
-        logits.stride(0),
-        logits.stride(1),
-        q,
-        q.stride(0),
-        q.stride(1),
-        accepted,
-        row_m,
-        row_z,
+    cand = torch.empty(batch * splits, dtype=torch.int32, device=device)
+    _residual_search[(batch, splits)](
+        *row_k,
         ru,
         ru.stride(0),
         part_r,
         part_p,
         vocab,
         window,
-        r_span,
+        span,
         inv_temp,
         cand,
-        r_splits,
-        BLOCK_V=search_block_v,
-        BLOCK_S=_next_pow2(r_splits),
+        splits,
+        BLOCK_V=block_v,
+        BLOCK_S=_next_pow2(splits),
         num_warps=num_warps,
         **_LAUNCH,
     )
@@ -587,10 +603,10 @@ def verify_sampling_triton(
         last_r,
         last_p,
         vocab,
-        r_splits,
+        splits,
         next_token,
-        BLOCK_S=_next_pow2(r_splits),
+        BLOCK_S=_next_pow2(splits),
         num_warps=1,
         **_LAUNCH,
     )
-    return VerifyResult(accepted=accepted, next_token=next_token)
+    return next_token
