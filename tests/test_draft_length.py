@@ -144,3 +144,33 @@ def test_reprice_keeps_what_was_learned_and_probes_again():
     assert policy.costs == pytest.approx(COSTS) and policy.draft_cost == pytest.approx(0.05)
     assert policy.calibration == calibration and policy._skip_limit == 1
     assert all(w > 0 for w in _run_rounds(policy, 0.5, 0.5, 30)[5:])
+
+
+def test_auto_keeps_a_drafters_calibration_across_processes():
+    """What "auto" learned about a drafter is on disk: a new process (no policy in memory) starts from it, and
+    a drafter with other weights starts from the prior."""
+    from ppow_trl.decoding import speculative
+    from ppow_trl.decoding.cost import CostTable
+    from tests.test_drafting import make_drafter
+    from tests.test_speculative import build_varied_target, prompts
+
+    target = build_varied_target(seed=3)
+    drafter = make_drafter("eagle3", target)
+    costs = CostTable([1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.6], draft_step=0.05, commit=0.02)
+    speculative.speculative_generate(
+        target, drafter, prompts((12,))[0], max_new_tokens=24, num_draft_tokens="auto", costs=costs
+    )
+    # the policy that call used (batch 1: padded forwards)
+    learned = speculative.draft_length_policy(target, drafter, "auto", costs=costs, padded=True)
+    assert learned.calibration != 1.0 and learned.store.is_file()
+    speculative._LEARNED_POLICIES.clear()  # a new process
+    again = speculative.draft_length_policy(target, drafter, "auto", costs=costs, padded=True)
+    assert again is not learned and again.calibration == learned.calibration and again.rate == learned.rate
+    other = make_drafter("eagle3", target, seed=1)
+    fresh = speculative.draft_length_policy(target, other, "auto", costs=costs, padded=True)
+    assert fresh.calibration == 1.0 and fresh.store != learned.store
+    learned.store.write_text("{not json")  # a damaged file is ignored, not fatal
+    speculative._LEARNED_POLICIES.clear()
+    assert (
+        speculative.draft_length_policy(target, drafter, "auto", costs=costs, padded=True).calibration == 1.0
+    )

@@ -17,11 +17,17 @@ skipped rounds.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DraftLengthPolicy",
@@ -109,6 +115,10 @@ def _solve_calibration(
     return 0.5 * (low + high)
 
 
+# What `DraftLengthPolicy` learns about its drafter across rounds (kept across calls and, with `remember`, runs).
+_LEARNED = ("rate", "calibration", "_reach", "_observed", "_first")
+
+
 @dataclass
 class DraftLengthPolicy:
     """Per-round draft length for a decoding loop (see the module docstring).
@@ -151,6 +161,7 @@ class DraftLengthPolicy:
     # The `ppow_trl.decoding.cost.CostMonitor` that reprices this policy from timed rounds (set by the decoding
     # loops for measured tables).
     monitor: Any = field(default=None, init=False, repr=False)
+    store: Path | None = field(default=None, init=False, repr=False)  # where `save` keeps what was learned
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "threshold"):
@@ -178,6 +189,33 @@ class DraftLengthPolicy:
         self.draft_cost = float(draft_cost) / float(table[0])
         self.commit_cost = float(commit_cost) / float(table[0])
         self._skipped, self._skip_limit = 0, 1
+
+    def remember(self, path: Path) -> None:
+        """Keep what this policy learns about its drafter (calibration, achieved rate) at `path`: read now when
+        a file is there (a new process starts where the last one stopped instead of at the prior), written by
+        `save`. A file for another window size, or one that cannot be read, is ignored."""
+        self.store = path
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if state.get("max_window") == self.max_window and len(state.get("_reach", ())) == self.max_window:
+            for name in _LEARNED:
+                setattr(self, name, state[name])
+
+    def save(self) -> None:
+        """Write what was learned to `store` (set by `remember`); a failed write only warns."""
+        if self.store is None or self.mode != "auto":
+            return
+        state = {"max_window": self.max_window, **{name: getattr(self, name) for name in _LEARNED}}
+        try:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.store.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.store)
+        except OSError as err:
+            logger.warning("could not keep the draft-length calibration at %s: %s", self.store, err)
+            self.store = None
 
     @property
     def drafted_steps(self) -> int:

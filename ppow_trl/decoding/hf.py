@@ -356,6 +356,8 @@ def assisted_decoding_with_drafter(
         )
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
     output = _assisted_output(generators[-1], sequences, input_ids.shape[1], policy, costs)
+    if policy is not None:
+        policy.save()
     if attachment is not None:
         attachment.last_output = output
     return output if want_dict else sequences

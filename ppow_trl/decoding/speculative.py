@@ -38,10 +38,12 @@ so sliding-window targets are exact at batch size 1 only.
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,7 +57,7 @@ from ppow_trl.decoding.kernels import verify_windows
 from ppow_trl.decoding.lookup import lookup_continuation
 from ppow_trl.models.common import positions_from_mask, sample_token_ids, scatter_draft_probs, unwrap_drafter
 from ppow_trl.packed import packed_linears, use_packed_linears
-from ppow_trl.target import capture_features, vocab_size_of
+from ppow_trl.target import cache_root, capture_features, vocab_size_of
 
 __all__ = ["SpeculativeOutput", "speculative_generate"]
 
@@ -128,7 +130,8 @@ def draft_length_policy(
     """The per-round draft-length policy of `num_draft_tokens` ("auto", or K with a confidence threshold),
     or None for a fixed K. "auto" prices windows with `costs` (default: `measure_costs`, cached), at their
     padded cost when the decoding loop pads verification forwards (`padded`, `CostTable.verify_shape`); its
-    policy is kept per drafter (in memory), so each call starts from the calibration earlier calls learned.
+    policy is kept per drafter (in memory, and on disk for the next process), so each call starts from the
+    calibration earlier calls learned.
     `correct_costs` (default: for measured tables, those with `measured_at`) attaches a `CostMonitor`: the
     loops time their rounds and the policy is repriced when the observed costs disagree with the table."""
     num_draft_tokens = check_num_draft_tokens(num_draft_tokens)
@@ -164,8 +167,20 @@ def draft_length_policy(
                 learned[_policy_key(window, corrected, padded)] = policy
 
             policy.monitor = CostMonitor(costs, on_correct=reprice)
+        policy.remember(_calibration_path(model, key))
         learned[key] = policy
     return learned[key].new_call()
+
+
+def _calibration_path(model: PreTrainedModel, policy_key: tuple) -> Path:
+    """Where "auto" keeps a drafter's calibration for a cost table: named by a sample of the drafter's weights
+    (another checkpoint of the same architecture is another drafter) and the policy's key."""
+    digest = hashlib.sha256(repr(policy_key).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+        digest.update(name.encode() + str(tuple(tensor.shape)).encode() + sample.numpy().tobytes())
+    return cache_root() / "calibration" / f"{digest.hexdigest()[:20]}.json"
 
 
 def _policy_key(window: int, costs: CostTable, padded: bool) -> tuple:
@@ -466,6 +481,8 @@ def speculative_generate(
         loop = _SpeculativeLoop(target, model, policy, num_draft_tokens, sampler, shape, profile)
         output = loop.run(input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)
     output.costs = policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None
+    if policy is not None:
+        policy.save()
     return output
 
 
