@@ -426,12 +426,12 @@ def test_regenerate_recipe_killed_mid_shard_resumes(
     # one row per conversation, with the task type; the README is a Hub dataset card.
     from datasets import load_dataset
 
-    from ppow_trl.data.card import DATA_FILES
+    from ppow_trl.data.card import data_files
 
-    rows = load_dataset("parquet", data_files=str(out / DATA_FILES), split="train")
+    rows = load_dataset("parquet", data_files=str(out / data_files(data.report)), split="train")
     assert len(rows) == len(data.train) + len(data.eval) and set(rows["task"]) <= set(data.report["task_mix"])
     assert rows["input_ids"] == data.regeneration.dataset["input_ids"]
-    assert readme.startswith("---\nlicense: ") and f"data_files: {DATA_FILES}" in readme
+    assert readme.startswith("---\nlicense: ") and f"data_files: {data_files(data.report)}" in readme
     assert "Decontamination was off" in readme  # this run set decontaminate false: the card says so
     # Used with another target, the directory refuses instead of regenerating in place; max_prompts cannot
     # shrink it silently.

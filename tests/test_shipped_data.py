@@ -11,7 +11,7 @@ import pytest
 from datasets import load_dataset
 
 from ppow_trl.data import DataConfig, build_training_data
-from ppow_trl.data.card import DATA_FILES
+from ppow_trl.data.card import data_files
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2-135m-self-generated"
 
@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2-135m-self-generat
 def test_the_shipped_dataset_is_what_its_card_says():
     card = json.loads((DATA / "ppow_data.json").read_text())
     report = card["report"]
-    rows = load_dataset("parquet", data_files=str(DATA / DATA_FILES), split="train")
+    rows = load_dataset("parquet", data_files=str(DATA / data_files(report)), split="train")
     assert len(rows) == report["num_sequences"] > 500
     assert sum(sum(mask) for mask in rows["loss_mask"]) == report["assistant_tokens"]
     assert set(rows["task"]) == set(report["task_mix"])
