@@ -302,13 +302,16 @@ def test_a_follow_up_fraction_continues_only_that_share_of_conversations(tiny_to
         tmp_path, self_generated_prompts=48, max_turns=2, max_new_tokens=6, prompt_max_new_tokens=24,
         filter_min_text_fraction=0.0, follow_up_fraction=0.4,
     )  # fmt: skip
+    started = time.perf_counter()
     data = build_training_data(config, writer_target, tiny_tokenizer, progress=False)
+    elapsed = time.perf_counter() - started
     stats = data.regeneration.stats
     conversations = len(data.train) + len(data.eval)
     asked = stats["follow_up_turns"] + stats["follow_up_rejected"]  # each continued conversation asks once
     assert 0 < asked < conversations  # a share, not all and not none
     seconds = data.report["seconds_per_answer"]  # what a first and a later turn cost, for the data card
-    assert seconds["first_turn"] > 0 and seconds["later_turn"] > 0
+    assert 0 < seconds["first_turn"] * stats["first_turn_answers"] < elapsed
+    assert 0 < seconds["later_turn"] * stats["later_turn_answers"] < elapsed
     all_turns = build_training_data(
         replace(config, follow_up_fraction=1.0, cache_dir=str(tmp_path / "all")), writer_target,
         tiny_tokenizer, progress=False,

@@ -416,7 +416,7 @@ def _generate_shard(
     stats = _empty_stats()
     conversations = [_Conversation(example, list(example.turns)) for example in examples]
     while True:
-        start = time.perf_counter()  # a later turn's cost includes writing its user turn
+        turn_started = time.perf_counter()  # a later turn's cost includes writing its user turn
         if s.follow_ups is not None:
             waiting = [c for c in conversations if c.active and c.turns_done == len(c.turns)]
             _write_follow_ups(target, tokenizer, waiting, s, batch_size, stats)
@@ -447,7 +447,7 @@ def _generate_shard(
             _record_answer(conv, generated, tokenizer, s)
         stats["generated_tokens"] += sum(len(generated) for generated in outputs)
         stats[f"{turn}_answers"] += len(outputs)
-        stats[f"{turn}_seconds"] += time.perf_counter() - start
+        stats[f"{turn}_seconds"] += time.perf_counter() - turn_started
     return [c for c in conversations if c.turns_done > 0], stats
 
 
