@@ -481,8 +481,6 @@ def speculative_generate(
         loop = _SpeculativeLoop(target, model, policy, num_draft_tokens, sampler, shape, profile)
         output = loop.run(input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)
     output.costs = policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None
-    if policy is not None:
-        policy.save()
     return output
 
 
@@ -741,6 +739,8 @@ class _SpeculativeLoop:
             if running:  # the last round leaves the cache and the drafter as they are
                 self.commit(round_, features, emitted, kept, accepted, bonus)
             self.timer.lap("bookkeeping")
+        if self.policy is not None:  # what it learned about the drafter, for the next process
+            self.policy.save()
         return self.output(input_ids)
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> None:
