@@ -257,7 +257,12 @@ def self_generated_prompts(
     rows, directory = write_prompts(target, tokenizer, config, progress)
     index = ContaminationIndex.cached(config.decontamination_ngram) if config.decontaminate else None
     kept, report = filter_prompts(rows, FilterSettings.from_config(config), index)
-    report["directory"] = str(directory)
+    # relative to the cache root: a dataset directory's reports hold no machine's paths
+    report["directory"] = (
+        str(directory.relative_to(config.cache_path))
+        if directory.is_relative_to(config.cache_path)
+        else str(directory)
+    )
     report["kept_indices"] = [row["index"] for row in kept]
     write_text_atomic(directory / "filter_report.json", json.dumps(report, indent=1))
     if len(kept) < config.min_kept_fraction * len(rows) or not kept:
