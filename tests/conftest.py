@@ -74,7 +74,7 @@ def build_tiny_target(vocab_size: int, num_layers: int = 4, seed: int = 0) -> Ll
 
 @pytest.fixture(autouse=True)
 def _calibration_per_test(monkeypatch, tmp_path):
-    """"auto" keeps each drafter's calibration on disk across runs; a test starts from the prior, as it would
+    """The "auto" draft length keeps each drafter's calibration on disk across runs; a test starts from the prior, as it would
     on a fresh machine, not from what an earlier test or run learned about an identical tiny drafter."""
     from ppow_trl.decoding import speculative
 
