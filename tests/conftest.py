@@ -74,8 +74,8 @@ def build_tiny_target(vocab_size: int, num_layers: int = 4, seed: int = 0) -> Ll
 
 @pytest.fixture(autouse=True)
 def _calibration_per_test(monkeypatch, tmp_path):
-    """The "auto" draft length keeps each drafter's calibration on disk across runs; a test starts from the prior, as it would
-    on a fresh machine, not from what an earlier test or run learned about an identical tiny drafter."""
+    """The "auto" draft length keeps each drafter's calibration on disk across runs; a test starts from the
+    prior, as on a fresh machine, not from what an earlier test or run learned about an identical drafter."""
     from ppow_trl.decoding import speculative
 
     monkeypatch.setattr(speculative, "cache_root", lambda: tmp_path)
