@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..target import vocab_size_of
-from .cache import fill_shards, write_text_atomic
+from .cache import fill_shards, relative_path, write_text_atomic
 from .card import check_dataset_target
 from .config import DATASET_CARD, DataConfig
 from .corpus import build_corpus, open_corpus
@@ -119,10 +119,6 @@ def split_by_side(dataset: Dataset, eval_ids: set[str]) -> tuple[Dataset, Datase
     dataset = dataset.add_column("split", sides)
     train = dataset.select([i for i, side in enumerate(sides) if side == "train"])
     return dataset, train, dataset.select([i for i, side in enumerate(sides) if side == "eval"])
-
-
-def _relative(path: Path, root: Path) -> str:
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def later_turn_tokens(loss_masks: list[list[int]]) -> int:
@@ -263,8 +259,8 @@ def build_training_data(
     report = {
         "data_fingerprint": regen.fingerprint,
         # relative to the cache root, so a dataset directory's card holds no machine's paths
-        "data_dir": _relative(regen.directory, config.cache_path),
-        "split_file": _relative(build_dir / "split.json", config.cache_path),
+        "data_dir": relative_path(regen.directory, config.cache_path),
+        "split_file": relative_path(build_dir / "split.json", config.cache_path),
         "source": config.dataset_name,
         "num_prompts": len(examples),
         "prompt_filters": prompt_report,

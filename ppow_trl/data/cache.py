@@ -47,6 +47,11 @@ def content_shard_path(directory: Path, index: int, content: Any, suffix: str) -
     return directory / f"shard-{index:05d}-{sha(content)[:12]}.{suffix}"
 
 
+def relative_path(path: Path, root: Path) -> str:
+    """`path` relative to `root` when it lies inside (reports of a dataset directory hold no machine's paths)."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def reuse_shard(path: Path) -> bool:
     """Link `path` to an identical shard in a sibling cache folder (the same stage's cache for a smaller or
     overlapping dataset); True when one was found. Names come from `content_shard_path`, so equal names mean

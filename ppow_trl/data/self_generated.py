@@ -22,7 +22,15 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..target import eos_token_ids, pad_token_id
-from .cache import check_manifest, content_shard_path, fill_shards, fingerprint_of, sha, write_text_atomic
+from .cache import (
+    check_manifest,
+    content_shard_path,
+    fill_shards,
+    fingerprint_of,
+    relative_path,
+    sha,
+    write_text_atomic,
+)
 from .config import DataConfig
 from .filters import ContaminationIndex, FilterSettings, filter_prompts
 from .regeneration import (
@@ -258,11 +266,7 @@ def self_generated_prompts(
     index = ContaminationIndex.cached(config.decontamination_ngram) if config.decontaminate else None
     kept, report = filter_prompts(rows, FilterSettings.from_config(config), index)
     # relative to the cache root: a dataset directory's reports hold no machine's paths
-    report["directory"] = (
-        str(directory.relative_to(config.cache_path))
-        if directory.is_relative_to(config.cache_path)
-        else str(directory)
-    )
+    report["directory"] = relative_path(directory, config.cache_path)
     report["kept_indices"] = [row["index"] for row in kept]
     write_text_atomic(directory / "filter_report.json", json.dumps(report, indent=1))
     if len(kept) < config.min_kept_fraction * len(rows) or not kept:
