@@ -20,8 +20,8 @@ ppow-trl hooks into a few internals that these libraries do not promise to keep:
 Each accessor checks the installed version against the range this release was tested with
 (`SUPPORTED`, the same bounds as pyproject.toml) and that the attribute still exists, and otherwise fails
 with an error naming the supported range. These are all the private names the package calls or overrides;
-beyond them it only declares the class attributes TRL's trainers read (`_tag_names`, `_name`, `_paper`), and
-decoding prefers transformers' public `custom_generate` argument (`ppow_trl.decoding.generate`).
+beyond them it only declares TRL's trainer card attributes (`_tag_names`, and `_name` / `_paper`, which the
+drafter card reads in place of TRL's `create_model_card`), and decoding prefers transformers' public `custom_generate` argument (`ppow_trl.decoding.generate`).
 """
 
 from __future__ import annotations

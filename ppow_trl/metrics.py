@@ -21,7 +21,17 @@ import math
 
 import torch
 
+# The one wording of tau and alpha_j that model cards and evaluation reports print (docs/metrics.md says it at
+# length).
+TAU_DEFINITION = (
+    "tau = generated tokens / target verification forwards (prefill excluded): the mean number of tokens one "
+    "target forward yields, counting the token the target always adds (so tau = 1 + mean accepted draft tokens)"
+)
+ALPHA_DEFINITION = "alpha_j = P(draft token j accepted | draft tokens 1..j-1 accepted)"
+
 __all__ = [
+    "ALPHA_DEFINITION",
+    "TAU_DEFINITION",
     "acceptance_length",
     "acceptance_metrics",
     "accepted_length_histogram",

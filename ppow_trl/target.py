@@ -137,7 +137,7 @@ def load_target(
     elif not is_hub_id(name_or_path):
         raise FileNotFoundError(
             f"Unknown target {name_or_path!r}: not the alias {EMBEDDED_ALIAS!r}, a model directory with "
-            "config.json, a .gguf file, or a Hub id of the form 'org/name'."
+            "config.json, a .gguf file, or a Hub id ('org/name' or 'name')."
         )
     else:
         source, gguf_file, display_name = name_or_path, None, name_or_path

@@ -27,7 +27,6 @@ from ppow_trl.target import load_target
 from ppow_trl.training import PPOWConfig, PPOWTrainer
 from ppow_trl.training.card import hub_preflight, push_trained_drafter
 from ppow_trl.training.parser import RecipeParser
-from ppow_trl.training.ppow import is_ignored_grpo_field
 from ppow_trl.training.script_args import (
     DataArguments,
     DrafterModelArguments,
@@ -40,7 +39,9 @@ from ppow_trl.training.script_args import (
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> PPOWTrainer:
     """Parse, train, save and evaluate; `callbacks` go to the trainer (e.g. a wall-clock budget in benchmarks)."""
-    parser = RecipeParser((DrafterModelArguments, DataArguments, PPOWConfig), hidden=is_ignored_grpo_field)
+    parser = RecipeParser(
+        (DrafterModelArguments, DataArguments, PPOWConfig), hidden=PPOWConfig.is_ignored_grpo_field
+    )
     model_args, data_config, args = parser.parse_args_and_config(argv)
     data_config.seed = args.seed
     if not model_args.drafter_name_or_path:

@@ -17,7 +17,7 @@ import yaml
 from ppow_trl.metrics import paired_tau_difference
 from ppow_trl.training import DrafterSFTConfig
 from ppow_trl.training.parser import RecipeParser
-from ppow_trl.training.ppow import PPOWConfig, is_ignored_grpo_field
+from ppow_trl.training.ppow import PPOWConfig
 from ppow_trl.training.script_args import DataArguments, DrafterModelArguments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_medusa_arms_train_one_warm_start_on_the_same_data_at_its_heads(harness)
     parser = RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
     cst_model, cst_data, cst_args = parser.parse_args_and_config(["--config", str(configs["cst"])])
     ppow_model, ppow_data, ppow_args = RecipeParser(
-        (DrafterModelArguments, DataArguments, PPOWConfig), hidden=is_ignored_grpo_field
+        (DrafterModelArguments, DataArguments, PPOWConfig), hidden=PPOWConfig.is_ignored_grpo_field
     ).parse_args_and_config(["--config", str(configs["ppow"])])
     warm = parser.parse_args_and_config(
         ["--config", str(ROOT / "recipes/configs/smollm2-135m/sft_medusa.yaml")]
@@ -171,7 +171,7 @@ def test_argmax_arms_parse_and_share_the_shipped_dataset(harness):
         config = arm.get("sft_config") or "recipes/configs/smollm2-135m/ppow_eagle3.yaml"
         parser = RecipeParser(
             (DrafterModelArguments, DataArguments, PPOWConfig if ppow else DrafterSFTConfig),
-            hidden=is_ignored_grpo_field if ppow else None,
+            hidden=PPOWConfig.is_ignored_grpo_field if ppow else None,
         )
         parsed[arm["name"]] = parser.parse_args_and_config(
             ["--config", str(ROOT / config), *arm["overrides"]]

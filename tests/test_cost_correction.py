@@ -82,7 +82,11 @@ def test_poisoned_table_is_corrected_and_a_clean_one_left_alone(deep_target, cas
     monkeypatch.setattr(cost_module, "LOAD_TOLERANCE", float("inf"))
     monkeypatch.setattr(cost_module, "MIN_OWN_SHARE", 0.0)
     refs = case[1]
-    clean = measure_costs(deep_target, half_right_drafter(deep_target, refs), context_length=32, repeats=15)
+    # a noisy neighbour can still push one size of a single measurement up (CI once saw c(3) = 1.47 c(1) beside
+    # c(4) = 1.04): this test needs a clean table to start from, so it takes the entrywise minimum of more attempts
+    clean = measure_costs(
+        deep_target, half_right_drafter(deep_target, refs), context_length=32, repeats=15, attempts=6
+    )
     assert clean.source == "measured" and not clean.problems, clean.describe()
     poisoned = replace(clean, draft_step=0.6 * clean.verify[0])
 

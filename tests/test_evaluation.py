@@ -139,8 +139,8 @@ def test_bad_configuration_and_inputs(saved_drafter, tiny_target_dir, tmp_path):
         EvaluationConfig(drafter=saved_drafter, num_draft_tokens=0)
     with pytest.raises(ValueError, match="baselines"):
         EvaluationConfig(drafter=saved_drafter, baselines=["medusa"])
-    with pytest.raises(ValueError, match="decoding"):
-        EvaluationConfig(drafter=saved_drafter, decoding="tree")
+    with pytest.raises(ValueError, match="method"):
+        EvaluationConfig(drafter=saved_drafter, method="tree")
     with pytest.raises(ValueError, match="temperatures"):
         EvaluationConfig(drafter=saved_drafter, temperatures=[-1.0])
     with pytest.raises(ValueError, match="teacher_forced_tree_width"):
@@ -171,7 +171,7 @@ def test_bad_configuration_and_inputs(saved_drafter, tiny_target_dir, tmp_path):
 def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Write a short poem about the sea."}])
     config = EvaluationConfig(
-        drafter=saved_drafter, prompt_sets=[prompts], max_new_tokens=6, num_draft_tokens=2, decoding="loop",
+        drafter=saved_drafter, prompt_sets=[prompts], max_new_tokens=6, num_draft_tokens=2, method="loop",
         baselines=[], output_dir=str(tmp_path / "o"), progress=False, warmup_tokens=0, plots=False,
     )  # fmt: skip
     report = evaluate(config)
@@ -192,8 +192,8 @@ def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     assert (
         "tree (chain + at least 2 side branches) drafting" in (tmp_path / "tree" / "results.md").read_text()
     )
-    with pytest.raises(ValueError, match="decoding: loop or auto"):
-        EvaluationConfig(drafter=saved_drafter, draft_tree_width=2, decoding="assisted")
+    with pytest.raises(ValueError, match="method: loop or auto"):
+        EvaluationConfig(drafter=saved_drafter, draft_tree_width=2, method="assisted")
     with pytest.raises(ValueError, match="temperatures"):
         EvaluationConfig(drafter=saved_drafter, draft_tree_width=2, temperatures=[0.0, 1.0])
     # a lookup branch in the tree: output still plain greedy's; refused off the loop and at T > 0
@@ -201,7 +201,7 @@ def test_evaluation_with_the_batched_loop(saved_drafter, tmp_path):
     (branch,) = evaluate(config)["results"]
     assert branch["greedy_matches"] == branch["greedy_total"] == 1
     with pytest.raises(ValueError, match="prompt_lookup_tokens"):
-        EvaluationConfig(drafter=saved_drafter, prompt_lookup_tokens=2, decoding="assisted")
+        EvaluationConfig(drafter=saved_drafter, prompt_lookup_tokens=2, method="assisted")
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
         EvaluationConfig(drafter=saved_drafter, prompt_lookup_num_tokens=[0])
 

@@ -14,13 +14,13 @@ import yaml
 from huggingface_hub import constants
 
 from ppow_trl.io import (
-    TAU_DEFINITION,
     HubAccessError,
     check_hub_access,
     drafter_model_card,
     load_drafter,
     push_to_hub,
 )
+from ppow_trl.metrics import TAU_DEFINITION
 from recipes.export_drafter import main as export_main
 from tests.test_export import make_drafter
 
@@ -188,7 +188,7 @@ def test_evaluation_reads_an_exported_drafter_like_the_original(fmt, tiny_target
     for name in ("ours", fmt):
         config = EvaluationConfig(
             drafter=str(tmp_path / name), prompt_sets=[str(prompts)], max_new_tokens=8, num_draft_tokens=3,
-            decoding="loop", baselines=[], output_dir=str(tmp_path / f"eval-{name}"), progress=False,
+            method="loop", baselines=[], output_dir=str(tmp_path / f"eval-{name}"), progress=False,
             warmup_tokens=0, plots=False,
         )  # fmt: skip
         (results[name],) = evaluate(config)["results"]

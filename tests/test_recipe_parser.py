@@ -18,7 +18,6 @@ from ppow_trl.training.parser import (
     launch_command,
     read_config,
 )
-from ppow_trl.training.ppow import is_ignored_grpo_field
 from ppow_trl.training.script_args import DataArguments, DrafterModelArguments, TargetArguments
 
 
@@ -51,7 +50,9 @@ def test_unknown_keys_name_close_fields(tmp_path):
 
 
 def test_ppow_help_hides_the_grpo_options_it_rejects():
-    parser = RecipeParser((DrafterModelArguments, DataArguments, PPOWConfig), hidden=is_ignored_grpo_field)
+    parser = RecipeParser(
+        (DrafterModelArguments, DataArguments, PPOWConfig), hidden=PPOWConfig.is_ignored_grpo_field
+    )
     text = parser.format_help()
     assert "--window_size" in text and "--num_generations" in text
     for rejected in ("--use_vllm", "--vllm_mode", "--beta", "--max_completion_length"):

@@ -26,7 +26,7 @@ from ppow_trl.evaluation import EvaluationConfig
 from ppow_trl.target import load_target
 from ppow_trl.training import DrafterSFTConfig, DrafterSFTTrainer
 from ppow_trl.training.parser import RecipeParser, read_config
-from ppow_trl.training.ppow import PPOWConfig, PPOWTrainer, is_ignored_grpo_field
+from ppow_trl.training.ppow import PPOWConfig, PPOWTrainer
 from ppow_trl.training.script_args import DataArguments, DrafterModelArguments
 from tests.ppow_fixtures import tiny_greedy_dataset, tiny_ppow_config
 from tests.test_drafting import make_drafter
@@ -37,6 +37,7 @@ ALL_YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 # A file or folder whose name starts with "_" is a base: included by configs, never run on its own.
 RUN_YAMLS = [p for p in ALL_YAMLS if not any(part.startswith("_") for part in p.relative_to(CONFIGS).parts)]
 VARIANTS = [p for p in ALL_YAMLS if "include" in yaml.safe_load(p.read_text())]
+RUN_VARIANTS = [p for p in VARIANTS if p in RUN_YAMLS]
 TARGET_YAMLS = [p for p in RUN_YAMLS if p.parent.name in ("llama-3.1-8b-instruct", "qwen3-8b")]
 EMBEDDED_YAMLS = [p for p in RUN_YAMLS if p.parent.name == "smollm2-135m"]
 
@@ -49,7 +50,9 @@ def recipe_parser(path: Path) -> RecipeParser:
     """The parser of the recipe that runs `path` (a run config's name starts with its stage)."""
     stage = path.stem
     if stage.startswith("ppow"):
-        return RecipeParser((DrafterModelArguments, DataArguments, PPOWConfig), hidden=is_ignored_grpo_field)
+        return RecipeParser(
+            (DrafterModelArguments, DataArguments, PPOWConfig), hidden=PPOWConfig.is_ignored_grpo_field
+        )
     if stage.startswith(("sft", "cst")):
         return RecipeParser((DrafterModelArguments, DataArguments, DrafterSFTConfig))
     if stage.startswith("evaluate"):
@@ -96,10 +99,14 @@ def as_flags(config: dict) -> list[str]:
     return flags
 
 
-@pytest.mark.parametrize("path", VARIANTS, ids=config_id)
-def test_a_config_that_includes_a_base_is_the_base_with_its_own_keys_on_the_command_line(path):
-    (base,) = included(path)
-    expected = parsed_values(base.resolve(), tuple(as_flags(own_keys(path))), recipe=path)
+@pytest.mark.parametrize("path", RUN_VARIANTS, ids=config_id)
+def test_a_config_that_includes_bases_is_its_bases_with_its_own_keys_on_the_command_line(path, tmp_path):
+    bases = {}
+    for base in included(path):  # later bases win
+        bases.update(read_config(base))
+    merged = tmp_path / "bases.yaml"
+    merged.write_text(yaml.safe_dump(bases))
+    expected = parsed_values(merged, tuple(as_flags(own_keys(path))), recipe=path)
     assert parsed_values(path) == expected
 
 

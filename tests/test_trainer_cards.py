@@ -57,6 +57,17 @@ def test_sft_trainer_writes_a_drafter_card(tiny_target, tiny_tokenizer, dataset,
     assert_drafter_card(text, "Supervised warm start")
     assert "| wall time (this run) | `" in text and "| command | `python " in text
 
+    # TRL's card attributes drive the card: a subclass that renames its method and cites its own paper
+    class Renamed(DrafterSFTTrainer):
+        _name = "distillation with a new loss"
+        _paper = {"title": "A new loss", "id": "0000.00000", "citation": "@article{newloss2026}"}
+
+    trainer.__class__ = Renamed
+    trainer.create_model_card()
+    text = (tmp_path / "README.md").read_text()
+    assert "Training: distillation with a new loss." in text and "@article{newloss2026}" in text
+    assert "@article{ppow2026" not in text
+
 
 def test_ppow_config_refuses_grpo_fields_ppow_ignores(tmp_path):
     with pytest.raises(ValueError) as err:
@@ -65,6 +76,7 @@ def test_ppow_config_refuses_grpo_fields_ppow_ignores(tmp_path):
     message = str(err.value)
     for name in ("use_vllm", "top_p", "loss_type", "max_completion_length", "vllm_gpu_memory_utilization"):
         assert name in message
+    assert "no vLLM" in message and "not GRPO's loss variants" in message  # each says why
     PPOWConfig(output_dir=str(tmp_path), use_cpu=True, top_p=1.0, use_vllm=False)  # defaults are fine
 
 

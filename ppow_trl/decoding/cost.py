@@ -271,19 +271,26 @@ def _fingerprint(model: PreTrainedModel | None) -> dict:
     }
 
 
-def _hardware(device: torch.device) -> dict:
-    info = {"machine": platform.machine(), "cpu": platform.processor(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}  # fmt: skip
+def hardware_info(device: torch.device | None = None) -> dict[str, Any]:
+    """The machine a timing belongs to: CPU model, cores, torch threads, platform and the GPU of `device`
+    (default: the first one, if any). Cost tables are cached per this; evaluation results record it."""
+    cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
-            info["cpu"] = next(
-                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), ""
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu
             )
     except OSError:
         pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
 
 
 def cost_key(target: PreTrainedModel, drafter: PreTrainedModel | None, max_tokens: int, context_length: int,
@@ -291,7 +298,7 @@ def cost_key(target: PreTrainedModel, drafter: PreTrainedModel | None, max_token
     """The cache key of a cost table: hardware, threads, torch, both models' architecture and dtype, the
     measured sizes, the packed-linear path and the table format."""
     device = next(target.parameters()).device
-    blob = {"hardware": _hardware(device), "target": _fingerprint(target), "drafter": _fingerprint(drafter),
+    blob = {"hardware": hardware_info(device), "torch": torch.__version__, "target": _fingerprint(target), "drafter": _fingerprint(drafter),
             "max_tokens": max_tokens, "context_length": context_length, "packed": packed,
             "version": CACHE_VERSION}  # fmt: skip
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]

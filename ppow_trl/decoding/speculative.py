@@ -9,8 +9,7 @@ with `ppow_trl.decoding.kernels.verify_windows` (the Triton kernel on CUDA). The
 (the candidate generator for assisted decoding, the `custom_generate` callables, `generate`) is in
 `ppow_trl.decoding.hf`.
 
-tau = generated tokens / target verification forwards (the prefill forward and the token it produces are
-not a verification; the token is counted as generated; docs/metrics.md).
+`SpeculativeOutput.tau` is tau as docs/metrics.md defines it (`ppow_trl.metrics.TAU_DEFINITION`).
 
 Options of `speculative_generate` beyond the chain:
 * `costs`: at batch size 1, with a table (given, or measured for "auto"), each verification forward runs at

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ppow_trl.decoding.hf import CHAIN_ROUND
+from ppow_trl.decoding.hf import CHAIN_ROUND, METHODS
 from ppow_trl.decoding.speculative import check_num_draft_tokens
 from ppow_trl.training.acceptance import DEFAULT_TREE_WIDTH, DEFAULT_TREE_WINDOW
 
 BASELINES = ("plain", "prompt_lookup")
-DECODINGS = ("auto", "assisted", "loop")
 
 
 @dataclass
@@ -59,7 +58,7 @@ class EvaluationConfig:
     prompt_lookup_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Greedy, decoding loop or auto: up to this many tokens of prompt lookup join each round's "
+            "help": "Greedy, method loop or auto: up to this many tokens of prompt lookup join each round's "
             "draft tree as one more branch (ppow_trl.decoding.lookup); 0 = off; unset = generate's greedy default "
             "(ppow_trl.decoding.hf.GREEDY_ROUND)."
         },
@@ -107,10 +106,10 @@ class EvaluationConfig:
             "(transformers' prompt-lookup decoding with K tokens)."
         },
     )
-    decoding: str = field(
+    method: str = field(
         default="auto",
         metadata={
-            "help": "Speculative decoding path: 'assisted' (transformers' assisted generation with the "
+            "help": "Speculative decoding path (generate's `method`): 'assisted' (transformers' assisted generation with the "
             "drafter's candidate generator), 'loop' (ppow_trl's batched decoding loop at batch size 1) or 'auto' "
             "(generate's choice: the loop for greedy rows, assisted for sampling)."
         },
@@ -120,7 +119,7 @@ class EvaluationConfig:
         metadata={
             "help": "1 = chain drafting; w > 1 = a draft tree: the chain plus at least w - 1 side branches (the "
             "drafter's runner-ups with the highest path probability at any step), more where the verification "
-            "forward has room at no real extra cost (greedy, decoding: loop or auto); unset = generate's greedy "
+            "forward has room at no real extra cost (greedy, method: loop or auto); unset = generate's greedy "
             "default (ppow_trl.decoding.hf.GREEDY_ROUND)."
         },
     )
@@ -158,20 +157,20 @@ class EvaluationConfig:
             raise ValueError(
                 f"prompt_lookup_num_tokens must be integers >= 1, got {self.prompt_lookup_num_tokens}"
             )
-        greedy_tree = self.decoding != "assisted" and not any(t > 0 for t in self.temperatures)
+        greedy_tree = self.method != "assisted" and not any(t > 0 for t in self.temperatures)
         if self.prompt_lookup_tokens is not None:
             if self.prompt_lookup_tokens < 0:
                 raise ValueError(f"prompt_lookup_tokens must be >= 0, got {self.prompt_lookup_tokens}")
             if self.prompt_lookup_tokens and not greedy_tree:
                 raise ValueError(
-                    "prompt_lookup_tokens > 0 (lookup branches) needs decoding: loop or auto and temperatures: [0]"
+                    "prompt_lookup_tokens > 0 (lookup branches) needs method: loop or auto and temperatures: [0]"
                 )
         if self.draft_tree_width is not None:
             if self.draft_tree_width < 1:
                 raise ValueError(f"draft_tree_width must be >= 1, got {self.draft_tree_width}")
             if self.draft_tree_width > 1 and not greedy_tree:
                 raise ValueError(
-                    "draft trees (draft_tree_width > 1) need decoding: loop or auto and temperatures: [0]"
+                    "draft trees (draft_tree_width > 1) need method: loop or auto and temperatures: [0]"
                 )
         if self.teacher_forced_window < 0:
             raise ValueError(f"teacher_forced_window must be >= 0, got {self.teacher_forced_window}")
@@ -190,8 +189,8 @@ class EvaluationConfig:
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise ValueError(f"unknown baselines {unknown}; choose from {BASELINES}")
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 or None, got {self.max_prompts}")
 

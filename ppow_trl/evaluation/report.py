@@ -16,6 +16,8 @@ import torch
 from ppow_trl.decoding.hf import decoding_round
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.metrics import (
+    ALPHA_DEFINITION,
+    TAU_DEFINITION,
     acceptance_length,
     accepted_length_histogram,
     format_number,
@@ -27,8 +29,8 @@ logger = logging.getLogger(__name__)
 PLOT_FILES = ("acceptance_per_position.png", "accepted_length_histogram.png")
 
 DEFINITIONS = {
-    "tau": "generated tokens / target verification forwards (prefill excluded)",
-    "alpha_j": "P(draft token j accepted | tokens 1..j-1 accepted)",
+    "tau": TAU_DEFINITION.removeprefix("tau = "),
+    "alpha_j": ALPHA_DEFINITION.removeprefix("alpha_j = "),
     "speedup": "speculative tokens/s / plain generate tokens/s, same process, same linear-layer kernels (packed "
     "oneDNN on CPU fp32), batch size 1, after warm-up",
     "greedy_matches": "generations whose greedy speculative output equals plain greedy token for token",
@@ -171,7 +173,7 @@ def summarise(
     return {
         "prompt_set": name,
         "temperature": temperature,
-        "method": f"{drafter_name} ({config.decoding})",
+        "method": f"{drafter_name} ({config.method})",
         "drafting": _drafting(config, temperature),
         "window_size": k,
         "num_draft_tokens": config.num_draft_tokens,
@@ -204,7 +206,7 @@ def summarise(
             "max_new_tokens": config.max_new_tokens,
             "num_draft_tokens": config.num_draft_tokens,
             "temperature": temperature,
-            "decoding": config.decoding,
+            "method": config.method,
             "batch_size": 1,
             "dtype": config.dtype,
             "drafting": _drafting(config, temperature),
@@ -214,7 +216,7 @@ def summarise(
 
 def _drafting(config: EvaluationConfig, temperature: float) -> str:
     """What a round verified: the config's tree and lookup settings as `generate` resolves them."""
-    shape = decoding_round(config.round_options(), temperature > 0, config.decoding)
+    shape = decoding_round(config.round_options(), temperature > 0, config.method)
     width, lookup = shape["draft_tree_width"], shape["prompt_lookup_tokens"]
     shape = "chain" if width == 1 else f"tree (chain + at least {width - 1} side branches)"
     return shape + (f" + prompt-lookup branch of up to {lookup} tokens" if lookup else "")
@@ -244,7 +246,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{report['settings']['dtype']}, max_new_tokens={report['settings']['max_new_tokens']}; "
         f"hardware: {hardware_line(report['hardware'])}.",
         "",
-        "tau = generated tokens / verification forwards (bonus token counted, prefill excluded); "
+        f"{TAU_DEFINITION}; "
         "speedup = tokens/s vs plain `generate` in the same process; a_j is - where no window reached position j; "
         "teacher-forced tau = 1 + mean accepted draft tokens of a fixed-K greedy window at every position of the "
         "target's own greedy answers; teacher-forced tree tau = the same with the drafter's top-w tokens at "

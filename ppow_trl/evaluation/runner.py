@@ -1,7 +1,6 @@
 """Evaluate a drafter on prompt sets: tau, per-position acceptance, speedup over plain `generate`, lossless check.
 
-Definitions (docs/metrics.md): tau = generated tokens / target verification forwards (the prefill forward is
-not counted; its token is); alpha_j = P(draft token j accepted | tokens 1..j-1 accepted); speedup = tokens/s
+Definitions (docs/metrics.md; tau and alpha_j as `ppow_trl.metrics` words them); speedup = tokens/s
 of speculative decoding / tokens/s of plain `generate`, same process, same prompts, batch size 1, after a
 warm-up; lossless = greedy speculative output equals plain greedy output token for token (check it in fp32).
 Drafting is `generate`'s: for greedy rows by default a small tree (the chain plus side branches) with a
@@ -19,8 +18,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ppow_trl.data.features import TargetFeatureProvider
 from ppow_trl.data.sources import load_prompts
 from ppow_trl.decoding import generate
-from ppow_trl.decoding.cost import MachineLoad, measure_costs
+from ppow_trl.decoding.cost import MachineLoad, hardware_info, measure_costs
 from ppow_trl.decoding.speculative import feature_layers
 from ppow_trl.evaluation.config import EvaluationConfig
 from ppow_trl.evaluation.report import DEFINITIONS, hardware_line, summarise, write_report
@@ -48,26 +45,6 @@ logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- environment
 # --------------------------------------------------------------------------------------------- environment
-def hardware_info() -> dict[str, Any]:
-    """CPU model and cores (and the GPU, if one is used)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    return info
-
-
 def versions() -> dict[str, str | None]:
     out = {}
     for name in ("torch", "transformers", "trl", "ppow-trl"):
@@ -211,7 +188,7 @@ class _Evaluator:
             ids,
             attention_mask=torch.ones_like(ids),
             num_draft_tokens=self.config.num_draft_tokens,
-            method=self.config.decoding,
+            method=self.config.method,
             **self.config.round_options(),
             **self.kwargs(temperature, max_new_tokens),
         )

@@ -22,7 +22,7 @@ from ppow_trl.hub_id import is_hub_id
 from ppow_trl.io.convert import serving_layer_ids, target_hub_id
 from ppow_trl.io.layouts import LAYOUTS, check_format
 from ppow_trl.io.source import UNKNOWN_TARGETS
-from ppow_trl.metrics import format_number
+from ppow_trl.metrics import ALPHA_DEFINITION, TAU_DEFINITION, format_number
 from ppow_trl.models.common import unwrap_drafter
 
 LIBRARY_NAME = "ppow-trl"
@@ -39,11 +39,6 @@ PPOW_PAPER = {
             eprint       = {arXiv:2605.14978},
         }"""),
 }
-TAU_DEFINITION = (
-    "tau = generated tokens / target verification forwards (prefill excluded): the mean number of tokens one "
-    "target forward yields, counting the token the target always adds (so tau = 1 + mean accepted draft tokens)"
-)
-ALPHA_DEFINITION = "alpha_j = P(draft token j accepted | draft tokens 1..j-1 accepted)"
 
 
 def _held_out(eval_results: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -108,6 +103,7 @@ def drafter_model_card(
     report: dict[str, Any] | None = None,
     layer_id_convention: str = "vllm",
     model_name: str | None = None,
+    paper: dict[str, str] | None = None,
 ) -> str:
     """The README.md (YAML metadata + markdown) of a drafter.
 
@@ -122,6 +118,8 @@ def drafter_model_card(
         eval_results: held-out metrics (`eval_tau`, `eval_alpha_1..K`, as the trainers write them).
         report: the results.json of `recipes/evaluate_drafter.py` (tau, alpha_j, speedup with hardware).
         model_name: the card's title (default: the Hub repository's name, else `drafter_name`).
+        paper: the paper of the training method, as TRL's trainers hold it in `_paper` (`title`, `id`,
+            `citation`); its citation closes the card (default: the PPOW paper, this library's).
     """
     check_format(format)
     model = unwrap_drafter(drafter)  # the card reads the config only: no need to merge adapters
@@ -167,7 +165,7 @@ def drafter_model_card(
         format=format,
         k=int(num_speculative_tokens or model.default_num_speculative_tokens),
         layer_id_convention=layer_id_convention,
-        citation=PPOW_PAPER["citation"],
+        citation=(paper or PPOW_PAPER)["citation"],
     )
 
 

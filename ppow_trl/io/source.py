@@ -87,7 +87,7 @@ def locate_drafter(
         directory = _download(name, revision, token)
     else:
         raise DrafterNotFoundError(
-            f"no drafter at {name!r}: not a directory, and not a Hub id of the form 'org/name'"
+            f"no drafter at {name!r}: not a directory, and not a valid Hub id ('org/name' or 'name')"
         )
     if (directory / "config.json").is_file():
         return DrafterSource(name, directory, read_json(directory / "config.json"))

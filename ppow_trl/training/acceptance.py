@@ -12,8 +12,8 @@ target did not generate (the next user turn) is never a greedy continuation.
 
 Held-out tau (docs/metrics.md) is computed here once: `batch_acceptances` scores a collated batch at several
 (width, K) shapes from one drafter forward (the SFT trainer's evaluation step), `dataset_acceptances` loops
-it over a dataset (the evaluation runner), `batch_acceptance` / `dataset_acceptance` give one shape (PPOW's
-`evaluate`, the benchmarks), and `ppow_trl.metrics.acceptance_metrics` summarises the k they return.
+it over a dataset (PPOW's `evaluate`, the evaluation runner, the PPOW benchmark), `batch_acceptance` /
+`dataset_acceptance` give one shape (the data-scaling benchmark), and `ppow_trl.metrics.acceptance_metrics` summarises the k they return.
 """
 
 from __future__ import annotations

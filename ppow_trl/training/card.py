@@ -26,11 +26,12 @@ logger = logging.getLogger(__name__)
 class DrafterCardMixin:
     """Mixed into a `transformers.Trainer` subclass that trains a drafter (put it first in the bases).
 
-    Class attributes: `_card_method` (how the card names the training), `_card_fields` (the training
-    arguments it lists), `_card_window_field` (the argument holding K for the usage snippets).
+    Class attributes: TRL's `_name` (how the card names the training) and `_paper` (the paper its citation
+    block gives; default the PPOW paper, this library's), `_card_fields` (the training arguments it lists),
+    `_card_window_field` (the argument holding K for the usage snippets).
     """
 
-    _card_method: str = "supervised warm start"
+    _name: str = "supervised warm start"
     _card_fields: tuple[str, ...] = ()
     _card_window_field: str = "window_size"
 
@@ -40,7 +41,7 @@ class DrafterCardMixin:
 
     def _card_kwargs(self) -> dict[str, Any]:
         args = self.args
-        training: dict[str, Any] = {"method": self._card_method, "trainer": type(self).__name__}
+        training: dict[str, Any] = {"method": self._name, "trainer": type(self).__name__}
         for name in self._card_fields:
             if hasattr(args, name):
                 value = getattr(args, name)
@@ -67,6 +68,7 @@ class DrafterCardMixin:
             "eval_results": eval_results or found.get("eval_results"),
             "report": found.get("report"),
             "repo_id": args.hub_model_id,
+            "paper": getattr(self, "_paper", None),
             "num_speculative_tokens": getattr(args, self._card_window_field, None),
         }
 

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from transformers import AutoModel, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -62,37 +62,6 @@ from ppow_trl.training.windowing import (
 )
 
 logger = logging.getLogger(__name__)
-
-# GRPO fields PPOW has no use for: it drafts windows with the drafter itself (no text generation, no vLLM),
-# optimises its own clipped window loss with a KL to the target (no reference model, no GRPO loss variants)
-# and logs windows, not completions. Setting one of them to a non-default value is an error, not a no-op.
-IGNORED_GRPO_FIELDS = (
-    "use_vllm", "max_completion_length", "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs",
-    "chat_template_kwargs", "cache_implementation", "mask_truncated_completions", "max_tool_calling_iterations",
-    "ds3_gather_for_generation", "use_transformers_continuous_batching", "transformers_continuous_batching_config",
-    "use_transformers_paged", "loss_type", "importance_sampling_level", "delta", "off_policy_mask_threshold",
-    "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy", "multi_objective_aggregation",
-    "cast_lm_head_to_fp32", "beta", "sync_ref_model", "log_completions", "num_completions_to_print",
-    "log_completions_hub_repo",
-)  # fmt: skip
-
-
-def is_ignored_grpo_field(name: str) -> bool:
-    """A GRPO field PPOW ignores: `IGNORED_GRPO_FIELDS`, every `vllm_*` and the SAPO/VESPO loss settings."""
-    return name in IGNORED_GRPO_FIELDS or name.startswith(("vllm_", "sapo_", "vespo_"))
-
-
-def ignored_grpo_fields_set(config) -> dict[str, tuple]:
-    """{name: (value, default)} of the GRPO fields PPOW ignores that differ from their defaults."""
-    set_fields = {}
-    for f in dataclasses.fields(config):
-        if not is_ignored_grpo_field(f.name):
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        value = getattr(config, f.name)
-        if value != default:
-            set_fields[f.name] = (value, default)
-    return set_fields
 
 
 class Verification(NamedTuple):
@@ -312,6 +281,49 @@ class PPOWConfig(GRPOConfig):
         default=False, metadata={"help": "Checkpoints keep optimizer state for resume."}
     )
 
+    # GRPO fields PPOW has no use for, grouped by why (a trailing `*` is a prefix). Setting one to a value other
+    # than its default is an error, not a silent no-op; the recipes' --help hides them.
+    ignored_grpo_fields: ClassVar[dict[str, tuple[str, ...]]] = {
+        "PPOW drafts windows with the drafter itself: no text generation, no vLLM": (
+            "use_vllm", "vllm_*", "max_completion_length", "top_p", "top_k", "min_p", "repetition_penalty",
+            "generation_kwargs", "chat_template_kwargs", "cache_implementation", "mask_truncated_completions",
+            "max_tool_calling_iterations", "ds3_gather_for_generation", "use_transformers_continuous_batching",
+            "transformers_continuous_batching_config", "use_transformers_paged",
+        ),
+        "PPOW optimises its own clipped window loss, not GRPO's loss variants": (
+            "loss_type", "importance_sampling_level", "delta", "off_policy_mask_threshold", "top_entropy_quantile",
+            "entropy_coef", "use_adaptive_entropy", "multi_objective_aggregation", "cast_lm_head_to_fp32",
+            "sapo_*", "vespo_*",
+        ),
+        "its KL is to the frozen target (target_kl_coef): no reference model": ("beta", "sync_ref_model"),
+        "it logs windows and acceptance, not completions": (
+            "log_completions", "num_completions_to_print", "log_completions_hub_repo",
+        ),
+    }  # fmt: skip
+
+    @classmethod
+    def ignored_because(cls, name: str) -> str | None:
+        """Why PPOW ignores the GRPO field `name` (`ignored_grpo_fields`), or None when it uses it."""
+        for reason, patterns in cls.ignored_grpo_fields.items():
+            if any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns):
+                return reason
+        return None
+
+    @classmethod
+    def is_ignored_grpo_field(cls, name: str) -> bool:
+        """For the recipes' parser: hide the fields PPOW ignores from --help."""
+        return cls.ignored_because(name) is not None
+
+    def _ignored_grpo_fields_set(self) -> list[str]:
+        """'name=value (default d): why' for each ignored GRPO field set to a value other than its default."""
+        found = []
+        for f in dataclasses.fields(self):
+            reason = self.ignored_because(f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if reason is not None and getattr(self, f.name) != default:
+                found.append(f"{f.name}={getattr(self, f.name)!r} (default {default!r}): {reason}")
+        return found
+
     def __post_init__(self) -> None:
         if self.num_generations is not None and self.num_generations < 2:
             raise ValueError(
@@ -356,15 +368,11 @@ class PPOWConfig(GRPOConfig):
             except ValueError:
                 raise ValueError(f"gamma must be a number or 'auto', got {self.gamma!r}") from None
         get_reward_funcs(self.reward_funcs)  # unknown names fail here, before any model loads
-        ignored = ignored_grpo_fields_set(self)
+        ignored = self._ignored_grpo_fields_set()
         if ignored:
             raise ValueError(
-                "PPOWConfig: these GRPO settings have no effect in PPOW and were set: "
-                + ", ".join(
-                    f"{name}={value!r} (default {default!r})" for name, (value, default) in ignored.items()
-                )
-                + ". PPOW drafts windows with the drafter (no text generation, no vLLM) and optimises its own "
-                "clipped window loss with a KL to the target (target_kl_coef): remove them."
+                "PPOWConfig: these GRPO settings have no effect in PPOW and were set (remove them): "
+                + "; ".join(ignored)
             )
         super().__post_init__()
 
@@ -384,11 +392,11 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         feature_provider: where target features come from (default: online from `target`).
     """
 
+    # TRL's card attributes: the drafter model card written with every save (DrafterCardMixin, instead of GRPO's
+    # text-generation card) names the training after `_name` and cites `_paper`.
     _tag_names = ["trl", "ppow", "speculative-decoding"]
     _name = "PPOW"
     _paper = PPOW_PAPER
-    # The drafter model card written with every save (DrafterCardMixin), instead of GRPO's text-generation card.
-    _card_method = "PPOW"
     _card_fields = (
         "window_size", "num_generations", "anchors_per_sequence", "gamma", "reward_funcs", "proximity_eta",
         "proximity_eps", "proximity_eps_quantile", "proximity_span", "baseline", "scale_rewards",
