@@ -415,6 +415,43 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def serving_records(report: dict, configs: list[dict], drafters: list[Path]) -> dict[Path, dict]:
+    """Per drafter folder, what vLLM measured with it in its eagle3 layout at batch 1 (the card's table,
+    `ppow_trl.io.record_serving_check`): per K the engine's acceptance and greedy identity. `configs`: the
+    configurations the engine ran (`build_configs`), matched to its results by name."""
+    s = report["settings"]
+    results = {c["name"]: c for c in report["engine"]["configs"]}
+    records = {}
+    for folder in drafters:
+        rows = []
+        for config in configs:
+            run = results.get(config["name"], {}).get("batches", {}).get("1", {})
+            acc = run.get("acceptance")
+            if config.get("drafter") != folder.name or config.get("layout") != "eagle3" or not acc:
+                continue
+            rows.append(
+                {
+                    "k": config["k"],
+                    "mean_acceptance_length": acc["mean_acceptance_length"],
+                    "acceptance_per_position": acc["acceptance_per_position"],
+                    "identical": run.get("identical", 0),
+                    "prompts": len(run["tokens"]),
+                }
+            )
+        if not rows:
+            continue
+        name = str(folder.relative_to(REPO)) if folder.is_relative_to(REPO) else str(folder)
+        records[folder] = {
+            "engine": f"vLLM {report['engine'].get('vllm')} (CPU build, `{VLLM_REQUIREMENT}`)",
+            "setup": f"the target in {s['dtype']}, greedy, {s['prompts']} MT-Bench first turns, at most "
+            f"{s['max_tokens']} new tokens, batch 1, {report['date']} (`{report['command']}`).",
+            "call": f'LLM(model=<target folder>, dtype="{s["dtype"]}", enforce_eager=True, speculative_config='
+            f'{{"method": "eagle3", "model": "{name}", "num_speculative_tokens": K}})',
+            "rows": sorted(rows, key=lambda row: row["k"]),
+        }
+    return records
+
+
 def build_configs(layout_folders: dict[str, dict[str, Path]], ks, ngram: bool) -> list[dict]:
     configs = [{"name": "no speculation", "speculative_config": None}]
     for drafter, folders in layout_folders.items():
@@ -570,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         if run.get("identical", len(run["tokens"])) != len(run["tokens"])
     ]
     report["ok"] = not failed and not mismatched
+    if report["ok"] and not quick:  # a full run is what a card may show (a quick one is a smoke test)
+        from ppow_trl.io import record_serving_check
+
+        for folder, record in serving_records(report, configs, drafters).items():
+            print(f"recorded vLLM's acceptance in {record_serving_check(folder, record)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

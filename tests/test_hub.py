@@ -17,8 +17,11 @@ from ppow_trl.io import (
     HubAccessError,
     check_hub_access,
     drafter_model_card,
+    export_drafter,
     load_drafter,
     push_to_hub,
+    record_serving_check,
+    run_card_inputs,
 )
 from ppow_trl.metrics import TAU_DEFINITION
 from recipes.export_drafter import main as export_main
@@ -87,6 +90,30 @@ def test_medusa_and_speculators_cards(tiny_target):
     spec = drafter_model_card(make_drafter("eagle3", tiny_target), format="speculators", repo_id="me/s")
     assert "speculators" in metadata(spec)["tags"] and "SGLang does not read this layout" in spec
     assert "No evaluation results were attached" in spec
+
+
+def test_a_serving_check_puts_its_table_in_the_card_once(tiny_target, tmp_path):
+    drafter = make_drafter("eagle3", tiny_target)
+    folder = export_drafter(drafter, tmp_path / "exported", format="eagle3")
+    record = {
+        "engine": "vLLM 9.9 (CPU build)", "setup": "greedy, 2 prompts.", "call": 'LLM(model=<target>, ...)',
+        "rows": [{"k": 1, "mean_acceptance_length": 1.288, "acceptance_per_position": [0.288], "identical": 2,
+                  "prompts": 2}],
+    }  # fmt: skip
+    readme = record_serving_check(folder, record)
+    card = readme.read_text()
+    assert (
+        "Measured by serving it with vLLM 9.9 (CPU build)" in card and "| 1 | 1.288 | 0.288 | 2/2 |" in card
+    )
+    assert card.index("Measured by serving it") < card.index("## Usage")  # among the results, before usage
+    # a later check replaces the table instead of adding a second one
+    record["rows"][0].update(mean_acceptance_length=1.5, acceptance_per_position=[0.5])
+    card = record_serving_check(folder, record).read_text()
+    assert card.count("Measured by serving it") == 1 and "| 1 | 1.500 | 0.500 | 2/2 |" in card
+    assert "1.288" not in card
+    # a card written later from the folder's records (an export of it) carries the table too
+    again = drafter_model_card(drafter, format="speculators", **run_card_inputs(folder))
+    assert "| 1 | 1.500 | 0.500 | 2/2 |" in again and "No evaluation results were attached" not in again
 
 
 def test_push_uploads_the_exported_folder_and_card(tiny_target, tmp_path, monkeypatch):

@@ -148,6 +148,28 @@ def test_report_tables_have_one_cell_per_column():
     assert "failed: ValueError: no" in text and "| 2 | 1.750 | 1.750 |" in text
 
 
+def test_serving_records_hold_the_eagle3_layouts_batch_1_acceptance_per_drafter():
+    acc = {"drafts": 4, "draft_tokens": 8, "accepted_tokens": 3, "mean_acceptance_length": 1.75,
+           "acceptance_per_position": [0.5, 0.25]}  # fmt: skip
+    run = {"tokens": [[1, 2], [3]], "seconds": 1.0, "new_tokens": 3, "identical": 2, "acceptance": acc}
+    other = {**run, "acceptance": {**acc, "mean_acceptance_length": 1.1}}
+    configs = serve_check.build_configs(
+        {"mine": {"eagle3": Path("/x/mine"), "speculators": Path("/w/spec")}}, [2], ngram=True
+    )
+    engine = [
+        {"name": c["name"], "batches": {"1": run if c.get("layout") == "eagle3" else other, "8": other}}
+        for c in configs
+    ]
+    report = {"settings": {"dtype": "float32", "prompts": 2, "max_tokens": 16}, "date": "d", "command": "c",
+              "engine": {"vllm": "0.32.0", "configs": engine}}  # fmt: skip
+    records = serve_check.serving_records(report, configs, [Path("/x/mine"), Path("/x/absent")])
+    assert list(records) == [Path("/x/mine")]  # a drafter the engine did not serve gets no record
+    (row,) = records[Path("/x/mine")]["rows"]
+    assert row == {"k": 2, "mean_acceptance_length": 1.75, "acceptance_per_position": [0.5, 0.25],
+                   "identical": 2, "prompts": 2}  # fmt: skip
+    assert '"num_speculative_tokens": K' in records[Path("/x/mine")]["call"]
+
+
 # ------------------------------------------------------------------------------------------ quick vLLM run
 @pytest.mark.integration
 def test_quick_serving_check(tmp_path):

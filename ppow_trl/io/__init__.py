@@ -13,7 +13,7 @@
     drafter = load_drafter("yuhuili/EAGLE3-LLaMA3.1-Instruct-8B", target)   # any readable layout
 """
 
-from .card import PPOW_PAPER, drafter_model_card, run_card_inputs, write_drafter_card
+from .card import PPOW_PAPER, drafter_model_card, record_serving_check, run_card_inputs, write_drafter_card
 from .convert import LAYER_ID_CONVENTIONS, hf_layer_ids, serving_layer_ids
 from .drafters import export_drafter, load_drafter, merged_drafter, needs_target, recorded_target
 from .hub import HubAccessError, check_hub_access, push_dataset, push_to_hub
@@ -59,6 +59,7 @@ __all__ = [
     "recorded_target",
     "register_layout",
     "resolve_layout",
+    "record_serving_check",
     "run_card_inputs",
     "serving_layer_ids",
     "write_drafter_card",

@@ -28,6 +28,10 @@ from ppow_trl.models.common import unwrap_drafter
 LIBRARY_NAME = "ppow-trl"
 TEMPLATE = Path(__file__).parent / "templates" / "drafter_card.md"
 CARD_RECORD = "drafter_card.json"
+# What a serving engine measured with this drafter (benchmarks/serve_check.py writes it next to the weights), and
+# the markers around its table in README.md, so a later check replaces the table instead of adding one.
+SERVING_RECORD = "serving_check.json"
+SERVING_MARKERS = ("<!-- serving-engine measurement -->", "<!-- end of serving-engine measurement -->")
 PPOW_PAPER = {
     "title": "Performance-Driven Policy Optimization for Speculative Decoding with Adaptive Windowing",
     "id": "2605.14978",
@@ -104,6 +108,7 @@ def drafter_model_card(
     layer_id_convention: str = "vllm",
     model_name: str | None = None,
     paper: dict[str, str] | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> str:
     """The README.md (YAML metadata + markdown) of a drafter.
 
@@ -120,6 +125,8 @@ def drafter_model_card(
         model_name: the card's title (default: the Hub repository's name, else `drafter_name`).
         paper: the paper of the training method, as TRL's trainers hold it in `_paper` (`title`, `id`,
             `citation`); its citation closes the card (default: the PPOW paper, this library's).
+        serving: what a serving engine measured with this drafter (`serving_section`), as
+            `benchmarks/serve_check.py` records it in `serving_check.json`.
     """
     check_format(format)
     model = unwrap_drafter(drafter)  # the card reads the config only: no need to merge adapters
@@ -161,12 +168,56 @@ def drafter_model_card(
         alpha_definition=ALPHA_DEFINITION,
         held_out=_held_out(eval_results),
         decoding=_decoding_rows(report),
+        serving=serving_section(serving) if serving else None,
         repo_id=repo_id or f"<your-username>/{name}",
         format=format,
         k=int(num_speculative_tokens or model.default_num_speculative_tokens),
         layer_id_convention=layer_id_convention,
         citation=(paper or PPOW_PAPER)["citation"],
     )
+
+
+def serving_section(record: dict[str, Any]) -> str:
+    """The card's table of acceptance measured by a serving engine: per K, the engine's mean acceptance length
+    (1 + accepted / drafts), its per-position rates and greedy identity with the engine run without the drafter;
+    then the exact call the check made. `record`: `engine`, `setup` (a sentence), `call`, and `rows` of `k`,
+    `mean_acceptance_length`, `acceptance_per_position`, `identical`, `prompts`."""
+    lines = [
+        SERVING_MARKERS[0],
+        f"Measured by serving it with {record['engine']}: {record['setup']}",
+        "",
+        "| K | mean acceptance length | acceptance per position | greedy output identical to the engine without "
+        "speculation |",
+        "|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        rates = ", ".join(f"{x:.3f}" for x in row["acceptance_per_position"])
+        lines.append(
+            f"| {row['k']} | {row['mean_acceptance_length']:.3f} | {rates} | {row['identical']}/{row['prompts']} |"
+        )
+    lines += ["", "The call the check made:", "", "```python", record["call"], "```", SERVING_MARKERS[1]]
+    return "\n".join(lines)
+
+
+def record_serving_check(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Store a serving engine's measurement in a drafter folder (`serving_check.json`) and show it in the
+    folder's README.md: replacing the table of an earlier check, else before `## Usage` (else at the end).
+    Later cards written from the folder (`run_card_inputs`, an export) carry it too. Returns README.md."""
+    folder = Path(folder)
+    (folder / SERVING_RECORD).write_text(json.dumps(record, indent=1))
+    readme = folder / "README.md"
+    text = readme.read_text() if readme.is_file() else ""
+    section = serving_section(record)
+    start, end = (text.find(marker) for marker in SERVING_MARKERS)
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(SERVING_MARKERS[1]) :]
+    elif "\n## Usage" in text:
+        head, tail = text.split("\n## Usage", 1)
+        text = f"{head}\n{section}\n\n## Usage{tail}"
+    else:
+        text = f"{text.rstrip()}\n\n{section}\n"
+    readme.write_text(text)
+    return readme
 
 
 def write_drafter_card(drafter: PreTrainedModel, directory: str | Path, **card_kwargs: Any) -> Path:
@@ -184,7 +235,8 @@ def write_drafter_card(drafter: PreTrainedModel, directory: str | Path, **card_k
 def run_card_inputs(output_dir: str | Path) -> dict[str, Any]:
     """What a training output folder knows for a card, as `drafter_model_card` arguments: the trainer's record
     (`drafter_card.json`), held-out results (`eval_results.json`), the evaluation report (`results.json` here or
-    in `eval/`) and the data split record (`split.json`, its fingerprint)."""
+    in `eval/`), a serving engine's measurement (`serving_check.json`) and the data split record (`split.json`,
+    its fingerprint)."""
     out = Path(output_dir)
     found: dict[str, Any] = {}
     if (out / CARD_RECORD).is_file():
@@ -195,6 +247,8 @@ def run_card_inputs(output_dir: str | Path) -> dict[str, Any]:
         if candidate.is_file():
             found["report"] = json.loads(candidate.read_text())
             break
+    if (out / SERVING_RECORD).is_file():
+        found["serving"] = json.loads((out / SERVING_RECORD).read_text())
     if (out / "split.json").is_file():
         split = json.loads((out / "split.json").read_text())
         meta = split.get("settings", split)
