@@ -42,12 +42,16 @@ demo-from-scratch: setup
 		--drafter $(OUT)/ppow-eagle3-from-scratch --output_dir $(OUT)/eval-from-scratch
 
 # Rebuild the shipped warm start (hours on a 2-core CPU; every stage resumes where it stopped):
-# self-generated data -> supervised EAGLE-3 training in two stages -> bf16 export in the eagle3 serving layout.
+# self-generated data -> supervised EAGLE-3 training in three stages (the third continues the exported second on
+# the grown dataset) -> bf16 export in the eagle3 serving layout.
 warmstart: setup
 	$(RUN) recipes/regenerate.py --config $(CONFIGS)/regenerate_self_generated.yaml
 	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3_large.yaml --resume_from_checkpoint true
 	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3_large_continued.yaml --resume_from_checkpoint true
 	$(RUN) recipes/export_drafter.py --drafter $(OUT)/sft-eagle3-large-continued --format eagle3 \
+		--dtype bfloat16 --output_dir $(WARMSTART)
+	$(RUN) recipes/sft_drafter.py --config $(CONFIGS)/sft_eagle3_stage3.yaml --resume_from_checkpoint true
+	$(RUN) recipes/export_drafter.py --drafter $(OUT)/sft-eagle3-stage3 --format eagle3 \
 		--dtype bfloat16 --output_dir $(WARMSTART)
 
 test: setup
