@@ -122,8 +122,7 @@ def drafter_model_card(
             `data_fingerprint` and counts) and any settings to list (K, G, gamma, steps, learning rate, ...).
         eval_results: held-out metrics (`eval_tau`, `eval_alpha_1..K`, as the trainers write them).
         report: the results.json of `recipes/evaluate_drafter.py` (tau, alpha_j, speedup with hardware).
-        model_name: the card's title (default: the name of the Hub repository or folder `repo_id`, else
-            `drafter_name`).
+        model_name: the card's title (default: the Hub repository's name, else `drafter_name`).
         paper: the paper of the training method, as TRL's trainers hold it in `_paper` (`title`, `id`,
             `citation`); its citation closes the card (default: the PPOW paper, this library's).
         serving: what a serving engine measured with this drafter (`serving_section`), as
@@ -149,7 +148,7 @@ def drafter_model_card(
     environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     return environment.from_string(TEMPLATE.read_text()).render(
         card_data=metadata.to_yaml().strip(),
-        name=model_name or (repo_id.rstrip("/").split("/")[-1] if repo_id else name),
+        name=model_name or (repo_id.rstrip("/").split("/")[-1] if repo_id and is_hub_id(repo_id) else name),
         target_id=base_model
         or (config.target_name_or_path if config.target_name_or_path not in UNKNOWN_TARGETS else "<target>"),
         base_model=base_model,
