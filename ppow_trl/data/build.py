@@ -282,15 +282,9 @@ def build_training_data(
         "target": target_identity(target),
         "config": config.to_card(),  # no cache location: reading a shipped dataset leaves its files unchanged
     }
-    _write_unless_unchanged(build_dir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(build_dir / "report.json", json.dumps(report, indent=1))
     _log_report(report)
     return RegeneratedData(train, eval_, draft_vocab, report, build_dir, regen)
-
-
-def _write_unless_unchanged(path: Path, text: str) -> None:
-    """Reading a shipped dataset must leave its files (and their times) as they are."""
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
 
 
 def _regeneration_counts(stats: dict) -> dict[str, Any]:

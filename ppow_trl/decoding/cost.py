@@ -298,9 +298,9 @@ def cost_key(target: PreTrainedModel, drafter: PreTrainedModel | None, max_token
     """The cache key of a cost table: hardware, threads, torch, both models' architecture and dtype, the
     measured sizes, the packed-linear path and the table format."""
     device = next(target.parameters()).device
-    blob = {"hardware": hardware_info(device), "torch": torch.__version__, "target": _fingerprint(target), "drafter": _fingerprint(drafter),
-            "max_tokens": max_tokens, "context_length": context_length, "packed": packed,
-            "version": CACHE_VERSION}  # fmt: skip
+    blob = {"hardware": hardware_info(device), "torch": torch.__version__, "target": _fingerprint(target),
+            "drafter": _fingerprint(drafter), "max_tokens": max_tokens, "context_length": context_length,
+            "packed": packed, "version": CACHE_VERSION}  # fmt: skip
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

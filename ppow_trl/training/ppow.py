@@ -319,8 +319,10 @@ class PPOWConfig(GRPOConfig):
         found = []
         for f in dataclasses.fields(self):
             reason = self.ignored_because(f.name)
+            if reason is None:
+                continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if reason is not None and getattr(self, f.name) != default:
+            if getattr(self, f.name) != default:
                 found.append(f"{f.name}={getattr(self, f.name)!r} (default {default!r}): {reason}")
         return found
 

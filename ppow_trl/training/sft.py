@@ -215,8 +215,8 @@ class DrafterSFTTrainer(DrafterCardMixin, Trainer):
     """
 
     _tag_names = ["trl", "ppow-trl", "drafter-sft"]
-    # The drafter model card written with every save (DrafterCardMixin) names the training after `_name`.
-    _name = "supervised warm start"
+    # The drafter model card written with every save (DrafterCardMixin) names the training after `_name`
+    # ("supervised warm start", the mixin's).
     _card_fields = (
         "drafter_type", "window_size", "loss", "step_weight_decay", "learning_rate", "max_steps",
         "per_device_train_batch_size",
