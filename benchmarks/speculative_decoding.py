@@ -16,7 +16,7 @@ prompt runs, in this order: plain `generate` (stock, and with `ppow_trl.packed` 
 prompt lookup at every K of `--prompt-lookup-tokens`;
 ppow_trl's loop (`speculative_generate`, profiled per phase) at every fixed K of `--num-draft-tokens` and with
 `num_draft_tokens="auto"` (up to `--max-draft-tokens`), each also as a draft tree for every `--tree-widths` w
-(the chain plus side branches), and with `--lookup-branch` m tokens of prompt lookup in the tree; and, unless `--no-assisted`, transformers' assisted
+(a dynamic draft tree), and with `--lookup-branch` m tokens of prompt lookup in the tree; and, unless `--no-assisted`, transformers' assisted
 decoding with the drafter's candidate generator and auto K. The loop and the assisted path verify through
 `ppow_trl.packed` (oneDNN, prepacked weights) unless `--no-packed`, and the loop (fixed and auto K) pads a
 window's forward to a cheaper token count of the measured cost table (`CostTable.verify_shape`); prompt lookup

@@ -63,7 +63,8 @@ def test_lookup_branch_is_lossless_and_accepts_what_a_useless_drafter_cannot(tar
             )
             assert torch.equal(out.sequences, ref), (options, out.accepted.flatten().tolist())
             assert out.lookup_rounds > 0
-            if isinstance(options["num_draft_tokens"], int):  # a fixed K stays K after a longer lookup branch
+            if options.get("draft_tree_width", 1) == 1 and options["num_draft_tokens"] != "auto":
+                # a fixed K stays K after a longer lookup branch
                 assert set(out.window_sizes.tolist()) == {options["num_draft_tokens"]}
         gains += out.tau - plain.tau
     assert gains > 0.5, gains

@@ -124,7 +124,7 @@ class CostTable:
 
     def tree_room(self, num_tokens: int, tolerance: float = 0.03) -> int:
         """The most tokens a verification forward of at least `num_tokens` can run for at most `tolerance` more
-        than the cheapest such forward (`verify_shape`): room for a draft tree's side branches that costs
+        than the cheapest such forward (`verify_shape`): room for a draft tree's nodes that costs
         close to nothing (on CPU, c(n) is nearly flat for small n once the linears run on packed weights)."""
         base = self.verify_shape(num_tokens)
         if base >= len(self.verify):

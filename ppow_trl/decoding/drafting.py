@@ -94,21 +94,6 @@ class ChainDrafter:
     def reset(self) -> None:
         self.state = ChainState()
         self.queued: list[tuple[torch.Tensor, ...]] = []  # verified blocks not yet committed (`enqueue`)
-        self.step_logits: list[torch.Tensor] = []  # (B, V_d) per step of the last window drafted
-
-    def runner_ups(self, window: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The side branches a greedy draft tree can hang on the last window's first `window` steps: at each
-        step, the `count` next most likely tokens after the greedy one.
-
-        Returns (tokens (B, window, count) target ids, log_prob (B, window, count)): the drafter's log-probability
-        of the path to each, the greedy prefix before its step times the runner-up itself (EAGLE-2's ranking)."""
-        if len(self.step_logits) < window:
-            raise RuntimeError(f"the last window drafted {len(self.step_logits)} steps, not {window}")
-        log_probs = torch.stack(self.step_logits[:window], 1).float().log_softmax(-1)
-        top = log_probs.topk(count + 1, dim=-1)
-        greedy = top.values[..., 0]
-        prefix = greedy.cumsum(1) - greedy
-        return self.model.draft_to_target(top.indices[..., 1:]), prefix[..., None] + top.values[..., 1:]
 
     @property
     def last_hidden(self) -> torch.Tensor | None:
@@ -173,7 +158,6 @@ class ChainDrafter:
         if self.state.last_hidden is None:
             raise RuntimeError("commit() target features before drafting")
         logits, ids = self.model.chain_logits(self.state, num_draft_tokens, self.temperature, self.generator)
-        self.step_logits = list(logits.unbind(1))
         return self.model.draft_to_target(ids), self._probs(logits, ids)
 
     @torch.no_grad()
@@ -185,11 +169,9 @@ class ChainDrafter:
             raise ValueError(f"window_size (K) must be >= 1, got {max_draft_tokens}")
         if self.state.last_hidden is None:
             raise RuntimeError("commit() target features before drafting")
-        self.step_logits = []
         for logits, ids in self.model.chain_steps(
             self.state, max_draft_tokens, self.temperature, self.generator
         ):
-            self.step_logits.append(logits)
             yield self.model.draft_to_target(ids), self._probs(logits, ids), logits
 
     def _probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -65,8 +65,8 @@ __all__ = [
 
 METHODS = ("auto", "assisted", "loop")
 # `generate`'s greedy round when the caller names none: the fastest measured on this project's CPU benchmarks
-# (benchmarks/RESULTS_speculative_decoding.md): a draft tree (the chain plus side branches) with up to 4 tokens
-# of prompt lookup as one more branch. Sampling keeps chains (trees are verified greedily).
+# (benchmarks/RESULTS_speculative_decoding.md): a dynamic draft tree of width 4 with up to 4 tokens of prompt
+# lookup as one more branch. Sampling keeps chains (trees are verified greedily).
 GREEDY_ROUND = {"draft_tree_width": 4, "prompt_lookup_tokens": 4}
 CHAIN_ROUND = {"draft_tree_width": 1, "prompt_lookup_tokens": 0}
 # Warpers that transform each row of logits independently of the context: they can be applied to a whole

@@ -17,16 +17,16 @@ Options of `speculative_generate` beyond the chain:
   longer forward is cheaper.
 * `packed`: with prepacked linear layers a (K+1)-token verification costs ~1.1 one-token forwards instead of
   ~1.7 on CPU, and drafting about 40% less.
-* `draft_tree_width=w > 1` (greedy): a draft tree, the chain plus at least w - 1 one-token side branches: the
-  runner-ups (at any step j of the chain) with the highest path probability under the drafter, each seeing
-  x_n, d_1..d_{j-1} and itself; at batch size 1 with a cost table, as many more as the forward holds for at
-  most 3% more than its cheapest shape (`CostTable.tree_room`). All are verified in one target forward under a
-  tree attention mask; when d_j is the chain's first rejected token and the target's token there is a side
-  branch's, that branch is kept (its KV takes slot j) and the target's token after it is the bonus token.
+* `draft_tree_width=w > 1` (greedy): a dynamic draft tree (`ppow_trl.decoding.tree`, EAGLE-2's construction):
+  layer by layer, the w most likely children of the w most probable nodes, up to K layers, then the best nodes
+  by path probability, verified in one target forward under a tree attention mask. How many: with "auto", the
+  count that maximises expected tokens per unit of cost (`TreeSizer`, which also stops growing layers that do
+  not pay); with a fixed K at batch size 1 and a cost table, as many as the forward holds for at most 3% more
+  than its cheapest shape (`CostTable.tree_room`); else K + w - 1. The accepted path's KV moves into place.
 * `prompt_lookup_tokens=m > 0` (greedy): each round also verifies up to m tokens of prompt lookup (the
   continuation of the latest earlier occurrence of the row's last n-gram in its prompt and output,
-  `ppow_trl.decoding.lookup`) as one more branch of the draft tree; the round keeps whichever path the target
-  accepts for longer. In rounds where "auto" skips drafting, the lookup is verified alone, at no drafter cost.
+  `ppow_trl.decoding.lookup`) as one more branch of the round's tree; the round keeps whichever path the target
+  accepts for longer. In rounds where "auto" drafts nothing, the lookup is verified alone.
 
 Rows finish at EOS or after max_new_tokens and stop counting; the KV entries of rejected draft tokens stay in
 the (shared, batched) target cache only when another row accepted more, and are masked out (at batch size 1
@@ -54,6 +54,7 @@ from ppow_trl.decoding.draft_length import DraftLengthPolicy, top_probability
 from ppow_trl.decoding.drafting import ChainDrafter
 from ppow_trl.decoding.kernels import verify_windows
 from ppow_trl.decoding.lookup import lookup_continuation
+from ppow_trl.decoding.tree import DraftTree, TreeSizer, accept_greedy, ancestors, grow_tree, tree_attention
 from ppow_trl.models.common import positions_from_mask, sample_token_ids, scatter_draft_probs, unwrap_drafter
 from ppow_trl.packed import packed_linears, use_packed_linears
 from ppow_trl.target import cache_root, capture_features, vocab_size_of
@@ -70,8 +71,9 @@ class SpeculativeOutput:
         are filled with the pad token, as in transformers.
     accepted: (R, B) int64 accepted draft tokens k per verification round and row; -1 where the row had
         already finished (it takes no part in that round).
-    window_sizes: (R,) int64 draft tokens verified in each round (K, or fewer when transformers' assisted
-        decoding capped the last windows at max_length; 0 = a plain one-token step).
+    window_sizes: (R,) int64 drafted tokens verified in each round (K, or fewer when transformers' assisted
+        decoding capped the last windows at max_length; a draft tree's nodes; lookup tokens do not count; 0 = a
+        plain one-token step).
     num_verify_forwards: R, target forwards after the prefill (batched: one forward serves all rows).
     new_tokens: (B,) generated tokens per row (EOS included, padding excluded).
     timings: seconds per phase when profiling was requested (see `speculative_generate`).
@@ -450,7 +452,8 @@ def speculative_generate(
         costs: the cost table "auto" prices windows with (default: `measure_costs(target, drafter)`, cached).
         packed: run the target's and the drafter's linear layers on prepacked oneDNN weights (CPU fp32; True,
             False or "auto" = where supported and the target's packed copy is small; `ppow_trl.packed`).
-        draft_tree_width: greedy only: 1 = a chain; w > 1 = a draft tree (the chain, >= w - 1 side branches).
+        draft_tree_width: greedy only: 1 = a chain; w > 1 = a dynamic draft tree expanding the w best nodes of
+            each layer into their w best children, K layers deep ("auto": as deep and as large as pays).
         correct_costs: with "auto", time the rounds and reprice windows when the observed costs disagree with
             the table (`ppow_trl.decoding.cost.CostMonitor`); default: for measured tables only.
         prompt_lookup_tokens: greedy only: verify up to this many tokens of prompt lookup per round; 0 = off.
@@ -463,113 +466,42 @@ def speculative_generate(
     if costs is None and check_num_draft_tokens(num_draft_tokens) == "auto":
         costs = measure_costs(target, model, max_tokens=max(16, max_draft_tokens + 1), packed=use_packed)
     padded_costs = costs if input_ids.shape[0] == 1 else None  # the table is measured at batch size 1
-    policy = draft_length_policy(
-        target,
-        model,
-        num_draft_tokens,
-        draft_confidence_threshold,
-        max_draft_tokens,
-        costs,
-        use_packed,
-        padded_costs is not None,
-        correct_costs,
-    )
+    tree = draft_tree_width > 1
+    policy = None
+    if not tree:
+        policy = draft_length_policy(
+            target,
+            model,
+            num_draft_tokens,
+            draft_confidence_threshold,
+            max_draft_tokens,
+            costs,
+            use_packed,
+            padded_costs is not None,
+            correct_costs,
+        )
+    auto = num_draft_tokens == "auto"
+    depth = min(max_draft_tokens, model.max_draft_tokens or max_draft_tokens) if auto else num_draft_tokens
+    sizer = tree_sizer(model, costs, padded_costs is not None) if tree and auto else None
     sampler = _Sampler(temperature, generator, logits_warper, verify_backend)
-    shape = _RoundShape(draft_tree_width - 1, prompt_lookup_tokens, prompt_lookup_ngram, padded_costs)
+    shape = _RoundShape(
+        draft_tree_width, depth, prompt_lookup_tokens, prompt_lookup_ngram, padded_costs, sizer
+    )
     with packed_linears(target, use_packed), packed_linears(model, use_packed):
         loop = _SpeculativeLoop(target, model, policy, num_draft_tokens, sampler, shape, profile)
         output = loop.run(input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)
-    output.costs = policy_costs(policy, costs) if policy is not None and policy.mode == "auto" else None
+    output.costs = policy_costs(policy, costs) if auto else None
     return output
 
 
-def _tree_attention(
-    attn: torch.Tensor, window: int, depths: torch.Tensor, lookup: int, filler: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """(B, 1, n, L + n) additive attention mask of a draft tree's forward, n = window + 1 + S + lookup + filler:
-    the past as `attn` (B, L + window + 1) says, the chain [x_n, d_1..d_K] causal, each of the S side branches
-    (an alternative d_j, `depths` (B, S) = j) sees x_n, d_1..d_{j-1} and itself, the lookup branch sees x_n and
-    itself causally, filler rows see what precedes them."""
-    chain = window + 1
-    batch, sides = depths.shape
-    n = chain + sides + lookup + filler
-    device = attn.device
-    past = attn[:, : attn.shape[1] - chain]
-    new = torch.ones(n, n, dtype=torch.bool, device=device).tril().repeat(batch, 1, 1)
-    columns = torch.arange(n, device=device)
-    rows = torch.arange(chain, chain + sides, device=device)
-    new[:, rows] = (columns[None, None] < depths[..., None]) | (columns[None, None] == rows[None, :, None])
-    first = chain + sides
-    new[:, first : first + lookup] = False
-    new[:, first : first + lookup, 0] = True
-    new[:, first : first + lookup, first : first + lookup] = torch.ones(
-        lookup, lookup, dtype=torch.bool, device=device
-    ).tril()
-    allowed = torch.cat([past[:, None, None, :].expand(-1, 1, n, -1), new[:, None]], dim=-1)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
-
-
-def _side_branches(chain: ChainDrafter, window: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `count` side branches of the round's tree with the highest path probability under the drafter (a
-    runner-up at any step of the chain): (tokens (B, count) target ids, depths (B, count) the step j each
-    replaces)."""
-    tokens, log_probs = chain.runner_ups(window, count)
-    per_step = tokens.shape[-1]
-    best = log_probs.flatten(1).topk(count, dim=1).indices
-    return tokens.flatten(1).gather(1, best), best // per_step + 1
-
-
-def _take_branches(
-    logits: torch.Tensor,
-    forward_ids: torch.Tensor,
-    window: int,
-    depths: torch.Tensor,
-    lookup_valid: torch.Tensor,
-    accepted: torch.Tensor,
-    bonus: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    active: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy: the longest accepted path through the round's tree. A side branch at step j (`depths`) counts when
-    the chain's token d_j was the first rejected and the target's token there is that branch's (accepted = j);
-    the lookup branch when it matches the target's greedy tokens for longer than that path.
-
-    Returns (accepted, bonus, tokens (B, W) of the path, path (B, W + 1) the forward row of each slot of the path
-    [x_n, t_1..t_W]), W = max(window, lookup length)."""
-    batch, lookup = lookup_valid.shape
-    width = max(window, lookup)
-    device = logits.device
-    greedy = logits.argmax(-1)  # (B, n) the target's token after each row of the forward
-    every = torch.arange(batch, device=device)
-    tokens = _pad_right(draft_tokens, width - window) if window else draft_tokens.new_zeros(batch, width)
-    path = torch.arange(width + 1, device=device).expand(batch, -1)
-    # a side branch at the chain's first rejected step j = a + 1 holding the target's token
-    if depths.shape[1]:
-        sides = forward_ids[:, window + 1 : window + 1 + depths.shape[1]]
-        wanted = greedy.gather(1, accepted[:, None])
-        hit = (sides == wanted) & (depths == accepted[:, None] + 1) & active[:, None]
-        took = hit.any(1)
-        row = window + 1 + hit.long().argmax(1)
-        slots = torch.arange(width + 1, device=device)
-        path = torch.where(took[:, None] & (slots == accepted[:, None] + 1), row[:, None], path)
-        tokens = torch.where(took[:, None] & (slots[1:] == accepted[:, None] + 1), wanted, tokens)
-        bonus = torch.where(took, greedy[every, row], bonus)
-        accepted = torch.where(took, accepted + 1, accepted)
-    if lookup:
-        first = window + 1 + depths.shape[1]
-        proposed = forward_ids[:, first : first + lookup]
-        expected = torch.cat([greedy[:, :1], greedy[:, first : first + lookup - 1]], dim=1)
-        run = ((proposed == expected) & lookup_valid).long().cumprod(1).sum(1)
-        took = (run > accepted) & active
-        slots = torch.arange(1, width + 1, device=device)
-        use = took[:, None] & (slots[None] <= run[:, None])
-        path = torch.cat([path[:, :1], torch.where(use, first + slots - 1, path[:, 1:])], dim=1)
-        tokens = torch.where(use, _pad_right(proposed, width - lookup), tokens)
-        bonus = torch.where(took, greedy[every, (first + run - 1).clamp(min=0)], bonus)
-        accepted = torch.where(took, run, accepted)
-    return accepted, bonus, tokens, path
+def tree_sizer(model: PreTrainedModel, costs: CostTable, padded: bool) -> TreeSizer:
+    """The "auto" sizing of draft trees for a drafter and cost table, kept across calls (what it learned about
+    the drafter's calibration and the achieved rate carries over, as for chains)."""
+    learned = _LEARNED_POLICIES.setdefault(model, {})
+    key = ("tree", *_policy_key(0, costs, padded))
+    if key not in learned:
+        learned[key] = TreeSizer(costs.padded_verify() if padded else list(costs.verify), costs.draft_step)
+    return learned[key]
 
 
 def _crop_to(cache: DynamicCache, length: int) -> None:
@@ -629,21 +561,28 @@ class _Sampler:
 
 @dataclass
 class _RoundShape:
-    """What each verification forward holds beside the chain (greedy draft trees): at least `side_branches`
-    side branches and up to `lookup_tokens` tokens of prompt lookup (`lookup_continuation` with n-grams up to
-    `lookup_ngram`). `costs` (None: no padding) pads the forward to its cheaper shape
-    (`CostTable.verify_shape`) and fills its free room with more side branches (`CostTable.tree_room`)."""
+    """What each verification forward holds: a chain (`tree_width` 1) or a dynamic draft tree of that width and
+    at most `depth` layers, sized by `sizer` ("auto") or by the cost table; up to `lookup_tokens` tokens of prompt
+    lookup (`lookup_continuation` with n-grams up to `lookup_ngram`). `costs` (None: no padding) pads the forward
+    to its cheaper shape (`CostTable.verify_shape`)."""
 
-    side_branches: int
+    tree_width: int
+    depth: int
     lookup_tokens: int
     lookup_ngram: int
     costs: CostTable | None
+    sizer: TreeSizer | None
 
-    def side_room(self, need: int) -> int:
-        """Side branches beside `need` tokens: w - 1, or as many as fit the forward at no real extra cost."""
+    def tree_shape(self, pool: DraftTree, lookup_valid: torch.Tensor) -> tuple[int, int]:
+        """(tree nodes, lookup tokens) a round verifies: the sizer's choice ("auto"), or every lookup token
+        found and as many nodes as the forward holds."""
+        if self.sizer is not None:
+            return self.sizer.size(pool, lookup_valid, lookup_valid.shape[0])
+        lookup = lookup_valid.shape[1]
+        deepest = int(pool.depths.max())
         if self.costs is None:
-            return self.side_branches
-        return self.costs.tree_room(need + self.side_branches) - need
+            return deepest + self.tree_width - 1, lookup
+        return max(self.costs.tree_room(deepest + 1 + lookup) - 1 - lookup, deepest), lookup
 
     def filler(self, tokens: int) -> int:
         """Filler tokens that bring a forward of `tokens` to the table's cheaper shape."""
@@ -652,19 +591,25 @@ class _RoundShape:
 
 @dataclass
 class _Round:
-    """One round's draft and the forward that verifies it: the chain [x_n, d_1..d_K], then S side branches,
-    then m lookup tokens (a greedy draft tree), then `filler` tokens whose outputs and KV are dropped."""
+    """One round's draft and the forward that verifies it. A chain round's forward is [x_n, d_1..d_K]; a tree
+    round's (a draft tree, or a chain with a lookup branch) is x_n then the tree's nodes then the lookup tokens,
+    with `parents`/`depths` per row (`ppow_trl.decoding.tree`); then `filler` tokens whose outputs and KV are
+    dropped."""
 
     active: torch.Tensor  # (B,) rows still running
-    draft_tokens: torch.Tensor  # (B, K) the chain
+    draft_tokens: torch.Tensor  # (B, K) the chain (K = 0 in a tree round without a chain)
     draft_probs: torch.Tensor  # (B, K, V_d)
-    ids: torch.Tensor  # (B, K + 1 + S + m) the forward's tokens, filler excluded
-    positions: torch.Tensor  # (B, K + 1 + S + m)
+    ids: torch.Tensor  # (B, n) the forward's tokens, filler excluded
+    positions: torch.Tensor  # (B, n)
     mask: torch.Tensor | None  # the forward's attention mask, filler included (None: no padding anywhere)
-    depths: torch.Tensor  # (B, S) the chain step j each side branch replaces
-    lookup_valid: torch.Tensor  # (B, m)
     filler: int
     past: int  # the target cache's length before the forward
+    parents: torch.Tensor | None = None  # (B, n) tree rounds: each row's parent row, -1 for x_n
+    depths: torch.Tensor | None = None  # (B, n)
+    valid: torch.Tensor | None = None  # (B, n) rows that may be accepted (lookup tokens past a match are not)
+    seen: torch.Tensor | None = None  # (B, n, n) each row's ancestors (`ancestors`)
+    nodes: DraftTree | None = None  # the drafted nodes verified (dynamic trees)
+    lookup_start: int = 0  # the first lookup row
 
     @property
     def window(self) -> int:
@@ -672,7 +617,7 @@ class _Round:
 
     @property
     def tree(self) -> bool:
-        return bool(self.depths.shape[1] or self.lookup_valid.shape[1])
+        return self.parents is not None
 
 
 class _SpeculativeLoop:
@@ -788,6 +733,14 @@ class _SpeculativeLoop:
         """The round's chain, after committing the drafter's queued rows: (tokens (B, K), probs (B, K, V_d)),
         K = 0 for a plain step. Times the drafting for the policy's cost monitor."""
         round_start = _now(self.clock, self.device)
+        if self.shape.tree_width > 1:
+            self.commit_queued()
+            sizer = self.shape.sizer
+            self.pool = grow_tree(self.model, self.chain.state, self.shape.tree_width, self.shape.depth,
+                                  sizer.keep_growing if sizer is not None else None)  # fmt: skip
+            self.timer.lap("drafter_draft")
+            empty = torch.zeros(active.shape[0], 0, dtype=torch.long, device=self.device)
+            return empty, torch.zeros(active.shape[0], 0, 1, device=self.device)
         if self.policy is None:
             self.commit_queued()
             draft_tokens, draft_probs = self.chain.draft(self.num_draft_tokens)
@@ -815,34 +768,57 @@ class _SpeculativeLoop:
     def verification(
         self, active: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor
     ) -> _Round:
-        """The round's verification forward: the chain, a greedy tree's branches, filler, attention mask."""
+        """The round's verification forward: the chain, or the tree (drafted nodes and lookup branch), filler,
+        attention mask."""
         batch, window = draft_tokens.shape
         cur_pos = self.rows.cur_pos[:, None]
-        ids = torch.cat([self.rows.pending[:, None], draft_tokens], dim=1)
-        positions = cur_pos + torch.arange(window + 1, device=self.device)
-        attn = torch.cat(
-            [self.attn, torch.ones(batch, window + 1, dtype=torch.bool, device=self.device)], dim=1
-        )
-        mask = attn.long() if self.has_holes else None
         found, lookup_valid = self.lookup(active)
         lookup = lookup_valid.shape[1]
-        depths = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-        if self.shape.side_branches and window:
-            side_ids, depths = _side_branches(self.chain, window, self.shape.side_room(window + 1 + lookup))
-            ids = torch.cat([ids, side_ids], dim=1)
-            positions = torch.cat([positions, cur_pos + depths], dim=1)
-        if lookup:
-            ids = torch.cat([ids, found], dim=1)
-            positions = torch.cat([positions, cur_pos + 1 + torch.arange(lookup, device=self.device)], 1)
-        filler = self.shape.filler(ids.shape[1])
-        if depths.shape[1] or lookup:
-            mask = _tree_attention(attn, window, depths, lookup, filler, self.lm_head.weight.dtype)
-        elif filler and mask is not None:
-            mask = _pad_right(mask, filler)
+        nodes = None
+        if self.shape.tree_width > 1:
+            count, lookup = self.shape.tree_shape(self.pool, lookup_valid)
+            lookup_valid = lookup_valid[:, :lookup]
+            found = None if found is None else found[:, :lookup]
+            nodes = self.pool.best(count)
+        elif lookup and window:  # the chain as a tree, for the lookup branch beside it
+            steps = torch.arange(window, device=self.device).expand(batch, -1)
+            nodes = DraftTree(
+                draft_tokens, steps - 1, steps + 1, torch.zeros(batch, window, device=self.device)
+            )
         past = self.cache.get_seq_length()
-        round_ = _Round(
-            active, draft_tokens, draft_probs, ids, positions, mask, depths, lookup_valid, filler, past
-        )
+        if nodes is None and not lookup:
+            ids = torch.cat([self.rows.pending[:, None], draft_tokens], dim=1)
+            positions = cur_pos + torch.arange(window + 1, device=self.device)
+            mask = None
+            if self.has_holes:
+                ones = torch.ones(batch, window + 1, dtype=torch.long, device=self.device)
+                mask = torch.cat([self.attn.long(), ones], dim=1)
+            filler = self.shape.filler(ids.shape[1])
+            if filler and mask is not None:
+                mask = _pad_right(mask, filler)
+            self.timer.lap("bookkeeping")
+            return _Round(active, draft_tokens, draft_probs, ids, positions, mask, filler, past)
+        size = 0 if nodes is None else nodes.size
+        ids, parents, depths, valid = [self.rows.pending[:, None]], [torch.full_like(cur_pos, -1)], [], []
+        depths.append(torch.zeros_like(cur_pos))
+        valid.append(torch.ones_like(cur_pos, dtype=torch.bool))
+        if size:
+            ids.append(nodes.tokens)
+            parents.append(nodes.parents + 1)
+            depths.append(nodes.depths)
+            valid.append(torch.ones_like(nodes.tokens, dtype=torch.bool))
+        if lookup:
+            steps = torch.arange(lookup, device=self.device)
+            ids.append(found)
+            parents.append(torch.where(steps == 0, 0, size + steps).expand(batch, -1))
+            depths.append((steps + 1).expand(batch, -1))
+            valid.append(lookup_valid)
+        ids, parents, depths, valid = (torch.cat(parts, 1) for parts in (ids, parents, depths, valid))
+        seen = ancestors(parents, int(depths.max()))
+        filler = self.shape.filler(ids.shape[1])
+        mask = tree_attention(self.attn, seen, filler, self.lm_head.weight.dtype)
+        round_ = _Round(active, draft_tokens, draft_probs, ids, cur_pos + depths, mask, filler, past,
+                        parents, depths, valid, seen, nodes if window == 0 else None, 1 + size)  # fmt: skip
         self.timer.lap("bookkeeping")
         return round_
 
@@ -885,7 +861,7 @@ class _SpeculativeLoop:
         """Verify the round: (accepted (B,), bonus (B,), tokens (B, W) of the path kept, features of its slots
         first); the cache keeps the path's W + 1 slots after the past (a tree's: moved into place)."""
         window, active, draft_tokens = round_.window, round_.active, round_.draft_tokens
-        if window == 0:  # a plain step
+        if window == 0:  # a plain step (or a tree round: the tree's acceptance below replaces it)
             accepted = torch.zeros(active.shape[0], dtype=torch.long, device=self.device)
             bonus = self.sampler.pick(logits[:, 0])
         else:
@@ -893,27 +869,43 @@ class _SpeculativeLoop:
             accepted, bonus = self.sampler.verify(logits[:, : window + 1], draft_tokens, probs)
         if self.policy is not None:  # the chain's own acceptance calibrates the policy
             self.policy.end_round(window, accepted[active])
-        self.window_log.append(window)
         if round_.tree:
-            sides = round_.depths.shape[1]
-            accepted, bonus, draft_tokens, path = _take_branches(
-                logits,
-                round_.ids,
-                window,
-                round_.depths,
-                round_.lookup_valid,
-                accepted,
-                bonus,
-                draft_tokens,
-                active,
+            accepted, bonus, path, holds = accept_greedy(
+                logits.argmax(-1), round_.ids, round_.parents, round_.depths, round_.valid, round_.seen
             )
+            draft_tokens = round_.ids.gather(1, path[:, 1:])
+            self.learn_tree(round_, holds)
             if not bool((path == torch.arange(path.shape[1], device=self.device)).all()):
                 _compat.gather_cache_slots(self.cache, round_.past, path)
                 features = features.gather(1, path[..., None].expand(-1, -1, features.shape[-1]))
-            self.lookup_rounds += int(((accepted > 0) & (path[:, 1] > window + sides)).sum())
-            _crop_to(self.cache, round_.past + draft_tokens.shape[1] + 1)
+            if path.shape[1] > 1:
+                from_lookup = (accepted > 0) & (path[:, 1] >= round_.lookup_start) & active
+                self.lookup_rounds += int(from_lookup.sum())
+            _crop_to(self.cache, round_.past + path.shape[1])
+        self.window_log.append(
+            window if round_.nodes is None else round_.nodes.size
+        )  # drafted tokens verified
         self.timer.lap("verify")
         return accepted, bonus, draft_tokens, features
+
+    def learn_tree(self, round_: _Round, holds: torch.Tensor) -> None:
+        """Tell the tree sizer how deep the drafted nodes held (the lookup branch aside) and what the round
+        cost."""
+        sizer = self.shape.sizer
+        if sizer is None or round_.nodes is None:
+            return
+        active, start = round_.active, round_.lookup_start
+        batch, tokens = round_.ids.shape
+        layers = int(self.pool.depths.max())
+        cost = sizer.c(batch * (tokens + round_.filler)) + layers * sizer.draft_cost
+        lookup_valid = round_.valid[active, start:]
+        nodes = round_.nodes
+        verified = DraftTree(
+            nodes.tokens[active], nodes.parents[active], nodes.depths[active], nodes.scores[active]
+        )
+        sizer.end_round(
+            verified, holds[active, 1:start], lookup_valid, holds[active, start:] & lookup_valid, cost
+        )
 
     def write(
         self, round_: _Round, tokens: torch.Tensor, accepted: torch.Tensor, bonus: torch.Tensor

@@ -117,10 +117,9 @@ class EvaluationConfig:
     draft_tree_width: int | None = field(
         default=None,
         metadata={
-            "help": "1 = chain drafting; w > 1 = a draft tree: the chain plus at least w - 1 side branches (the "
-            "drafter's runner-ups with the highest path probability at any step), more where the verification "
-            "forward has room at no real extra cost (greedy, method: loop or auto); unset = generate's greedy "
-            "default (ppow_trl.decoding.hf.GREEDY_ROUND)."
+            "help": "1 = chain drafting; w > 1 = a dynamic draft tree: each layer expands the w most probable "
+            "nodes into their w best children, and the round verifies the best nodes by path probability "
+            "(greedy, method: loop or auto); unset = generate's greedy default (ppow_trl.decoding.hf.GREEDY_ROUND)."
         },
     )
     warmup_tokens: int = field(

@@ -218,7 +218,7 @@ def _drafting(config: EvaluationConfig, temperature: float) -> str:
     """What a round verified: the config's tree and lookup settings as `generate` resolves them."""
     shape = decoding_round(config.round_options(), temperature > 0, config.method)
     width, lookup = shape["draft_tree_width"], shape["prompt_lookup_tokens"]
-    shape = "chain" if width == 1 else f"tree (chain + at least {width - 1} side branches)"
+    shape = "chain" if width == 1 else f"dynamic tree of width {width}"
     return shape + (f" + prompt-lookup branch of up to {lookup} tokens" if lookup else "")
 
 

@@ -3,8 +3,7 @@
 Definitions (docs/metrics.md; tau and alpha_j as `ppow_trl.metrics` words them); speedup = tokens/s
 of speculative decoding / tokens/s of plain `generate`, same process, same prompts, batch size 1, after a
 warm-up; lossless = greedy speculative output equals plain greedy output token for token (check it in fp32).
-Drafting is `generate`'s: for greedy rows by default a small tree (the chain plus side branches) with a
-prompt-lookup branch, for sampling a chain; `draft_tree_width` and `prompt_lookup_tokens` override it.
+Drafting is `generate`'s: for greedy rows by default a dynamic draft tree with a prompt-lookup branch, for sampling a chain; `draft_tree_width` and `prompt_lookup_tokens` override it.
 
 Every generation runs twice, alternating per prompt: plain `target.generate` and speculative decoding (and the
 optional prompt-lookup baseline). Multi-turn prompts (MT-Bench) are answered turn by turn; a later turn's

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -305,6 +306,21 @@ class DrafterMixin:
         logits, ids = self.chain_logits(state, max_draft_tokens, temperature, generator)
         for j in range(ids.shape[1]):
             yield logits[:, j], ids[:, j]
+
+    def tree_logits(
+        self,
+        state: ChainState,
+        nodes: Any,
+        parents: torch.Tensor | None,
+        tokens: torch.Tensor | None,
+        depth: int,
+    ) -> tuple[torch.Tensor | None, Any]:
+        """One layer of a draft tree (`ppow_trl.decoding.tree`): the drafter's logits (B, N, V_d) for the
+        children of N nodes holding target ids `tokens` (B, N) at `depth` (1 = the first draft token), and the
+        nodes' state for expanding their own children. `nodes` is the state of the layer above and `parents`
+        (B, N) the index of each node's parent in it (None at depth 1). Depth 0 is the root, the last committed
+        row: logits (B, 1, V_d), `tokens` None. The logits are None where the drafter cannot draft that deep."""
+        raise NotImplementedError(f"{type(self).__name__} does not draft trees")
 
     def check_target(self, target: PreTrainedModel) -> None:
         check_drafter_matches_target(self.config, target)

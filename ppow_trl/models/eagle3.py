@@ -396,3 +396,26 @@ class Eagle3Drafter(DrafterMixin, PreTrainedModel):
         )  # fmt: skip
         for logits, ids in steps:
             yield logits[:, 0], ids[:, 0]
+
+    def tree_logits(self, state, nodes, parents, tokens, depth):
+        # A node continues its parent's pass: the parent's output and draft-step keys (the row's `diagonal`),
+        # plus its own token at position last + depth; the committed rows are the shared context.
+        if depth == 0:
+            return self.draft_logits(state.last_hidden)[:, None], None
+        batch, width = tokens.shape
+        if nodes is None:
+            hidden, diagonal = state.last_hidden[:, None].expand(-1, width, -1), None
+        else:
+            hidden, keys, values = nodes
+            hidden = hidden.gather(1, parents[..., None].expand(-1, -1, hidden.shape[-1]))
+            index = parents[:, None, :, None, None].expand(-1, keys.shape[1], -1, *keys.shape[3:])
+            diagonal = (keys.gather(2, index), values.gather(2, index))
+        context_mask = state.cache_valid[:, None, :].expand(-1, width, -1)
+        positions = (state.last_position + depth)[:, None].expand(-1, width)
+        out, k, v = self.step(
+            tokens, hidden, positions, state.cache, context_mask, diagonal, append_to_context=False
+        )
+        k, v = k.unsqueeze(3), v.unsqueeze(3)
+        if diagonal is not None:
+            k, v = torch.cat([diagonal[0], k], 3), torch.cat([diagonal[1], v], 3)
+        return self.draft_logits(out), (out, k, v)

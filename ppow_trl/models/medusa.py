@@ -157,3 +157,11 @@ class MedusaDrafter(DrafterMixin, PreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.head_logits(state.last_hidden, num_draft_tokens)  # (B, K, V_d)
         return logits, sample_token_ids(logits, temperature, generator)
+
+    def tree_logits(self, state, nodes, parents, tokens, depth):
+        # Head j predicts position j + 1 from the last committed row alone: every node of a layer gets the
+        # same children.
+        if depth >= self.config.num_heads:
+            return None, None
+        logits = self.head_logits(state.last_hidden, depth + 1)[:, depth]
+        return logits[:, None].expand(-1, 1 if tokens is None else tokens.shape[1], -1), None
