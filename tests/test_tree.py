@@ -97,3 +97,22 @@ def test_tree_sizer_learns_which_ranks_pay():
     nodes, tokens = sizer.size(pool, lookup)
     assert nodes < first_nodes and nodes >= 1
     assert tokens == 3
+
+
+def test_tree_sizer_keeps_what_it_learned_on_disk(tmp_path):
+    """A new process starts from the last one's calibration; a file for another shape is ignored."""
+    pool = DraftTree(torch.arange(3)[None], torch.tensor([[-1, -1, 0]]), torch.tensor([[1, 1, 2]]),
+                     torch.tensor([[-0.2, -1.0, -0.9]]))  # fmt: skip
+    first = TreeSizer([1.0, 1.1, 1.2, 1.3])
+    first.remember(tmp_path / "sizer.json")
+    for _ in range(5):
+        first.end_round(pool, torch.tensor([[True, False, True]]), torch.zeros(1, 0, dtype=torch.bool),
+                        torch.zeros(1, 0, dtype=torch.bool), cost=1.2)  # fmt: skip
+    first.save()
+    second = TreeSizer([1.0, 1.1, 1.2, 1.3])
+    assert second.calibration(0) == 1.0
+    second.remember(tmp_path / "sizer.json")
+    assert second.calibration(0) == first.calibration(0) != 1.0 and second.rate == first.rate
+    other = TreeSizer([1.0, 1.1, 1.2, 1.3], max_nodes=8)
+    other.remember(tmp_path / "sizer.json")
+    assert other.calibration(0) == 1.0

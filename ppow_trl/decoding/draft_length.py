@@ -115,12 +115,44 @@ def _solve_calibration(
     return 0.5 * (low + high)
 
 
-# What `DraftLengthPolicy` learns about its drafter across rounds (kept across calls and, with `remember`, runs).
-_LEARNED = ("rate", "calibration", "_reach", "_observed", "_first")
+class LearnedState:
+    """What a decoding policy learns about its drafter (the attributes in `LEARNED`), kept on disk between
+    processes: `remember(path)` reads a file written for the same `SHAPE` attributes (another shape is ignored),
+    `save` writes it; a failed write only warns."""
+
+    LEARNED: tuple[str, ...] = ()
+    SHAPE: tuple[str, ...] = ()
+    store: Path | None = None
+
+    def remember(self, path: Path) -> None:
+        """Keep what is learned at `path`, starting from what a file there holds."""
+        self.store = path
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if all(state.get(name) == getattr(self, name) for name in self.SHAPE) and all(
+            name in state for name in self.LEARNED
+        ):
+            for name in self.LEARNED:
+                setattr(self, name, state[name])
+
+    def save(self) -> None:
+        if self.store is None:
+            return
+        state = {name: getattr(self, name) for name in (*self.SHAPE, *self.LEARNED)}
+        try:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.store.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.store)
+        except OSError as err:
+            logger.warning("could not keep the decoding calibration at %s: %s", self.store, err)
+            self.store = None
 
 
 @dataclass
-class DraftLengthPolicy:
+class DraftLengthPolicy(LearnedState):
     """Per-round draft length for a decoding loop (see the module docstring).
 
     mode "auto": include draft step j while some window that contains it is expected to add more tokens than
@@ -162,6 +194,9 @@ class DraftLengthPolicy:
     # loops for measured tables).
     monitor: Any = field(default=None, init=False, repr=False)
     store: Path | None = field(default=None, init=False, repr=False)  # where `save` keeps what was learned
+    # what it learns about its drafter across rounds (kept across calls and, with `remember`, runs)
+    LEARNED = ("rate", "calibration", "_reach", "_observed", "_first")
+    SHAPE = ("max_window",)
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "threshold"):
@@ -190,32 +225,9 @@ class DraftLengthPolicy:
         self.commit_cost = float(commit_cost) / float(table[0])
         self._skipped, self._skip_limit = 0, 1
 
-    def remember(self, path: Path) -> None:
-        """Keep what this policy learns about its drafter (calibration, achieved rate) at `path`: read now when
-        a file is there (a new process starts where the last one stopped instead of at the prior), written by
-        `save`. A file for another window size, or one that cannot be read, is ignored."""
-        self.store = path
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        if state.get("max_window") == self.max_window and len(state.get("_reach", ())) == self.max_window:
-            for name in _LEARNED:
-                setattr(self, name, state[name])
-
     def save(self) -> None:
-        """Write what was learned to `store` (set by `remember`); a failed write only warns."""
-        if self.store is None or self.mode != "auto":
-            return
-        state = {"max_window": self.max_window, **{name: getattr(self, name) for name in _LEARNED}}
-        try:
-            self.store.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.store.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, self.store)
-        except OSError as err:
-            logger.warning("could not keep the draft-length calibration at %s: %s", self.store, err)
-            self.store = None
+        if self.mode == "auto":
+            super().save()
 
     @property
     def drafted_steps(self) -> int:

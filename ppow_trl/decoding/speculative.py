@@ -501,6 +501,7 @@ def tree_sizer(model: PreTrainedModel, costs: CostTable, padded: bool) -> TreeSi
     key = ("tree", *_policy_key(0, costs, padded))
     if key not in learned:
         learned[key] = TreeSizer(costs.padded_verify() if padded else list(costs.verify), costs.draft_step)
+        learned[key].remember(_calibration_path(model, key))
     return learned[key]
 
 
@@ -683,8 +684,12 @@ class _SpeculativeLoop:
             if running:  # the last round leaves the cache and the drafter as they are
                 self.commit(round_, features, emitted, kept, accepted, bonus)
             self.timer.lap("bookkeeping")
-        if self.policy is not None:  # what it learned about the drafter, for the next process
-            self.policy.save()
+        for learner in (
+            self.policy,
+            self.shape.sizer,
+        ):  # what it learned about the drafter, for the next process
+            if learner is not None:
+                learner.save()
         return self.output(input_ids)
 
     def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, pad_token_id: int) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from ppow_trl.decoding.draft_length import LearnedState, verify_cost
 from ppow_trl.models.common import ChainState
 
 __all__ = ["DraftTree", "TreeSizer", "accept_greedy", "grow_tree", "tree_attention"]
@@ -167,7 +168,7 @@ def accept_greedy(
 
 
 @dataclass
-class TreeSizer:
+class TreeSizer(LearnedState):
     """How deep and how large a round's tree is, and how much of the lookup branch it verifies ("auto"). Tokens
     are priced at r, the tokens per unit of cost achieved so far (Dinkelbach's rule for the best rate, as for
     chains in `ppow_trl.decoding.draft_length`).
@@ -180,7 +181,11 @@ class TreeSizer:
     Both start optimistic (factor 1, rate 1/2), so what was never verified gets tried.
 
     A layer is drafted while the best node it would expand is worth more than a drafter layer plus one more
-    verified token; the round verifies the tree nodes and lookup tokens that maximise worth - r c(1 + count)."""
+    verified token; the round verifies the tree nodes and lookup tokens that maximise worth - r c(1 + count).
+    What it learned persists per drafter (`LearnedState.remember`)."""
+
+    LEARNED = ("rate", "_hits", "_mass", "_lookup_hits", "_lookup_tries")
+    SHAPE = ("max_nodes", "max_lookup")
 
     costs: list[float]
     draft_cost: float = 0.0
@@ -201,8 +206,6 @@ class TreeSizer:
         self._lookup_hits, self._lookup_tries = [1.0] * self.max_lookup, [2.0] * self.max_lookup
 
     def c(self, tokens: int) -> float:
-        from ppow_trl.decoding.draft_length import verify_cost
-
         return verify_cost(self.costs, tokens)
 
     def calibration(self, rank: int) -> float:
