@@ -461,6 +461,11 @@ def speculative_generate(
     """
     model = check_drafter_for_target(target, drafter)
     _check_branches(draft_tree_width, prompt_lookup_tokens, prompt_lookup_ngram, temperature)
+    if draft_tree_width > model.config.draft_vocab_size:
+        raise ValueError(
+            f"draft_tree_width={draft_tree_width} asks for more children per node than the drafter's "
+            f"{model.config.draft_vocab_size}-token draft vocabulary holds"
+        )
     use_packed = use_packed_linears(target, packed)
     input_ids, mask = _check_prompts(target, input_ids, attention_mask, max_new_tokens, temperature)
     if costs is None and check_num_draft_tokens(num_draft_tokens) == "auto":
