@@ -331,7 +331,9 @@ def test_draft_tree_is_lossless_and_rescues_a_rejected_first_token(kind, target)
     with pytest.raises(ValueError, match="integer >= 1"):
         speculative_generate(target, drafter, singles[0], draft_tree_width=0)
     with pytest.raises(ValueError, match="draft vocabulary"):
-        speculative_generate(target, drafter, singles[0], draft_tree_width=drafter.config.draft_vocab_size + 1)
+        speculative_generate(
+            target, drafter, singles[0], draft_tree_width=drafter.config.draft_vocab_size + 1
+        )
 
 
 @pytest.mark.parametrize("step", [1, 2])
