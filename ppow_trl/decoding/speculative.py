@@ -689,10 +689,8 @@ class _SpeculativeLoop:
             if running:  # the last round leaves the cache and the drafter as they are
                 self.commit(round_, features, emitted, kept, accepted, bonus)
             self.timer.lap("bookkeeping")
-        for learner in (
-            self.policy,
-            self.shape.sizer,
-        ):  # what it learned about the drafter, for the next process
+        # what the policy and the tree sizer learned about the drafter, for the next process
+        for learner in (self.policy, self.shape.sizer):
             if learner is not None:
                 learner.save()
         return self.output(input_ids)

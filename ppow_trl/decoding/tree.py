@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from ppow_trl.decoding.draft_length import LearnedState, verify_cost
 from ppow_trl.models.common import ChainState
 
-__all__ = ["DraftTree", "TreeSizer", "accept_greedy", "grow_tree", "tree_attention"]
+__all__ = ["DraftTree", "TreeSizer", "accept_greedy", "ancestors", "grow_tree", "tree_attention"]
 
 
 @dataclass
