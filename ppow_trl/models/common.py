@@ -5,9 +5,10 @@ Conventions (docs/eagle3.md): drafter row p pairs the target feature at position
 predicts x_{p+2}. A window drafted at *anchor row* r continues the prefix x_0..x_{r+1}: its K tokens stand
 for positions r+2 .. r+K+1.
 
-A drafter class implements three methods and nothing outside the class dispatches on its type:
+A drafter class implements four methods and nothing outside the class dispatches on its type:
 `window_logits` (K-token windows at many anchors at once, training-time-test attention), `commit_rows` and
-`chain_logits` (chain drafting for decoding: commit verified rows to a cache, then draft one window).
+`chain_logits` (chain drafting for decoding: commit verified rows to a cache, then draft one window), and
+`tree_logits` (one layer of a dynamic draft tree).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class DrafterMixin:
 
     A drafter has buffers `d2t` (V_d,) int64 offsets (target_id = draft_id + d2t[draft_id]) and
     `t2d` (V,) bool, `output_heads()` returning its draft-vocabulary LM heads, and implements
-    `window_logits`, `commit_rows` and `chain_logits` (see the module docstring).
+    `window_logits`, `commit_rows`, `chain_logits` and `tree_logits` (see the module docstring).
     """
 
     #: The longest window this drafter can draft (None: any length).
