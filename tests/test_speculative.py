@@ -330,6 +330,8 @@ def test_draft_tree_is_lossless_and_rescues_a_rejected_first_token(kind, target)
         generate(target, drafter, singles[0], method="assisted", draft_tree_width=2)
     with pytest.raises(ValueError, match="integer >= 1"):
         speculative_generate(target, drafter, singles[0], draft_tree_width=0)
+    with pytest.raises(ValueError, match="drop the threshold"):
+        speculative_generate(target, drafter, singles[0], draft_tree_width=2, draft_confidence_threshold=0.5)
     with pytest.raises(ValueError, match="draft vocabulary"):
         speculative_generate(
             target, drafter, singles[0], draft_tree_width=drafter.config.draft_vocab_size + 1
@@ -382,6 +384,11 @@ def test_generate_resolves_its_round_from_what_the_caller_names():
     assert decoding_round({"prompt_lookup_tokens": 0}, sampling=False) == CHAIN_ROUND
     assert decoding_round({}, sampling=True) == CHAIN_ROUND
     assert decoding_round({}, sampling=False, method="assisted") == CHAIN_ROUND
+    # a confidence threshold stops chains: the default keeps its lookup branch beside a chain
+    assert decoding_round({"draft_confidence_threshold": 0.4}, sampling=False) == {
+        **GREEDY_ROUND,
+        "draft_tree_width": 1,
+    }
 
 
 def test_tree_room_takes_the_flat_part_of_the_cost_table():

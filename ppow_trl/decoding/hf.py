@@ -483,7 +483,7 @@ def generate(
         **generate_kwargs: passed to `generate` (max_new_tokens, do_sample, temperature, eos_token_id, ...) and
             to the decoding (`draft_tree_width`, `prompt_lookup_tokens`, ...). Greedy calls that set neither
             `draft_tree_width` nor `prompt_lookup_tokens` (and do not ask for the assisted path) get
-            `GREEDY_ROUND`.
+            `GREEDY_ROUND` (with a chain instead of the tree when `draft_confidence_threshold` is set).
 
     Greedy (the default) reproduces plain greedy decoding; `do_sample=True` is lossless speculative sampling.
     """
@@ -511,11 +511,16 @@ def generate(
 
 def decoding_round(options: dict[str, Any], sampling: bool, method: str = "auto") -> dict[str, int]:
     """The tree and lookup options a `generate` call decodes with: those `options` names (an unnamed one at its
-    chain value), else `GREEDY_ROUND` for greedy calls off the assisted path, else a chain."""
+    chain value), else `GREEDY_ROUND` for greedy calls off the assisted path (with a chain instead of the tree
+    when `draft_confidence_threshold` stops the chain), else a chain."""
     named = {k: options[k] for k in GREEDY_ROUND if k in options}
     if named:
         return {**CHAIN_ROUND, **named}
-    return dict(GREEDY_ROUND if not sampling and method != "assisted" else CHAIN_ROUND)
+    if sampling or method == "assisted":
+        return dict(CHAIN_ROUND)
+    if options.get("draft_confidence_threshold") is not None:
+        return {**GREEDY_ROUND, "draft_tree_width": 1}
+    return dict(GREEDY_ROUND)
 
 
 def _default_pad(target: PreTrainedModel) -> int | None:

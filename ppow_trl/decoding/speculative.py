@@ -461,6 +461,11 @@ def speculative_generate(
     """
     model = check_drafter_for_target(target, drafter)
     _check_branches(draft_tree_width, prompt_lookup_tokens, prompt_lookup_ngram, temperature)
+    if draft_tree_width > 1 and draft_confidence_threshold is not None:
+        raise ValueError(
+            "draft_confidence_threshold stops a chain; a draft tree (draft_tree_width > 1) is sized by its own "
+            "path probabilities: drop the threshold or use draft_tree_width=1"
+        )
     if draft_tree_width > model.config.draft_vocab_size:
         raise ValueError(
             f"draft_tree_width={draft_tree_width} asks for more children per node than the drafter's "
@@ -869,12 +874,12 @@ class _SpeculativeLoop:
         """Verify the round: (accepted (B,), bonus (B,), tokens (B, W) of the path kept, features of its slots
         first); the cache keeps the path's W + 1 slots after the past (a tree's: moved into place)."""
         window, active, draft_tokens = round_.window, round_.active, round_.draft_tokens
-        if window == 0:  # a plain step (or a tree round: the tree's acceptance below replaces it)
-            accepted = torch.zeros(active.shape[0], dtype=torch.long, device=self.device)
-            bonus = self.sampler.pick(logits[:, 0])
-        else:
+        accepted = torch.zeros(active.shape[0], dtype=torch.long, device=self.device)
+        if window:
             probs = self.to_full_vocab(round_.draft_probs) if self.sampler.sampling else None
             accepted, bonus = self.sampler.verify(logits[:, : window + 1], draft_tokens, probs)
+        elif not round_.tree:  # a plain step (a tree's acceptance below gives its own bonus)
+            bonus = self.sampler.pick(logits[:, 0])
         if self.policy is not None:  # the chain's own acceptance calibrates the policy
             self.policy.end_round(window, accepted[active])
         if round_.tree:
@@ -890,9 +895,8 @@ class _SpeculativeLoop:
                 from_lookup = (accepted > 0) & (path[:, 1] >= round_.lookup_start) & active
                 self.lookup_rounds += int(from_lookup.sum())
             _crop_to(self.cache, round_.past + path.shape[1])
-        self.window_log.append(
-            window if round_.nodes is None else round_.nodes.size
-        )  # drafted tokens verified
+        drafted = window if round_.nodes is None else round_.nodes.size  # drafted tokens verified
+        self.window_log.append(drafted)
         self.timer.lap("verify")
         return accepted, bonus, draft_tokens, features
 
@@ -909,7 +913,7 @@ class _SpeculativeLoop:
         lookup_valid = round_.valid[active, start:]
         nodes = round_.nodes
         verified = DraftTree(
-            nodes.tokens[active], nodes.parents[active], nodes.depths[active], nodes.scores[active]
+            *(part[active] for part in (nodes.tokens, nodes.parents, nodes.depths, nodes.scores))
         )
         sizer.end_round(
             verified, holds[active, 1:start], lookup_valid, holds[active, start:] & lookup_valid, cost

@@ -109,15 +109,11 @@ def grow_tree(
 def ancestors(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     """(B, n, n) bool: row i's ancestors in the forward, itself included (`parents` (B, n), -1 at the root)."""
     batch, n = parents.shape
-    device = parents.device
-    seen = torch.eye(n, dtype=torch.bool, device=device).repeat(batch, 1, 1)
+    seen = torch.eye(n, dtype=torch.bool, device=parents.device).repeat(batch, 1, 1)
     current = parents
-    rows = torch.arange(n, device=device).expand(batch, -1)
-    for _ in range(max_depth):  # one hop per depth; the tree is shallow
+    for _ in range(max_depth):  # one hop up per depth; the tree is shallow
         has = current >= 0
-        if not bool(has.any()):
-            break
-        seen[torch.arange(batch, device=device)[:, None].expand_as(rows)[has], rows[has], current[has]] = True
+        seen |= torch.nn.functional.one_hot(current.clamp(min=0), n).bool() & has[..., None]
         current = torch.where(has, parents.gather(1, current.clamp(min=0)), current)
     return seen
 
