@@ -7,21 +7,25 @@
         --run "ppow lr1e-4: --learning_rate 1e-4" --run "cst lr1e-4: --learning_rate 1e-4"
 
 Every arm (`--run "<kind> <name>: <overrides>"`, or the `arms:` list of an `--arms` YAML with `name`, `kind`
-and `overrides`) trains the warm-start drafter for `--steps` optimizer steps with a recipe, once per seed of
-`--seeds`: `ppow` = recipes/eagle_ppow.py with `--ppow-config`, `cst` = continued supervised training with
-recipes/sft_drafter.py and `--sft-config` (the paper's control: same checkpoint, same number of steps). The
-overrides are recipe command-line arguments (the YAML may also set `ppow_config` / `sft_config` per arm).
-Held-out teacher-forced tau (greedy, chain drafting, the configs' K) is read from each run's Trainer log every
-`--eval-every` steps. At the end of a run its drafter is scored on the held-out windows; the warm start is
-scored once on the same windows. The summary per arm: mean and spread of the final tau over seeds, the paired
-difference to the warm start, and to the `--control` arm of the same seed (clustered by sequence; the
-standard error of the mean over seeds combines the per-seed errors), and the training time (seconds in
-`Trainer.train`, its evaluations included). Results go into `--json` as runs finish (a rerun skips runs
-already there); `--plot` draws tau against steps and against training time per arm (mean over seeds; the time
-at step s is taken as s/steps of the run's training time).
-With `--transfer-prompts N` the final drafters and the warm start are also scored on sets none of them trained
-on: the target's answers to N MT-Bench and N HumanEval prompts, greedy (k at T=0) and sampled at T=1 (the
-expected k of lossless speculative sampling, `teacher_forced_expected_acceptance`), one table per set.
+and `overrides`) trains the warm-start drafter with a recipe, once per seed of `--seeds`: `ppow` =
+recipes/eagle_ppow.py with `--ppow-config`, `cst` = continued supervised training with recipes/sft_drafter.py
+and `--sft-config` (the paper's control: same checkpoint). The overrides are recipe command-line arguments
+(the YAML may also set `ppow_config` / `sft_config` per arm). A run trains `--steps` optimizer steps, or
+`--train-seconds` of CPU time (equal compute for arms whose steps cost differently), and saves its drafter
+every `--eval-every` steps / `--eval-every-seconds` for the curves; the recipes' own evaluations are off.
+
+After all runs, every drafter is scored on the same windows with one target forward per batch (`score`): the
+warm start, each run's final drafter and its snapshots on the runs' held-out split (teacher-forced, greedy:
+chain k at `--window` and tree k at `--tree-width`/`--tree-window`), and with `--transfer-prompts N` the final
+drafters on sets none of them trained on: the target's answers to N MT-Bench and N HumanEval prompts, greedy
+(k at T=0) and sampled at T=1 (the expected k of lossless speculative sampling), where the warm start is also
+scored at the `--temperatures` (a served drafter temperature is the control for T=1 gains that are only
+calibration; the table pairs every arm with the temperature that scores best on the other set). Per arm and
+set: mean and spread of the final tau over seeds, the paired difference to the warm start and to the
+`--control` arm of the same seed (clustered by sequence; the standard error of the mean over seeds combines
+the per-seed errors), and the training CPU seconds. Runs and scores go into `--json` as they finish (a rerun
+trains and scores only what is missing; `--train-only` leaves the scoring to a later call, e.g. after runs
+split over two processes were merged); `--plot` draws held-out tau against training CPU seconds per run.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import eagle_ppow as ppow_recipe  # noqa: E402
 import sft_drafter  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from datasets import load_from_disk  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -54,7 +59,6 @@ from ppow_trl.models.common import unwrap_drafter  # noqa: E402
 from ppow_trl.target import capture_features, load_target, pad_token_id  # noqa: E402
 from ppow_trl.training.acceptance import (  # noqa: E402
     anchor_flags,
-    dataset_acceptances,
     teacher_forced_expected_acceptance,
     teacher_forced_ranks,
     tree_accepted_length,
@@ -62,43 +66,39 @@ from ppow_trl.training.acceptance import (  # noqa: E402
 
 
 class TrainingBudget(TrainerCallback):
-    """Stops training after `seconds` of training (evaluations not counted) and evaluates every `eval_every`
-    seconds of it, so arms with different step costs get equal wall time; records the training seconds at
-    every step (`seconds_at_step`) for curves against wall time."""
+    """Equal compute per arm, and the points of its curve.
 
-    def __init__(self, seconds: float, eval_every: float | None):
-        self.seconds, self.eval_every = seconds, eval_every
+    Stops training once the process has spent `seconds` of CPU time in training (None: the run's max_steps)
+    and saves the drafter every `snapshot_every` CPU seconds (`by_seconds`) or optimizer steps under
+    `directory`/step-<n>; the snapshots are scored with the final drafters after all runs. CPU time rather than
+    wall time keeps the budget fair whatever else runs on the machine; with OMP_NUM_THREADS=1 it equals the wall
+    time of an idle core (with more threads it counts every thread, spin-waits included). Saving is not
+    counted. `seconds_at_step` records the training seconds at every step, for curves against compute."""
+
+    def __init__(
+        self, seconds: float | None, snapshot_every: float | None, by_seconds: bool, directory: Path
+    ):
+        self.seconds, self.snapshot_every, self.by_seconds = seconds, snapshot_every, by_seconds
+        self.directory = directory
         self.seconds_at_step: dict[str, float] = {}
-
-    def _training_seconds(self) -> float:
-        return time.perf_counter() - self.start - self.evaluating
+        self.snapshots: dict[str, str] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.evaluating, self.eval_started = time.perf_counter(), 0.0, None
-        self.next_eval = self.eval_every or math.inf
+        self.start, self.saving = time.process_time(), 0.0
+        self.next_snapshot = self.snapshot_every or math.inf
 
-    def on_step_end(self, args, state, control, **kwargs):
-        spent = self._training_seconds()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        spent = time.process_time() - self.start - self.saving
         self.seconds_at_step[str(state.global_step)] = round(spent, 2)
-        if spent >= self.seconds:
+        if self.seconds is not None and spent >= self.seconds:
             control.should_training_stop = True
-        elif spent >= self.next_eval:
-            control.should_evaluate = True
-            self.next_eval += self.eval_every
-        if control.should_evaluate:
-            self.eval_started = time.perf_counter()
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if self.eval_started is not None:
-            self.evaluating += time.perf_counter() - self.eval_started
-            self.eval_started = None
-
-
-def held_out_k(drafter, trainer, shapes: list[tuple[int, int]]):
-    """k (N, S) of every held-out window for `drafter` at each (width, K), with the trainer's eval data and target,
-    and the row of each window."""
-    pad = pad_token_id(trainer.processing_class)
-    return dataset_acceptances(drafter, trainer.feature_provider, trainer.eval_dataset, shapes, pad, 4)
+        elif (spent if self.by_seconds else state.global_step) >= self.next_snapshot:
+            self.next_snapshot += self.snapshot_every
+            saving = time.process_time()
+            path = self.directory / f"step-{state.global_step}"
+            unwrap_drafter(model).save_pretrained(path)
+            self.snapshots[str(state.global_step)] = str(path)
+            self.saving += time.process_time() - saving
 
 
 def parse_arms(cli: argparse.Namespace) -> list[dict]:
@@ -123,41 +123,36 @@ def parse_arms(cli: argparse.Namespace) -> list[dict]:
     return arms
 
 
-def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path, warm_k: dict) -> dict:
-    budget = TrainingBudget(cli.train_seconds, cli.eval_every_seconds) if cli.train_seconds else None
+def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path) -> dict:
+    """Train one arm for one seed (the recipes' own evaluations off) and record where its drafters and held-out
+    split lie; they are scored after all runs (`score`)."""
+    budget = TrainingBudget(
+        cli.train_seconds, cli.eval_every_seconds if cli.train_seconds else cli.eval_every,
+        by_seconds=bool(cli.train_seconds), directory=output_dir / "snapshots",
+    )  # fmt: skip
     common = [
-        "--drafter_name_or_path", cli.warm_start, "--max_steps", str(cli.steps), "--eval_steps",
-        str(cli.eval_every if budget is None else 10**9), "--save_strategy", "no", "--output_dir",
-        str(output_dir), "--seed", str(seed),
+        "--drafter_name_or_path", cli.warm_start, "--max_steps", str(cli.steps), "--eval_strategy", "no",
+        "--save_strategy", "no", "--output_dir", str(output_dir), "--seed", str(seed),
     ]  # fmt: skip
-    callbacks = [budget] if budget else None
     start = time.perf_counter()
     if arm["kind"] == "ppow":
         config = arm.get("ppow_config", cli.ppow_config)
-        trainer = ppow_recipe.main(["--config", config, *common, *arm["overrides"]], callbacks)
+        trainer = ppow_recipe.main(["--config", config, *common, *arm["overrides"]], [budget])
     else:
         config = arm.get("sft_config", cli.sft_config)
         parsed = sft_drafter.parse_args(["--config", config, *common, *arm["overrides"]])
-        trainer = sft_drafter.main(*parsed, callbacks=callbacks)
+        trainer = sft_drafter.main(*parsed, callbacks=[budget])
     wall = time.perf_counter() - start
+    held_out = Path(cli.out) / "held_out" / trainer.eval_dataset._fingerprint
+    if not held_out.exists():  # runs on the same split share it
+        trainer.eval_dataset.save_to_disk(str(held_out))
     history = trainer.state.log_history
-    curve = {str(e["step"]): e["eval_tau"] for e in history if "eval_tau" in e and e["step"] > 0}
-    window = trainer.args.eval_window_size or trainer.args.window_size
-    shapes = [(1, window), (cli.tree_width, cli.tree_window)]
-    key = f"{window}:{trainer.eval_dataset._fingerprint}"  # arms may differ in their eval data
-    if key not in warm_k:  # the warm start's windows, scored once per eval set
-        k_old, rows = held_out_k(load_drafter(cli.warm_start, trainer.target), trainer, shapes)
-        warm_k[key] = {"k": k_old[:, 0].tolist(), "k_tree": k_old[:, 1].tolist(), "rows": rows.tolist()}
-    k_new, _ = held_out_k(unwrap_drafter(trainer.model), trainer, shapes)
-    curve["0"] = acceptance_length(torch.tensor(warm_k[key]["k"]))
     return {
         "arm": arm["name"], "kind": arm["kind"], "seed": seed, "overrides": arm["overrides"], "config": config,
-        "curve": curve, "eval_set": key, "k": k_new[:, 0].tolist(), "k_tree": k_new[:, 1].tolist(),
-        "wall_s": round(wall, 1),
-        "steps": trainer.state.global_step, "output_dir": str(output_dir),
-        "train_s": next((e["train_runtime"] for e in history if "train_runtime" in e), None),
+        "wall_s": round(wall, 1), "steps": trainer.state.global_step, "output_dir": str(output_dir),
+        "held_out": str(held_out), "snapshots": budget.snapshots, "seconds_at_step": budget.seconds_at_step,
+        "train_s": budget.seconds_at_step.get(str(trainer.state.global_step)),
         "train_log": [e for e in history if "loss" in e],
-        "seconds_at_step": budget.seconds_at_step if budget else None,
     }  # fmt: skip
 
 
@@ -166,8 +161,7 @@ def _paired(k_new: list[float], k_old: list[float], rows: list[int]) -> tuple[fl
 
 
 def _train_s(run: dict) -> float:
-    """Seconds in `Trainer.train` (its evaluations included); records without it: the whole run, which also
-    loads (and for a new seed writes) the data."""
+    """Training CPU seconds (`TrainingBudget`); a run stopped before its first step: its whole wall time."""
     return run.get("train_s") or run["wall_s"]
 
 
@@ -210,14 +204,6 @@ def summarise(results: dict, scored: dict, control: str | None) -> list[dict]:
     return rows
 
 
-def held_out_scores(results: dict, warm_k: dict, column: str = "k") -> dict:
-    return {
-        n: (r[column], warm_k[r["eval_set"]][column], warm_k[r["eval_set"]]["rows"])
-        for n, r in results.items()
-        if column in r
-    }
-
-
 def transfer_data(target, tokenizer, prompts: int) -> dict:
     """The target's own answers (128 new tokens, first turns) to `prompts` MT-Bench and HumanEval prompts
     spread evenly over each set (MT-Bench is ordered by category), greedy (scored at T=0) and sampled at T=1
@@ -235,86 +221,174 @@ def transfer_data(target, tokenizer, prompts: int) -> dict:
     return sets
 
 
+def eval_sets(cli: argparse.Namespace, results: dict, target, tokenizer) -> dict[str, tuple]:
+    """name -> (dataset, sampled, drafters): each held-out split the runs trained beside (scored for its runs,
+    their snapshots and the warm start) and, with --transfer-prompts, the transfer sets (every final drafter).
+    Drafters map a name to (saved path, drafter temperature); on sampled sets the warm start is also scored at
+    every --temperatures, the control for gains at T=1 that a served temperature would give as well."""
+    warm = {"warm_start": (cli.warm_start, 1.0)}
+    splits: dict[str, dict] = {}
+    for name, run in results.items():
+        drafters = splits.setdefault(run["held_out"], dict(warm))
+        drafters[name] = (run["output_dir"], 1.0)
+        drafters.update({f"{name}@step-{step}": (p, 1.0) for step, p in run["snapshots"].items()})
+    sets = {}
+    for split, drafters in sorted(splits.items()):
+        label = "held-out" if len(splits) == 1 else f"held-out {Path(split).name[:8]}"
+        sets[label] = (load_from_disk(split), False, drafters)
+    if cli.transfer_prompts:
+        finals = {**warm, **{name: (run["output_dir"], 1.0) for name, run in results.items()}}
+        controls = {f"warm_start@T{t:g}": (cli.warm_start, t) for t in cli.temperatures}
+        for name, dataset in transfer_data(target, tokenizer, cli.transfer_prompts).items():
+            sampled = name.endswith("T1")
+            sets[name] = (dataset, sampled, {**finals, **controls} if sampled else finals)
+    return sets
+
+
+def _batches(dataset, pad: int, size: int = 4):
+    for start in range(0, len(dataset), size):
+        yield (
+            start,
+            collate_sequences([dataset[i] for i in range(start, min(start + size, len(dataset)))], pad),
+        )
+
+
+def _window_rows(start: int, batch: dict, stride: int) -> list[int]:
+    """The dataset row of every window of a batch, in the order the acceptance functions return them."""
+    flags = anchor_flags(batch["attention_mask"], batch["loss_mask"])[:, ::stride]
+    return (start + flags.nonzero()[:, 0]).tolist()
+
+
+def _score_greedy(cli, target, dataset, pad, todo: dict, desc: str) -> tuple[list[int], dict, dict]:
+    """Chain k at --window and tree k at (--tree-width, --tree-window) from one forced forward per window; the
+    target's features are computed once and kept for every drafter."""
+    cached, layers, chain, tree = None, None, {}, {}
+    depth = max(cli.window, cli.tree_window)
+    for name, (path, _) in tqdm(todo.items(), desc=desc):
+        drafter = load_drafter(path, target).eval()
+        if cached is None:
+            layers = feature_layers(drafter)
+            cached = [
+                (
+                    start,
+                    batch,
+                    capture_features(target, batch["input_ids"], batch["attention_mask"], layers, False),
+                )
+                for start, batch in _batches(dataset, pad)
+            ]
+        elif feature_layers(drafter) != layers:
+            raise ValueError(f"{name} reads other target layers than the drafters scored with it")
+        chain[name], tree[name] = [], []
+        for _, batch, captured in cached:
+            ranks = teacher_forced_ranks(
+                drafter, getattr(captured, drafter.feature_name), batch["input_ids"],
+                batch["attention_mask"], batch["loss_mask"], depth, cli.anchor_stride,
+            )  # fmt: skip
+            chain[name] += tree_accepted_length(ranks[:, : cli.window], 1).tolist()
+            tree[name] += tree_accepted_length(ranks[:, : cli.tree_window], cli.tree_width).tolist()
+    rows = [r for start, batch, _ in cached or [] for r in _window_rows(start, batch, cli.anchor_stride)]
+    return rows, chain, tree
+
+
+def _score_sampled(cli, target, dataset, pad, todo: dict, desc: str) -> tuple[list[int], dict]:
+    """Expected k at --window under lossless speculative sampling at T=1; the target's logits are too large
+    to keep, so every drafter is scored on a batch while its logits are at hand."""
+    drafters = {name: (load_drafter(path, target).eval(), t) for name, (path, t) in todo.items()}
+    layers = feature_layers(next(iter(drafters.values()))[0])
+    scores, rows = {name: [] for name in todo}, []
+    for start, batch in tqdm(list(_batches(dataset, pad)), desc=desc):
+        ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        captured = capture_features(target, ids, attn, layers, True)
+        for name, (drafter, temperature) in drafters.items():
+            features = getattr(captured, drafter.feature_name)
+            scores[name] += teacher_forced_expected_acceptance(
+                drafter,
+                features,
+                captured.logits,
+                ids,
+                attn,
+                lmask,
+                cli.window,
+                temperature,
+                cli.anchor_stride,
+            ).tolist()
+        rows += _window_rows(start, batch, cli.anchor_stride)
+    return rows, scores
+
+
 @torch.no_grad()
-def score_transfer(cli: argparse.Namespace, results: dict, stored: dict) -> dict:
-    """k (T=0) and expected k (T=1) at every window of the transfer sets, for the warm start and every run's
-    final drafter; one target forward per batch serves all drafters. Resumes: only unscored runs are scored."""
+def score(cli: argparse.Namespace, results: dict, stored: dict) -> dict:
+    """k at every window of every evaluation set (`eval_sets`) for every drafter not yet scored: greedy sets give
+    a chain entry and a tree entry (`<set> tree w=.. K=..`), sampled sets the expected k. stored[entry] =
+    {"rows": dataset row per window, "k": {drafter: k per window}}; the windows are the same for every drafter."""
     target, tokenizer = load_target("embedded" if cli.target is None else cli.target)
     pad = pad_token_id(tokenizer)
-    tree_name = f"tree w={cli.tree_width} K={cli.tree_window}"
-    for set_name, dataset in transfer_data(target, tokenizer, cli.transfer_prompts).items():
-        sampled = set_name.endswith("T1")
-        entry = stored.setdefault(set_name, {"runs": {}})
-        tree_entry = None if sampled else stored.setdefault(f"{set_name} {tree_name}", {"runs": {}})
-        todo = [n for n in results if n not in entry["runs"]] + (
-            [] if "warm_start" in entry else ["warm_start"]
-        )
+    for set_name, (dataset, sampled, drafters) in eval_sets(cli, results, target, tokenizer).items():
+        entry = stored.setdefault(set_name, {"k": {}})
+        tree_name = f"{set_name} tree w={cli.tree_width} K={cli.tree_window}"
+        todo = {n: d for n, d in drafters.items() if n not in entry["k"]}
         if not todo:
             continue
-        drafters = {
-            n: load_drafter(cli.warm_start if n == "warm_start" else results[n]["output_dir"], target).eval()
-            for n in todo
-        }
-        scores = {n: [] for n in todo}
-        tree_scores = {n: [] for n in todo}
-        rows_of = []
-        for start in tqdm(range(0, len(dataset), 4), desc=f"scoring {len(todo)} drafters on {set_name}"):
-            rows = [dataset[i] for i in range(start, min(start + 4, len(dataset)))]
-            batch = collate_sequences(rows, pad)
-            ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-            captured = capture_features(
-                target, ids, attn, feature_layers(next(iter(drafters.values()))), sampled
-            )
-            for n, drafter in drafters.items():
-                features = getattr(captured, drafter.feature_name)
-                if sampled:
-                    k = teacher_forced_expected_acceptance(
-                        drafter, features, captured.logits, ids, attn, lmask, cli.transfer_window
-                    )
-                else:  # one forced forward serves the chain at K and the tree at its depth
-                    depth = max(cli.transfer_window, cli.tree_window)
-                    ranks = teacher_forced_ranks(drafter, features, ids, attn, lmask, depth)
-                    k = tree_accepted_length(ranks[:, : cli.transfer_window], 1)
-                    tree_scores[n].extend(
-                        tree_accepted_length(ranks[:, : cli.tree_window], cli.tree_width).tolist()
-                    )
-                scores[n].extend(k.tolist())
-            rows_of.extend((start + anchor_flags(attn, lmask).nonzero()[:, 0]).tolist())
-        for target_entry, values in ((entry, scores), (tree_entry, tree_scores)):
-            if target_entry is None:
-                continue
-            target_entry["rows"] = rows_of
-            for n, k in values.items():
-                if n == "warm_start":
-                    target_entry["warm_start"] = k
-                else:
-                    target_entry["runs"][n] = k
+        desc = f"scoring {len(todo)} drafters on {set_name}"
+        if sampled:
+            entry["rows"], scores = _score_sampled(cli, target, dataset, pad, todo, desc)
+            entry["k"].update(scores)
+        else:
+            rows, chain, tree = _score_greedy(cli, target, dataset, pad, todo, desc)
+            for name, values in ((set_name, chain), (tree_name, tree)):
+                stored.setdefault(name, {"k": {}})["rows"] = rows
+                stored[name]["k"].update(values)
     return stored
 
 
-def plot(results: dict, path: Path) -> None:
+def fitted_temperature(stored: dict, set_name: str) -> str | None:
+    """The warm start's `warm_start@T<t>` entry that scores best on the other sampled set (on this one when it is
+    the only one): a served temperature chosen without looking at the set it is compared on."""
+    others = [n for n in stored if n.endswith("T1") and n != set_name] or [set_name]
+    fit = stored[others[0]]["k"]
+    candidates = [n for n in fit if n.startswith("warm_start@T")]
+    return max(candidates, key=lambda n: sum(fit[n])) if candidates else None
+
+
+def curves(results: dict, entry: dict) -> dict:
+    """Per run, [(training CPU seconds, optimizer step, tau)] from the warm start through its snapshots to its
+    final drafter, on one scored set."""
+    out = {}
+    for name, run in results.items():
+        if name not in entry["k"]:
+            continue
+        points = [(0.0, 0, entry["k"]["warm_start"])]
+        points += [
+            (run["seconds_at_step"][s], int(s), entry["k"][f"{name}@step-{s}"]) for s in run["snapshots"]
+        ]
+        points.append((run["train_s"] or 0.0, run["steps"], entry["k"][name]))
+        out[name] = [(sec, step, acceptance_length(torch.tensor(k))) for sec, step, k in points]
+    return out
+
+
+def plot(results: dict, stored: dict, path: Path) -> None:
+    """Held-out tau (chain and tree) against training CPU seconds, one line per run, colour per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_wall) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [n for n in stored if n.startswith("held-out")]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     arms = sorted({r["arm"] for r in results.values()})
-    for color, arm in enumerate(arms):
-        for index, run in enumerate(r for r in results.values() if r["arm"] == arm):  # one line per seed
-            steps = sorted(int(s) for s in run["curve"])
-            taus = [run["curve"][str(s)] for s in steps]
-            clock = run.get("seconds_at_step") or {}
-            seconds = [0.0 if s == 0 else clock.get(str(s), _train_s(run) * s / run["steps"]) for s in steps]
-            style = {"color": f"C{color}", "marker": "o", "label": arm if index == 0 else None}
-            by_step.plot(steps, taus, **style)
-            by_wall.plot(seconds, taus, **style)
-    by_step.set_xlabel("optimizer steps")
-    by_wall.set_xlabel("training wall time, s")
-    for axis in (by_step, by_wall):
-        axis.set_ylabel("held-out tau (teacher-forced, greedy)")
+    for axis, set_name in zip(axes[0], names):
+        for name, points in curves(results, stored[set_name]).items():
+            arm = results[name]["arm"]
+            first = name == next(n for n in results if results[n]["arm"] == arm)
+            axis.plot(
+                [p[0] for p in points], [p[2] for p in points], marker="o", color=f"C{arms.index(arm)}",
+                label=arm if first else None,
+            )  # fmt: skip
+        axis.set_xlabel("training CPU seconds")
+        axis.set_ylabel("tau (teacher-forced, greedy)")
+        axis.set_title(set_name, fontsize=9)
         axis.grid(alpha=0.3)
-    by_step.legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -322,6 +396,42 @@ def plot(results: dict, path: Path) -> None:
 
 def _fmt(pair: tuple[float, float] | None) -> str:
     return "-" if pair is None else f"{pair[0]:+.3f} +- {pair[1]:.3f}"
+
+
+def report(results: dict, stored: dict, control: str | None) -> dict:
+    """One table per scored set (printed as markdown): per arm, tau, the paired differences to the warm start and
+    to the control arm, and on sampled sets to the warm start at its fitted temperature."""
+    summaries = {}
+    for set_name, entry in sorted(stored.items()):
+        k = entry["k"]
+        scored = {n: (k[n], k["warm_start"], entry["rows"]) for n in results if n in k}
+        reference = fitted_temperature(stored, set_name) if set_name.endswith("T1") else None
+        rows = summarise(results, scored, control)
+        header = (
+            "| arm | kind | seeds | steps | tau (mean +- spread) | vs warm start | vs control | train s |"
+        )
+        if reference is not None:
+            for row in rows:
+                names = [n for n in scored if results[n]["arm"] == row["arm"]]
+                row["vs_fitted_temperature"] = _pooled(
+                    [_paired(k[n], k[reference], entry["rows"]) for n in names]
+                )
+            header += f" vs {reference} |"
+            print(f"\n{set_name}: warm start {acceptance_length(torch.tensor(k['warm_start'])):.3f}, at "
+                  f"{reference.split('@')[1]} (fitted on the other set) "
+                  f"{acceptance_length(torch.tensor(k[reference])):.3f}")  # fmt: skip
+        else:
+            print(f"\n{set_name}: warm start {acceptance_length(torch.tensor(k['warm_start'])):.3f}")
+        print(header + "\n|" + "---|" * (header.count("|") - 1))
+        for row in rows:
+            line = (
+                f"| {row['arm']} | {row['kind']} | {len(row['seeds'])} | {row['steps']} | {row['tau']:.3f} +- "
+                f"{row['spread']:.3f} | {_fmt(row['vs_warm_start'])} | {_fmt(row['vs_control'])} | "
+                f"{row['train_s']:.0f} |"
+            )
+            print(line + (f" {_fmt(row['vs_fitted_temperature'])} |" if reference else ""))
+        summaries[set_name] = rows
+    return summaries
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -335,24 +445,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--control", default=None, help="arm the others are paired against (default: first cst)"
     )
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument(
+        "--steps", type=int, default=60, help="optimizer steps per run (a cap with --train-seconds)"
+    )
+    parser.add_argument("--eval-every", type=int, default=20, help="a curve point every N steps")
     parser.add_argument(
         "--train-seconds", type=float, default=None,
-        help="equal wall time: each run trains this many seconds (evaluations not counted; --steps is then a cap)",
+        help="equal compute: each run trains this many CPU seconds of its process (TrainingBudget)",
     )  # fmt: skip
-    parser.add_argument("--eval-every-seconds", type=float, default=None, help="with --train-seconds")
+    parser.add_argument(
+        "--eval-every-seconds", type=float, default=None, help="with --train-seconds: a curve point every N"
+    )
     parser.add_argument("--json", default="outputs/ppow_training.json")
     parser.add_argument("--out", default="outputs/ppow_training")
-    parser.add_argument("--plot", default=None, help="PNG of tau against steps and wall time")
+    parser.add_argument("--plot", default=None, help="PNG of held-out tau against training CPU seconds")
+    parser.add_argument("--train-only", action="store_true", help="train the missing runs, score nothing")
     parser.add_argument(
         "--transfer-prompts", type=int, default=0,
         help="also score the final drafters on the target's answers to this many MT-Bench and HumanEval "
         "prompts each, at T=0 (k) and T=1 (expected k); 0: off",
     )  # fmt: skip
-    parser.add_argument("--transfer-window", type=int, default=5, help="K of the transfer scores (chain)")
-    parser.add_argument("--tree-width", type=int, default=4, help="w of the transfer tree tau (greedy sets)")
-    parser.add_argument("--tree-window", type=int, default=10, help="K of the transfer tree tau")
+    parser.add_argument("--window", type=int, default=5, help="K of the chain scores")
+    parser.add_argument("--tree-width", type=int, default=4, help="w of the tree tau (greedy sets)")
+    parser.add_argument("--tree-window", type=int, default=10, help="K of the tree tau")
+    parser.add_argument(
+        "--temperatures", type=float, nargs="+", default=[0.7, 0.8, 0.9, 1.1, 1.25],
+        help="drafter temperatures of the warm start on sampled sets (the calibration control)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--anchor-stride", type=int, default=1,
+        help="score every s-th window only (teacher_forced_ranks): scoring many drafters costs ~1/s",
+    )  # fmt: skip
     parser.add_argument("--target", default=None, help="target of the transfer scores (default: embedded)")
     cli = parser.parse_args(argv)
     arms = parse_arms(cli)
@@ -360,53 +483,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     path = Path(cli.json)
     stored = json.loads(path.read_text()) if path.exists() else {}
-    results, warm_k = stored.get("runs", {}), stored.get("warm_start_k", {})
-    transfer = stored.get("transfer", {})
+    results, scores = stored.get("runs", {}), stored.get("scores", {})
 
     def save() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"runs": results, "warm_start_k": warm_k, "transfer": transfer}))
+        path.write_text(json.dumps({"runs": results, "scores": scores}))
 
     for seed in cli.seeds:
         for arm in arms:
             name = f"{arm['name']}@{seed}"
-            if name in results:
-                continue
-            results[name] = run_one(arm, seed, cli, Path(cli.out) / name, warm_k)
-            save()
-    for name, run in results.items():  # records written before runs carried these
-        run.setdefault("steps", cli.steps)
-        run.setdefault("output_dir", str(Path(cli.out) / name))
-    if cli.transfer_prompts:
-        transfer = score_transfer(cli, results, transfer)
-        save()
-
+            if name not in results:
+                results[name] = run_one(arm, seed, cli, Path(cli.out) / name)
+                save()
+    if cli.train_only:
+        return {"runs": results}
+    scores = score(cli, results, scores)
+    save()
     print(f"warm start {cli.warm_start}; control arm: {control}")
-    sets = {
-        "held-out self-generated (T=0, chain)": held_out_scores(results, warm_k),
-        f"held-out self-generated (T=0, tree w={cli.tree_width} K={cli.tree_window})": held_out_scores(
-            results, warm_k, "k_tree"
-        ),
-    }
-    for set_name, entry in sorted(transfer.items()):
-        shape = "" if "tree" in set_name else f", chain K={cli.transfer_window}"
-        sets[f"{set_name} (teacher-forced{shape})"] = {
-            n: (k, entry["warm_start"], entry["rows"]) for n, k in entry["runs"].items()
-        }
-    summaries = {}
-    for set_name, scored in sets.items():
-        summaries[set_name] = summarise(results, scored, control)
-        print(f"\n{set_name}\n| arm | kind | seeds | steps | tau (mean +- spread) | vs warm start (paired) "
-              "| vs control (paired) | train s | overrides |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-        for row in summaries[set_name]:
-            print(
-                f"| {row['arm']} | {row['kind']} | {len(row['seeds'])} | {row['steps']} | {row['tau']:.3f} +- "
-                f"{row['spread']:.3f} | {_fmt(row['vs_warm_start'])} | {_fmt(row['vs_control'])} | "
-                f"{row['train_s']:.0f} | `{row['overrides']}` |"
-            )
+    summaries = report(results, scores, control)
     if cli.plot:
-        plot(results, Path(cli.plot))
-    return {"summary": summaries, "runs": results}
+        plot(results, scores, Path(cli.plot))
+    return {"summary": summaries, "runs": results, "scores": scores}
 
 
 if __name__ == "__main__":

@@ -180,3 +180,45 @@ def test_tree_accepted_length_stops_at_the_first_depth_outside_the_width():
     assert tree_accepted_length(ranks, 1).tolist() == [1, 0, 0]
     assert tree_accepted_length(ranks, 3).tolist() == [1, 3, 0]
     assert tree_accepted_length(ranks, 6).tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "medusa"])
+def test_anchor_stride_scores_every_sth_window_exactly(tiny_target, kind):
+    drafter = make_drafter(kind, tiny_target)
+    batch, _ = planted_batch(make_drafter("eagle3", tiny_target), tiny_target)
+    ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    captured = capture_features(tiny_target, ids, attn)
+    features = getattr(captured, drafter.feature_name)
+    kept = (anchor_flags(attn, lmask).nonzero()[:, 1] % 3) == 0  # windows at rows 0, 3, 6, ...
+    ranks = teacher_forced_ranks(drafter, features, ids, attn, lmask, 4)
+    assert torch.equal(
+        teacher_forced_ranks(drafter, features, ids, attn, lmask, 4, anchor_stride=3), ranks[kept]
+    )
+    expected = teacher_forced_expected_acceptance(drafter, features, captured.logits, ids, attn, lmask, 3)
+    strided = teacher_forced_expected_acceptance(
+        drafter, features, captured.logits, ids, attn, lmask, 3, anchor_stride=3
+    )
+    torch.testing.assert_close(strided, expected[kept])
+    assert 0 < int(kept.sum()) < len(kept)
+    with pytest.raises(ValueError, match="anchor_stride"):
+        teacher_forced_ranks(drafter, features, ids, attn, lmask, 4, anchor_stride=0)
+
+
+def test_expected_acceptance_at_a_drafter_temperature_is_the_sharpened_drafter(tiny_target):
+    drafter = make_drafter("eagle3", tiny_target)
+    batch, _ = planted_batch(drafter, tiny_target)
+    ids, attn, lmask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    captured = capture_features(tiny_target, ids, attn)
+    features, logits = captured.aux_hidden_states, captured.logits
+
+    def score(drafter_temperature):
+        return teacher_forced_expected_acceptance(
+            drafter, features, logits, ids, attn, lmask, 3, drafter_temperature
+        )
+
+    with torch.no_grad():  # the same drafter with its output logits doubled is the drafter at temperature 0.5
+        sharp = make_drafter("eagle3", tiny_target)
+        sharp.lm_head.weight.mul_(2.0)
+    doubled = teacher_forced_expected_acceptance(sharp, features, logits, ids, attn, lmask, 3)
+    torch.testing.assert_close(score(0.5), doubled)
+    assert not torch.allclose(score(0.5), score(1.0))

@@ -102,7 +102,8 @@ def test_summary_pairs_each_arm_with_the_warm_start_and_the_control_of_its_seed(
         "ppow@1": {"arm": "ppow", "kind": "ppow", "seed": 1, "k": [1, 2, 1, 1, 1, 1], "eval_set": "5:x",
                    "wall_s": 44.0, "overrides": ["--x", "1"]},
     }  # fmt: skip
-    summary = {row["arm"]: row for row in harness.summarise(runs, harness.held_out_scores(runs, warm), "cst")}
+    scored = {n: (r["k"], warm["5:x"]["k"], rows) for n, r in runs.items()}
+    summary = {row["arm"]: row for row in harness.summarise(runs, scored, "cst")}
     ppow, cst = summary["ppow"], summary["cst"]
     assert ppow["tau"] == pytest.approx(1 + (7 / 6 + 7 / 6) / 2) and ppow["spread"] == pytest.approx(0.0)
     assert ppow["train_s"] == 42.0 and ppow["seeds"] == [0, 1] and cst["vs_control"] is None
@@ -118,49 +119,72 @@ def test_summary_pairs_each_arm_with_the_warm_start_and_the_control_of_its_seed(
     assert yaml.safe_load(ARMS.read_text())["arms"][0]["name"] == "cst"
 
 
-def test_transfer_scores_share_windows_across_drafters_and_resume(
+def test_scores_share_windows_across_drafters_and_resume(
     harness, tiny_target, tiny_target_dir, tmp_path, monkeypatch
 ):
+    from datasets import Dataset
+
     from tests.test_drafting import make_drafter
 
     monkeypatch.setenv("PPOW_TRL_CACHE", str(tmp_path / "cache"))
     for name, seed in (("warm", 0), ("same", 0), ("other", 1)):
         make_drafter("eagle3", tiny_target, seed=seed).save_pretrained(tmp_path / name)
-    run = {"arm": "cst", "kind": "cst", "seed": 1, "wall_s": 1.0, "overrides": [], "steps": 2}
+    generator = torch.Generator().manual_seed(0)
+    ids = [
+        torch.randint(3, tiny_target.config.vocab_size, (n,), generator=generator).tolist() for n in (12, 9)
+    ]
+    masks = [[0] * 4 + [1] * (len(row) - 4) for row in ids]  # a 4-token prompt, then the answer
+    held_out = Dataset.from_dict({"input_ids": ids, "loss_mask": masks, "index": [0, 1]})
+    held_out.save_to_disk(str(tmp_path / "held_out"))
+    run = {
+        "arm": "cst", "kind": "cst", "seed": 1, "wall_s": 1.0, "overrides": [], "steps": 2, "train_s": 1.0,
+        "held_out": str(tmp_path / "held_out"), "seconds_at_step": {"1": 0.5, "2": 1.0},
+        "snapshots": {"1": str(tmp_path / "other")},
+    }  # fmt: skip
     results = {"cst@1": {**run, "output_dir": str(tmp_path / "same")}}
     cli = Namespace(
-        target=tiny_target_dir, warm_start=str(tmp_path / "warm"), transfer_prompts=2, transfer_window=3,
-        tree_width=4, tree_window=5,
+        target=tiny_target_dir, warm_start=str(tmp_path / "warm"), transfer_prompts=2, window=3,
+        tree_width=4, tree_window=5, temperatures=[0.5, 2.0], anchor_stride=1,
     )  # fmt: skip
-    stored = harness.score_transfer(cli, results, {})
-    trees = {"mt_bench@T0 tree w=4 K=5", "humaneval@T0 tree w=4 K=5"}
-    assert set(stored) == {"mt_bench@T0", "mt_bench@T1", "humaneval@T0", "humaneval@T1"} | trees
+    stored = harness.score(cli, results, {})
+    sets = {"held-out", "mt_bench@T0", "humaneval@T0"}
+    trees = {f"{s} tree w=4 K=5" for s in sets}
+    assert set(stored) == sets | trees | {"mt_bench@T1", "humaneval@T1"}
     for set_name, entry in stored.items():
-        k, warm = entry["runs"]["cst@1"], entry["warm_start"]
-        assert len(k) == len(warm) == len(entry["rows"]) > 0 and set(entry["rows"]) == {0, 1}
+        k, warm = entry["k"]["cst@1"], entry["k"]["warm_start"]
+        assert len(k) == len(warm) == len(entry["rows"]) > 0
         assert k == warm  # the same weights score the same windows identically
         assert all(0 <= x <= (5 if set_name in trees else 3) for x in k)
+        # snapshots are scored on the held-out split only; the temperature control on sampled sets only
+        assert ("cst@1@step-1" in entry["k"]) == set_name.startswith("held-out")
+        assert ("warm_start@T0.5" in entry["k"]) == set_name.endswith("T1")
         if set_name in trees:  # a tree keeps at least the chain's depths
-            chain = stored[set_name.split()[0]]["runs"]["cst@1"]
+            chain = stored[set_name.split(" tree")[0]]["k"]["cst@1"]
             assert all(t >= c for t, c in zip(k, chain))
-        if set_name.endswith(("T0", "K=5")):
-            assert all(float(x).is_integer() for x in k)
-        else:  # expected k under sampling: fractional
+        if set_name.endswith("T1"):  # expected k under sampling: fractional, and the temperature changes it
             assert not all(float(x).is_integer() for x in k)
+            assert entry["k"]["warm_start@T0.5"] != warm != entry["k"]["warm_start@T2"]
+        else:
+            assert all(float(x).is_integer() for x in k)
+    assert set(stored["mt_bench@T0"]["rows"]) == {0, 1}
     # A new run is scored on the same windows; scores already stored are kept as they are.
-    before = {s: list(e["runs"]["cst@1"]) for s, e in stored.items()}
+    before = {s: list(e["k"]["cst@1"]) for s, e in stored.items()}
     results["ppow@1"] = {**run, "arm": "ppow", "kind": "ppow", "output_dir": str(tmp_path / "other")}
-    stored = harness.score_transfer(cli, results, stored)
+    stored = harness.score(cli, results, stored)
     for set_name, entry in stored.items():
-        assert entry["runs"]["cst@1"] == before[set_name]
-        assert len(entry["runs"]["ppow@1"]) == len(entry["rows"])
+        assert entry["k"]["cst@1"] == before[set_name]
+        assert len(entry["k"]["ppow@1"]) == len(entry["rows"])
         if set_name.endswith("T1"):  # other weights (greedy k of random drafters is all 0 on both)
-            assert entry["runs"]["ppow@1"] != before[set_name]
-    summary = harness.summarise(
-        results, {n: (k, stored["mt_bench@T1"]["warm_start"], stored["mt_bench@T1"]["rows"])
-                  for n, k in stored["mt_bench@T1"]["runs"].items()}, "cst"
-    )  # fmt: skip
-    assert {row["arm"]: row["vs_warm_start"][0] for row in summary}["cst"] == 0.0
+            assert entry["k"]["ppow@1"] != before[set_name]
+    assert stored["held-out"]["k"]["ppow@1@step-1"] == stored["held-out"]["k"]["ppow@1"]  # same weights
+    reference = harness.fitted_temperature(stored, "mt_bench@T1")
+    humaneval = stored["humaneval@T1"]["k"]
+    assert reference == max(("warm_start@T0.5", "warm_start@T2"), key=lambda n: sum(humaneval[n]))
+    summary = harness.report(results, stored, "cst")
+    assert {row["arm"]: row["vs_warm_start"][0] for row in summary["mt_bench@T1"]}["cst"] == 0.0
+    assert "vs_fitted_temperature" in summary["mt_bench@T1"][0]
+    curve = harness.curves(results, stored["held-out"])["cst@1"]
+    assert [(sec, step) for sec, step, _ in curve] == [(0.0, 0), (0.5, 1), (1.0, 2)]
 
 
 def test_argmax_arms_parse_and_share_the_shipped_dataset(harness):
@@ -188,22 +212,41 @@ def test_argmax_arms_parse_and_share_the_shipped_dataset(harness):
     assert (aimed.adam_beta2, aimed.max_grad_norm) == (cst.adam_beta2, cst.max_grad_norm)
     assert parsed["acceptance"][2].loss == "acceptance"
     assert parsed["cst_plus_window"][2].window_loss_weight == 1.0
+    assert {p[2].learning_rate for p in parsed.values()} == {1e-4}
 
 
-def test_training_budget_stops_on_training_time_not_evaluation_time(harness, monkeypatch):
+def test_training_budget_stops_on_training_cpu_time_and_saves_snapshots(
+    harness, monkeypatch, tmp_path, tiny_target
+):
+    from tests.test_drafting import make_drafter
+
     now = [0.0]
-    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
-    budget = harness.TrainingBudget(seconds=10.0, eval_every=4.0)
-    state, control = Namespace(global_step=0), Namespace(should_training_stop=False, should_evaluate=False)
+    monkeypatch.setattr(harness.time, "process_time", lambda: now[0])
+    drafter = make_drafter("eagle3", tiny_target)
+    save = drafter.save_pretrained
+
+    def slow_save(path):  # saving costs 3 CPU seconds, which the budget does not count
+        now[0] += 3.0
+        save(path)
+
+    drafter.save_pretrained = slow_save
+
+    budget = harness.TrainingBudget(seconds=10.0, snapshot_every=4.0, by_seconds=True, directory=tmp_path)
+    state, control = Namespace(global_step=0), Namespace(should_training_stop=False)
     budget.on_train_begin(None, state, control)
-    evaluations = 0
     while not control.should_training_stop:
-        now[0] += 1.0  # one second per step
+        now[0] += 1.0  # one CPU second per step
         state.global_step += 1
-        budget.on_step_end(None, state, control)
-        if control.should_evaluate:  # an evaluation of 5 s, which the budget does not count
-            now[0] += 5.0
-            budget.on_evaluate(None, state, control)
-            control.should_evaluate, evaluations = False, evaluations + 1
-    assert state.global_step == 10 and evaluations == 2
-    assert budget.seconds_at_step["10"] == 10.0 and now[0] == 20.0
+        budget.on_step_end(None, state, control, model=drafter)
+    assert state.global_step == 10 and now[0] == 16.0
+    assert budget.seconds_at_step["10"] == 10.0 and set(budget.snapshots) == {"4", "8"}
+    assert all((Path(p) / "config.json").is_file() for p in budget.snapshots.values())
+    by_steps = harness.TrainingBudget(
+        seconds=None, snapshot_every=3, by_seconds=False, directory=tmp_path / "s"
+    )
+    by_steps.on_train_begin(None, state, control)
+    control.should_training_stop = False
+    for step in range(1, 8):
+        state.global_step = step
+        by_steps.on_step_end(None, state, control, model=drafter)
+    assert set(by_steps.snapshots) == {"3", "6"} and not control.should_training_stop

@@ -394,6 +394,7 @@ def test_resume_true_starts_fresh_then_continues(tmp_path, sft_target, sft_data,
     first = make_trainer("eagle3", sft_target, sft_data, make_args(tmp_path, **args), tiny_tokenizer)
     train_save_evaluate(first, "true")  # no checkpoint yet
     assert first.state.global_step == 4 and (tmp_path / "out" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "out" / "eval_results.json").exists()  # eval_strategy "no": no final evaluation
     longer = make_trainer(
         "eagle3", sft_target, sft_data, make_args(tmp_path, **{**args, "max_steps": 6}), tiny_tokenizer
     )

@@ -81,16 +81,22 @@ def anchor_flags(attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch
 
 
 def _forced_windows(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, window_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(anchors (B, T): every row, reference (B, T, K): x_{r+2+j}, scorable (B, T, K): the reference is a
-    real assistant token inside the sequence)."""
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    window_size: int,
+    anchor_stride: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anchors (B, A): every `anchor_stride`-th row, scored (B, A): the assistant anchors among them, reference
+    (B, A, K): x_{r+2+j}, scorable (B, A, K): the reference is a real assistant token inside the sequence)."""
+    if anchor_stride < 1:
+        raise ValueError(f"anchor_stride must be >= 1, got {anchor_stride}")
     b, t = input_ids.shape
-    anchors = torch.arange(t, device=input_ids.device).expand(b, t)
+    anchors = torch.arange(0, t, anchor_stride, device=input_ids.device).expand(b, -1)
     reference, scorable = window_targets(input_ids, anchors, window_size)
     scorable &= window_targets(attention_mask, anchors, window_size)[0].bool()
     scorable &= window_targets(loss_mask, anchors, window_size)[0].bool()
-    return anchors, reference, scorable
+    return anchors, anchor_flags(attention_mask, loss_mask)[:, ::anchor_stride], reference, scorable
 
 
 @torch.no_grad()
@@ -101,13 +107,17 @@ def teacher_forced_ranks(
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
     window_size: int,
+    anchor_stride: int = 1,
 ) -> torch.Tensor:
     """(N, K) rank of the sequence's token among the drafter's draft-vocabulary logits at every depth of the
     window forced along the sequence, at every assistant anchor of a batch (0: the drafter's argmax; ties
     rank by draft id, the order in which argmax breaks them). A token outside the draft vocabulary or not
-    scorable (padding, past the end, not an assistant token) ranks V_d: no tree ever contains it."""
-    scored = anchor_flags(attention_mask, loss_mask)
-    anchors, reference, scorable = _forced_windows(input_ids, attention_mask, loss_mask, window_size)
+    scorable (padding, past the end, not an assistant token) ranks V_d: no tree ever contains it.
+    `anchor_stride` s scores every s-th row only: the drafter's passes past the first cost ~1/s (for cheap
+    evaluation of many drafters; neighbouring windows overlap, so little is lost)."""
+    anchors, scored, reference, scorable = _forced_windows(
+        input_ids, attention_mask, loss_mask, window_size, anchor_stride
+    )
     draft = draft_windows(
         drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask,
         tokens=reference[:, :, None], return_logits=True,
@@ -173,22 +183,26 @@ def teacher_forced_expected_acceptance(
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
     window_size: int,
+    drafter_temperature: float = 1.0,
+    anchor_stride: int = 1,
 ) -> torch.Tensor:
     """Expected k (N,) of a window under lossless speculative sampling at temperature 1, at every
     assistant anchor of a batch of sequences the target *sampled* at temperature 1.
 
     The window follows the sequence's own tokens (teacher forcing); step j is accepted with probability
     beta_j = sum_v min(p_j(v), q_j(v)) (p: the target at that position over its full vocabulary, so mass
-    outside the draft vocabulary is never accepted; q: the drafter at temperature 1), and E[k] =
-    sum_j prod_{i<=j} beta_i; steps past the sequence or off the assistant tokens are rejections. A proxy:
-    real decoding continues from the accepted token, not the sequence's.
-    `target_logits` (B, T, V) are the target's full-vocabulary logits over the batch.
+    outside the draft vocabulary is never accepted; q: the drafter at `drafter_temperature`, which a server can
+    set without retraining), and E[k] = sum_j prod_{i<=j} beta_i; steps past the sequence or off the assistant
+    tokens are rejections. A proxy: real decoding continues from the accepted token, not the sequence's.
+    `target_logits` (B, T, V) are the target's full-vocabulary logits over the batch; `anchor_stride` as in
+    `teacher_forced_ranks`.
     """
     from ppow_trl.training.losses import acceptance_rate
 
-    scored = anchor_flags(attention_mask, loss_mask)
     b, t = input_ids.shape
-    anchors, reference, in_range = _forced_windows(input_ids, attention_mask, loss_mask, window_size)
+    anchors, scored, reference, in_range = _forced_windows(
+        input_ids, attention_mask, loss_mask, window_size, anchor_stride
+    )
     model = unwrap_drafter(drafter)
     draft = draft_windows(
         drafter, features, input_ids, anchors, window_size, attention_mask=attention_mask,
@@ -201,7 +215,9 @@ def teacher_forced_expected_acceptance(
     restricted = target_logits[..., model.target_ids_of_draft_vocab().to(target_logits.device)]  # (B,T,V_d)
     batch_rows = torch.arange(b, device=rows.device)[:, None, None].expand_as(rows)
     p_logits = restricted[batch_rows[scored], rows[scored]]  # (N, K, V_d)
-    beta = acceptance_rate(draft_logits, p_logits, lse[batch_rows[scored], rows[scored]])
+    beta = acceptance_rate(
+        draft_logits / drafter_temperature, p_logits, lse[batch_rows[scored], rows[scored]]
+    )
     beta = beta * in_range[scored]
     return beta.cumprod(-1).sum(-1)
 

@@ -132,8 +132,9 @@ def eval_split(args, data):
 
 
 def evaluate_and_save(trainer: Trainer, prefix: str = "eval") -> None:
-    """Held-out metrics, printed and written to `<output_dir>/<prefix>_results.json` (skipped without eval data)."""
-    if trainer.eval_dataset is not None:
+    """Held-out metrics, printed and written to `<output_dir>/<prefix>_results.json`; skipped without eval data
+    and with `eval_strategy: no` (e.g. when a benchmark scores the saved drafters itself)."""
+    if trainer.eval_dataset is not None and trainer.args.eval_strategy != "no":
         metrics = trainer.evaluate(metric_key_prefix=prefix)
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, metrics)
