@@ -283,9 +283,15 @@ def _check_prompts(
 
 
 def _check_branches(
-    draft_tree_width: Any, prompt_lookup_tokens: Any, prompt_lookup_ngram: Any, temperature: float
+    model: PreTrainedModel,
+    draft_tree_width: Any,
+    prompt_lookup_tokens: Any,
+    prompt_lookup_ngram: Any,
+    temperature: float,
+    draft_confidence_threshold: float | None,
 ) -> None:
-    """Draft trees and prompt-lookup branches: integer options, greedy decoding only."""
+    """Draft trees and prompt-lookup branches: integer options, greedy decoding only, a tree no wider than the
+    draft vocabulary and sized by its own path probabilities (no confidence threshold)."""
     _check_integer("draft_tree_width", draft_tree_width, 1)
     _check_integer("prompt_lookup_tokens", prompt_lookup_tokens, 0)
     _check_integer("prompt_lookup_ngram", prompt_lookup_ngram, 1)
@@ -294,6 +300,16 @@ def _check_branches(
             "draft trees (draft_tree_width > 1) and prompt-lookup branches (prompt_lookup_tokens > 0) are verified "
             "greedily; speculative sampling over several branches is not implemented: with temperature > 0 use "
             "chains (draft_tree_width=1, prompt_lookup_tokens=0)"
+        )
+    if draft_tree_width > 1 and draft_confidence_threshold is not None:
+        raise ValueError(
+            "draft_confidence_threshold stops a chain; a draft tree (draft_tree_width > 1) is sized by its own "
+            "path probabilities: drop the threshold or use draft_tree_width=1"
+        )
+    if draft_tree_width > model.config.draft_vocab_size:
+        raise ValueError(
+            f"draft_tree_width={draft_tree_width} asks for more children per node than the drafter's "
+            f"{model.config.draft_vocab_size}-token draft vocabulary holds"
         )
 
 
@@ -460,43 +476,23 @@ def speculative_generate(
         prompt_lookup_ngram: the longest n-gram prompt lookup matches (it falls back to shorter ones).
     """
     model = check_drafter_for_target(target, drafter)
-    _check_branches(draft_tree_width, prompt_lookup_tokens, prompt_lookup_ngram, temperature)
-    if draft_tree_width > 1 and draft_confidence_threshold is not None:
-        raise ValueError(
-            "draft_confidence_threshold stops a chain; a draft tree (draft_tree_width > 1) is sized by its own "
-            "path probabilities: drop the threshold or use draft_tree_width=1"
-        )
-    if draft_tree_width > model.config.draft_vocab_size:
-        raise ValueError(
-            f"draft_tree_width={draft_tree_width} asks for more children per node than the drafter's "
-            f"{model.config.draft_vocab_size}-token draft vocabulary holds"
-        )
+    _check_branches(
+        model, draft_tree_width, prompt_lookup_tokens, prompt_lookup_ngram, temperature, draft_confidence_threshold
+    )  # fmt: skip
     use_packed = use_packed_linears(target, packed)
     input_ids, mask = _check_prompts(target, input_ids, attention_mask, max_new_tokens, temperature)
-    if costs is None and check_num_draft_tokens(num_draft_tokens) == "auto":
+    auto = check_num_draft_tokens(num_draft_tokens) == "auto"
+    if costs is None and auto:
         costs = measure_costs(target, model, max_tokens=max(16, max_draft_tokens + 1), packed=use_packed)
     padded_costs = costs if input_ids.shape[0] == 1 else None  # the table is measured at batch size 1
-    tree = draft_tree_width > 1
-    policy = None
-    if not tree:
-        policy = draft_length_policy(
-            target,
-            model,
-            num_draft_tokens,
-            draft_confidence_threshold,
-            max_draft_tokens,
-            costs,
-            use_packed,
-            padded_costs is not None,
-            correct_costs,
-        )
-    auto = num_draft_tokens == "auto"
+    policy = None if draft_tree_width > 1 else draft_length_policy(
+        target, model, num_draft_tokens, draft_confidence_threshold, max_draft_tokens, costs, use_packed,
+        padded_costs is not None, correct_costs,
+    )  # fmt: skip
     depth = min(max_draft_tokens, model.max_draft_tokens or max_draft_tokens) if auto else num_draft_tokens
-    sizer = tree_sizer(model, costs, padded_costs is not None) if tree and auto else None
+    sizer = tree_sizer(model, costs, padded_costs is not None) if policy is None and auto else None
     sampler = _Sampler(temperature, generator, logits_warper, verify_backend)
-    shape = _RoundShape(
-        draft_tree_width, depth, prompt_lookup_tokens, prompt_lookup_ngram, padded_costs, sizer
-    )
+    shape = _RoundShape(draft_tree_width, depth, prompt_lookup_tokens, prompt_lookup_ngram, padded_costs, sizer)  # fmt: skip
     with packed_linears(target, use_packed), packed_linears(model, use_packed):
         loop = _SpeculativeLoop(target, model, policy, num_draft_tokens, sampler, shape, profile)
         output = loop.run(input_ids, mask, max_new_tokens, eos_token_id, pad_token_id)
