@@ -68,14 +68,15 @@ class Verification(NamedTuple):
     """Verified windows, one row per member.
 
     accepted: (N, A) k. delta: (N, A) proximity Delta (`proximity_span`), None when not computed.
-    target_logits: (N, A, K, V) the target along each window, which the KL term uses: the drafted path when
-        scored, else the reference path (equal to it up to the first rejection on greedy data).
+    target_draft_logits: (N, A, K, V_d) the target's logits over the draft vocabulary along each window, which the
+        KL term uses: the drafted path when scored, else the reference path (equal to it up to the first
+        rejection on greedy data).
     token_logprobs: (N, A, K) log p of each drafted token at `verify_temperature` (sampling acceptance only).
     """
 
     accepted: torch.Tensor
     delta: torch.Tensor | None
-    target_logits: torch.Tensor
+    target_draft_logits: torch.Tensor
     token_logprobs: torch.Tensor | None
 
 
@@ -535,7 +536,6 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         loss_mask = has_anchor[:, None, None].expand(-1, anchors.shape[1], k_len)
         if args.loss_positions == "through_first_rejection":
             loss_mask = loss_mask & (torch.arange(k_len, device=ids.device) <= accepted[..., None])
-        vocab_rows = drafter.target_ids_of_draft_vocab()
         self._log_rollout(mode, accepted[has_anchor], group_std, start)
         out = {
             "input_ids": ids[rows],
@@ -546,7 +546,7 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             "old_logprobs": windows.logprobs[rows, :, copy],
             "advantages": advantages,
             "loss_mask": loss_mask,
-            "target_logprobs": torch.log_softmax(verified.target_logits[:n][..., vocab_rows].float(), -1),
+            "target_logprobs": torch.log_softmax(verified.target_draft_logits[:n].float(), -1),
         }
         if sampling and args.score_accept_coin:
             out["accepted"] = accepted
@@ -660,21 +660,17 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
         args, k_len = self.args, self.args.window_size
         ids, attn = batch["input_ids"], batch["attention_mask"]
         tokens, anchors = seq_tokens[rows, :, copy], seq_anchors[rows]
-        reference = window_targets(ids, seq_anchors, k_len)[0][rows]
-        ref_positions = (anchors[..., None] + 1 + torch.arange(k_len, device=ids.device)).clamp(
+        # The target along each distinct sequence's reference windows (D, A, K, V), shared by its members: copying
+        # it per member (G + 1 of them) cost most of a rollout's memory traffic.
+        reference_seq = window_targets(ids, seq_anchors, k_len)[0]
+        positions = (seq_anchors[..., None] + 1 + torch.arange(k_len, device=ids.device)).clamp(
             max=ids.shape[1] - 1
         )
-        target_logits = target_logits[rows]
-        on_reference = target_logits.gather(
-            1, ref_positions.flatten(1)[..., None].expand(-1, -1, target_logits.shape[-1])
-        )
-        target_on_reference = torch.log_softmax(
-            on_reference.view(*ref_positions.shape, -1).float(), -1
-        )  # (N, A, K, V)
-
+        on_reference = target_logits[torch.arange(ids.shape[0], device=ids.device)[:, None, None], positions]
+        reference = reference_seq[rows]
         # Greedy acceptance is free when the sequence is the target's greedy path over the window (regenerated
         # greedy data); otherwise (corpus text, sampled answers) it needs the target along the drafted path.
-        on_greedy_path = (target_on_reference.argmax(-1) == reference).all(-1)  # (N, A)
+        on_greedy_path = (on_reference.argmax(-1) == reference_seq).all(-1)[rows]  # (N, A)
         local_free = torch.tensor(
             [args.acceptance_mode == "greedy" and bool(on_greedy_path[has_anchor].all())]
         )
@@ -707,18 +703,21 @@ class PPOWTrainer(DrafterCardMixin, GRPOTrainer):
             accepted = result.accepted.view_as(anchors)
             drafted_logprobs = token_logprobs(path_logits[:, :, :k_len], tokens, args.verify_temperature)
         if args.proximity_span == "first_token":
-            # The first token's context is the prefix for every window: its greedy token is the argmax there.
-            first = target_on_reference[:, :, 0]
-            delta = first.amax(-1) - first.gather(-1, tokens[..., :1]).squeeze(-1)
+            # The first token's context is the prefix for every window: its greedy token is the argmax there, and
+            # a gap of log-probabilities at one position is the gap of its logits.
+            first = on_reference[:, :, 0].float()  # (D, A, V)
+            window = torch.arange(anchors.shape[1], device=ids.device)
+            delta = first.amax(-1)[rows] - first[rows[:, None], window, tokens[..., 0]]
         elif path_logits is not None:
             drafted_lp = token_logprobs(path_logits[:, :, :k_len], tokens, 1.0).sum(-1)
-            greedy_lp = target_on_reference.gather(-1, reference[..., None]).squeeze(-1).sum(-1)
+            greedy_lp = token_logprobs(on_reference, reference_seq, 1.0).sum(-1)[rows]
             # Delta needs the target's greedy window y: the reference is y only where it is the target's greedy
             # path; other windows (corpus text, sampled answers) get no proximity reward (Delta = inf).
             delta = (greedy_lp - drafted_lp).masked_fill(~on_greedy_path, math.inf)
         else:
             delta = None
-        on_path = target_on_reference if path_logits is None else path_logits[:, :, :k_len]
+        vocab = drafter.target_ids_of_draft_vocab()
+        on_path = on_reference[..., vocab][rows] if path_logits is None else path_logits[:, :, :k_len, vocab]
         return Verification(accepted, delta, on_path, drafted_logprobs)
 
     def _log_rollout(self, mode: str, accepted: torch.Tensor, group_std: torch.Tensor, start: float) -> None:
