@@ -86,6 +86,14 @@ class TrainingBudget(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.saving = time.process_time(), 0.0
         self.next_snapshot = self.snapshot_every or math.inf
+        self.diverged_at: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """A loss that is no longer finite stops the run (recorded as diverged; the other runs carry on)."""
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.diverged_at = state.global_step
+            control.should_training_stop = True
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         spent = time.process_time() - self.start - self.saving
@@ -151,7 +159,7 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path) -> 
         "arm": arm["name"], "kind": arm["kind"], "seed": seed, "overrides": arm["overrides"], "config": config,
         "wall_s": round(wall, 1), "steps": trainer.state.global_step, "output_dir": str(output_dir),
         "held_out": str(held_out), "snapshots": budget.snapshots, "seconds_at_step": budget.seconds_at_step,
-        "train_s": budget.seconds_at_step.get(str(trainer.state.global_step)),
+        "train_s": budget.seconds_at_step.get(str(trainer.state.global_step)), "diverged_at": budget.diverged_at,
         "train_log": [e for e in history if "loss" in e],
     }  # fmt: skip
 
@@ -465,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="also score the final drafters on the target's answers to this many MT-Bench and HumanEval "
         "prompts each, at T=0 (k) and T=1 (expected k); 0: off",
     )  # fmt: skip
-    parser.add_argument("--window", type=int, default=5, help="K of the chain scores")
+    parser.add_argument("--window", "--transfer-window", type=int, default=5, help="K of the chain scores")
     parser.add_argument("--tree-width", type=int, default=4, help="w of the tree tau (greedy sets)")
     parser.add_argument("--tree-window", type=int, default=10, help="K of the tree tau")
     parser.add_argument(
@@ -492,18 +500,30 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in cli.seeds:
         for arm in arms:
             name = f"{arm['name']}@{seed}"
-            if name not in results:
+            if name in results and "failed" not in results[name]:
+                continue
+            try:
                 results[name] = run_one(arm, seed, cli, Path(cli.out) / name)
-                save()
+            except Exception as error:  # reported and retried by the next call; the other runs carry on
+                print(f"{name} failed: {error!r}", file=sys.stderr)
+                results[name] = {"arm": arm["name"], "seed": seed, "failed": repr(error)}
+            save()
+    failed = {name: run["failed"] for name, run in results.items() if "failed" in run}
+    results = {name: run for name, run in results.items() if name not in failed}
     if cli.train_only:
-        return {"runs": results}
+        return {"runs": results, "failed": failed}
     scores = score(cli, results, scores)
     save()
     print(f"warm start {cli.warm_start}; control arm: {control}")
+    for name, error in failed.items():
+        print(f"FAILED (not scored; a rerun retries it): {name}: {error}")
+    for name, run in results.items():
+        if run.get("diverged_at") is not None:
+            print(f"DIVERGED (loss not finite; stopped at step {run['diverged_at']}): {name}")
     summaries = report(results, scores, control)
     if cli.plot:
         plot(results, scores, Path(cli.plot))
-    return {"summary": summaries, "runs": results, "scores": scores}
+    return {"summary": summaries, "runs": results, "scores": scores, "failed": failed}
 
 
 if __name__ == "__main__":

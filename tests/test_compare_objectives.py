@@ -250,3 +250,32 @@ def test_training_budget_stops_on_training_cpu_time_and_saves_snapshots(
         state.global_step = step
         by_steps.on_step_end(None, state, control, model=drafter)
     assert set(by_steps.snapshots) == {"3", "6"} and not control.should_training_stop
+
+
+def test_a_diverging_run_stops_and_a_failing_run_leaves_the_others_running(harness, monkeypatch, tmp_path):
+    budget = harness.TrainingBudget(seconds=None, snapshot_every=None, by_seconds=False, directory=tmp_path)
+    state, control = Namespace(global_step=3), Namespace(should_training_stop=False)
+    budget.on_train_begin(None, state, control)
+    budget.on_log(None, state, control, logs={"loss": 0.5})
+    assert not control.should_training_stop and budget.diverged_at is None
+    budget.on_log(None, state, control, logs={"loss": float("nan")})
+    assert control.should_training_stop and budget.diverged_at == 3
+
+    # A run that dies (an out-of-memory kill, a crash in a recipe; simulated, as neither can be produced on
+    # demand) is recorded as failed and retried by the next call, while the other runs train and are kept.
+    calls = []
+
+    def run_one(arm, seed, cli, output_dir):
+        calls.append(arm["name"])
+        if arm["name"] == "ppow_bad" and calls.count("ppow_bad") == 1:
+            raise RuntimeError("killed")
+        return {"arm": arm["name"], "kind": arm["kind"], "seed": seed}
+
+    monkeypatch.setattr(harness, "run_one", run_one)
+    argv = ["--warm-start", "w", "--run", "cst good: ", "--run", "ppow bad: ", "--seeds", "1", "--train-only",
+            "--json", str(tmp_path / "runs.json")]  # fmt: skip
+    first = harness.main(argv)
+    assert set(first["runs"]) == {"cst_good@1"} and set(first["failed"]) == {"ppow_bad@1"}
+    second = harness.main(argv)
+    assert calls == ["cst_good", "ppow_bad", "ppow_bad"]  # only the failed run is trained again
+    assert set(second["runs"]) == {"cst_good@1", "ppow_bad@1"} and not second["failed"]
