@@ -31,6 +31,7 @@ split over two processes were merged); `--plot` draws held-out tau against train
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -151,8 +152,11 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path) -> 
         parsed = sft_drafter.parse_args(["--config", config, *common, *arm["overrides"]])
         trainer = sft_drafter.main(*parsed, callbacks=[budget])
     wall = time.perf_counter() - start
-    held_out = Path(cli.out) / "held_out" / trainer.eval_dataset._fingerprint
-    if not held_out.exists():  # runs on the same split share it
+    # Named by content: runs on the same split share it (datasets' own fingerprint also hashes the code that built
+    # the split, so a run from another checkout would get a split of its own).
+    content = json.dumps([trainer.eval_dataset["input_ids"], trainer.eval_dataset["loss_mask"]])
+    held_out = Path(cli.out) / "held_out" / hashlib.sha256(content.encode()).hexdigest()[:16]
+    if not held_out.exists():
         trainer.eval_dataset.save_to_disk(str(held_out))
     history = trainer.state.log_history
     return {
