@@ -1,6 +1,7 @@
 """Cost of one PPOW step versus one warm-start (SFT) step over the same sequences, embedded target.
 
     python benchmarks/ppow_step.py [--sequences 2] [--seq-len 256] [--window-size 5] [--num-generations 4]
+        [--anchors 8] [--baseline group] [--proximity-span window]
 
 Both steps see the same `--sequences` sequences. The SFT step: target features + labels, the 7-step
 TTT loss forward/backward, optimizer. The PPOW step: one rollout over the GRPO batch (each sequence
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -44,6 +46,8 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=8)
     parser.add_argument("--draft-vocab-size", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--baseline", default="group", help="PPOWConfig.baseline (greedy: one more member)")
+    parser.add_argument("--proximity-span", default="window", help="PPOWConfig.proximity_span")
     cli = parser.parse_args()
 
     target, tokenizer, rows, drafter = embedded_setup(cli.sequences, cli.seq_len, cli.draft_vocab_size)
@@ -57,7 +61,8 @@ def main() -> None:
         PPOWConfig(
             output_dir=out, window_size=cli.window_size, num_generations=cli.num_generations,
             per_device_train_batch_size=cli.sequences * cli.num_generations, anchors_per_sequence=cli.anchors,
-            gamma="0.12", adaw_warmup_steps=0, use_cpu=True, disable_tqdm=True,
+            gamma="0.12", adaw_warmup_steps=0, use_cpu=True, disable_tqdm=True, baseline=cli.baseline,
+            proximity_span=cli.proximity_span,
         ),
         Dataset.from_list(rows), tokenizer,
     )  # fmt: skip
@@ -100,6 +105,9 @@ def main() -> None:
     print(f"| - PPOW rollout | {statistics.median(rollout_times):.3f} | |")
     print(f"| - PPOW loss fwd+bwd+opt | {statistics.median(loss_times):.3f} | |")
     print(f"windows verified per second (rollout): {windows / statistics.median(rollout_times):.1f}")
+    print(
+        f"peak resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":
