@@ -146,11 +146,11 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path) -> 
     start = time.perf_counter()
     if arm["kind"] == "ppow":
         config = arm.get("ppow_config", cli.ppow_config)
-        trainer = ppow_recipe.main(["--config", config, *common, *arm["overrides"]], [budget])
+        trainer = ppow_recipe.main(["--config", config, *common, *arm["overrides"]], [budget], evaluate=False)
     else:
         config = arm.get("sft_config", cli.sft_config)
         parsed = sft_drafter.parse_args(["--config", config, *common, *arm["overrides"]])
-        trainer = sft_drafter.main(*parsed, callbacks=[budget])
+        trainer = sft_drafter.main(*parsed, callbacks=[budget], evaluate=False)
     wall = time.perf_counter() - start
     # Named by content: runs on the same split share it (datasets' own fingerprint also hashes the code that built
     # the split, so a run from another checkout would get a split of its own).

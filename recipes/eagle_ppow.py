@@ -37,8 +37,11 @@ from ppow_trl.training.script_args import (
 )
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> PPOWTrainer:
-    """Parse, train, save and evaluate; `callbacks` go to the trainer (e.g. a wall-clock budget in benchmarks)."""
+def main(
+    argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None, evaluate: bool = True
+) -> PPOWTrainer:
+    """Parse, train, save and evaluate; `callbacks` go to the trainer (e.g. a compute budget in benchmarks);
+    `evaluate=False` skips the held-out evaluations (a benchmark that scores the saved drafters itself)."""
     parser = RecipeParser(
         (DrafterModelArguments, DataArguments, PPOWConfig), hidden=PPOWConfig.is_ignored_grpo_field
     )
@@ -74,8 +77,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         callbacks=callbacks,
     )
     print(f"gamma (drafter step / target verification) = {trainer.gamma:.4f}")
-    evaluate_and_save(trainer, "warm_start")
-    train_save_evaluate(trainer, args.resume_from_checkpoint)
+    if evaluate:
+        evaluate_and_save(trainer, "warm_start")
+    train_save_evaluate(trainer, args.resume_from_checkpoint, evaluate)
     if hub_token is not None:
         print(f"pushed the exported drafter: {push_trained_drafter(trainer, hub_token)}")
     return trainer

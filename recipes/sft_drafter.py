@@ -45,8 +45,10 @@ def main(
     data_config: DataConfig,
     args: DrafterSFTConfig,
     callbacks: list[TrainerCallback] | None = None,
+    evaluate: bool = True,
 ) -> DrafterSFTTrainer:
-    """Train, save and evaluate; `callbacks` go to the trainer (e.g. a wall-clock budget in benchmarks)."""
+    """Train, save and evaluate; `callbacks` go to the trainer (e.g. a compute budget in benchmarks);
+    `evaluate=False` skips the held-out evaluation (a benchmark that scores the saved drafter itself)."""
     hub_token = hub_preflight(args)  # --push_to_hub: token and network checked before any training work
     # A start drafter (continued SFT) that is missing, damaged or for another target fails before any data work.
     source = locate_drafter(model_args.drafter_name_or_path) if model_args.drafter_name_or_path else None
@@ -86,7 +88,7 @@ def main(
         peft_config=peft_config,
         callbacks=callbacks,
     )
-    train_save_evaluate(trainer, args.resume_from_checkpoint)
+    train_save_evaluate(trainer, args.resume_from_checkpoint, evaluate)
     if hub_token is not None:
         print(f"pushed the exported drafter: {push_trained_drafter(trainer, hub_token)}")
     return trainer

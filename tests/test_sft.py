@@ -392,9 +392,9 @@ def test_resume_true_starts_fresh_then_continues(tmp_path, sft_target, sft_data,
     continues from the latest checkpoint."""
     args = dict(max_steps=4, save_steps=2, save_strategy="steps", logging_steps=1, eval_strategy="no")
     first = make_trainer("eagle3", sft_target, sft_data, make_args(tmp_path, **args), tiny_tokenizer)
-    train_save_evaluate(first, "true")  # no checkpoint yet
+    train_save_evaluate(first, "true", evaluate=False)  # no checkpoint yet; no final evaluation asked for
     assert first.state.global_step == 4 and (tmp_path / "out" / "checkpoint-4").is_dir()
-    assert not (tmp_path / "out" / "eval_results.json").exists()  # eval_strategy "no": no final evaluation
+    assert not (tmp_path / "out" / "eval_results.json").exists()
     longer = make_trainer(
         "eagle3", sft_target, sft_data, make_args(tmp_path, **{**args, "max_steps": 6}), tiny_tokenizer
     )
@@ -402,6 +402,7 @@ def test_resume_true_starts_fresh_then_continues(tmp_path, sft_target, sft_data,
     longer.training_step = lambda *a, **k: steps.append(1) or training_step(*a, **k)
     train_save_evaluate(longer, "true")
     assert longer.state.global_step == 6 and len(steps) == 2  # only the two new steps ran
+    assert "eval_tau" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
 
 
 def test_lora_trains_only_the_adapters(tmp_path, sft_target, sft_data, tiny_tokenizer):

@@ -132,18 +132,18 @@ def eval_split(args, data):
 
 
 def evaluate_and_save(trainer: Trainer, prefix: str = "eval") -> None:
-    """Held-out metrics, printed and written to `<output_dir>/<prefix>_results.json`; skipped without eval data
-    and with `eval_strategy: no` (e.g. when a benchmark scores the saved drafters itself)."""
-    if trainer.eval_dataset is not None and trainer.args.eval_strategy != "no":
+    """Held-out metrics, printed and written to `<output_dir>/<prefix>_results.json` (skipped without eval data)."""
+    if trainer.eval_dataset is not None:
         metrics = trainer.evaluate(metric_key_prefix=prefix)
         trainer.log_metrics(prefix, metrics)
         trainer.save_metrics(prefix, metrics)
 
 
-def train_save_evaluate(trainer: Trainer, resume_from_checkpoint: str | None) -> None:
+def train_save_evaluate(trainer: Trainer, resume_from_checkpoint: str | None, evaluate: bool = True) -> None:
     """Train (resuming when asked, see `resume_arg`), save the drafter to output_dir, then evaluate it on
-    held-out data."""
+    held-out data (`evaluate=False`: not, e.g. when a benchmark scores the saved drafters itself)."""
     trainer.train(resume_from_checkpoint=resume_arg(resume_from_checkpoint, trainer.args.output_dir))
     trainer.save_model()
-    evaluate_and_save(trainer)
+    if evaluate:
+        evaluate_and_save(trainer)
     trainer.create_model_card()  # the saved drafter's card, now with the final held-out evaluation
