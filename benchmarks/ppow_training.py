@@ -70,16 +70,14 @@ class TrainingBudget(TrainerCallback):
     """Equal compute per arm, and the points of its curve.
 
     Stops training once the process has spent `seconds` of CPU time in training (None: the run's max_steps)
-    and saves the drafter every `snapshot_every` CPU seconds (`by_seconds`) or optimizer steps under
+    and saves the drafter every `snapshot_every` CPU seconds (with a budget) or optimizer steps (without) under
     `directory`/step-<n>; the snapshots are scored with the final drafters after all runs. CPU time rather than
     wall time keeps the budget fair whatever else runs on the machine; with OMP_NUM_THREADS=1 it equals the wall
     time of an idle core (with more threads it counts every thread, spin-waits included). Saving is not
     counted. `seconds_at_step` records the training seconds at every step, for curves against compute."""
 
-    def __init__(
-        self, seconds: float | None, snapshot_every: float | None, by_seconds: bool, directory: Path
-    ):
-        self.seconds, self.snapshot_every, self.by_seconds = seconds, snapshot_every, by_seconds
+    def __init__(self, seconds: float | None, snapshot_every: float | None, directory: Path):
+        self.seconds, self.snapshot_every = seconds, snapshot_every
         self.directory = directory
         self.seconds_at_step: dict[str, float] = {}
         self.snapshots: dict[str, str] = {}
@@ -101,7 +99,7 @@ class TrainingBudget(TrainerCallback):
         self.seconds_at_step[str(state.global_step)] = round(spent, 2)
         if self.seconds is not None and spent >= self.seconds:
             control.should_training_stop = True
-        elif (spent if self.by_seconds else state.global_step) >= self.next_snapshot:
+        elif (state.global_step if self.seconds is None else spent) >= self.next_snapshot:
             self.next_snapshot += self.snapshot_every
             saving = time.process_time()
             path = self.directory / f"step-{state.global_step}"
@@ -137,7 +135,7 @@ def run_one(arm: dict, seed: int, cli: argparse.Namespace, output_dir: Path) -> 
     split lie; they are scored after all runs (`score`)."""
     budget = TrainingBudget(
         cli.train_seconds, cli.eval_every_seconds if cli.train_seconds else cli.eval_every,
-        by_seconds=bool(cli.train_seconds), directory=output_dir / "snapshots",
+        directory=output_dir / "snapshots",
     )  # fmt: skip
     common = [
         "--drafter_name_or_path", cli.warm_start, "--max_steps", str(cli.steps), "--eval_strategy", "no",

@@ -231,7 +231,7 @@ def test_training_budget_stops_on_training_cpu_time_and_saves_snapshots(
 
     drafter.save_pretrained = slow_save
 
-    budget = harness.TrainingBudget(seconds=10.0, snapshot_every=4.0, by_seconds=True, directory=tmp_path)
+    budget = harness.TrainingBudget(seconds=10.0, snapshot_every=4.0, directory=tmp_path)
     state, control = Namespace(global_step=0), Namespace(should_training_stop=False)
     budget.on_train_begin(None, state, control)
     while not control.should_training_stop:
@@ -241,9 +241,7 @@ def test_training_budget_stops_on_training_cpu_time_and_saves_snapshots(
     assert state.global_step == 10 and now[0] == 16.0
     assert budget.seconds_at_step["10"] == 10.0 and set(budget.snapshots) == {"4", "8"}
     assert all((Path(p) / "config.json").is_file() for p in budget.snapshots.values())
-    by_steps = harness.TrainingBudget(
-        seconds=None, snapshot_every=3, by_seconds=False, directory=tmp_path / "s"
-    )
+    by_steps = harness.TrainingBudget(seconds=None, snapshot_every=3, directory=tmp_path / "s")
     by_steps.on_train_begin(None, state, control)
     control.should_training_stop = False
     for step in range(1, 8):
@@ -253,7 +251,7 @@ def test_training_budget_stops_on_training_cpu_time_and_saves_snapshots(
 
 
 def test_a_diverging_run_stops_and_a_failing_run_leaves_the_others_running(harness, monkeypatch, tmp_path):
-    budget = harness.TrainingBudget(seconds=None, snapshot_every=None, by_seconds=False, directory=tmp_path)
+    budget = harness.TrainingBudget(seconds=None, snapshot_every=None, directory=tmp_path)
     state, control = Namespace(global_step=3), Namespace(should_training_stop=False)
     budget.on_train_begin(None, state, control)
     budget.on_log(None, state, control, logs={"loss": 0.5})
